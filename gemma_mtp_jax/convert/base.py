@@ -1,0 +1,94 @@
+"""HF Gemma 4 base (text) state dict <-> Flax params, in memory.
+
+Handles both HF layouts: `Gemma4ForCausalLM` (`model.*`) and `Gemma4ForConditionalGeneration`
+(`model.language_model.*`, with vision/audio towers beside it, which are returned untouched as
+`extra` so an export can carry them through). `lm_head.weight` is tied to the embedding in every
+released model: it is accepted on input when equal to it and never written on output.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax.convert import names
+
+CAUSAL_PREFIX = "model."
+MULTIMODAL_PREFIX = "model.language_model."
+
+
+def detect_prefix(keys) -> str:
+  """The prefix under which the text model's tensors live."""
+  keys = list(keys)
+  if any(k.startswith(MULTIMODAL_PREFIX) for k in keys):
+    return MULTIMODAL_PREFIX
+  if any(k.startswith(CAUSAL_PREFIX) for k in keys):
+    return CAUSAL_PREFIX
+  raise names.ConversionError("no Gemma 4 text tensors found (expected names starting with "
+                              f"{CAUSAL_PREFIX!r} or {MULTIMODAL_PREFIX!r})")
+
+
+def split_keys(cfg: config_lib.ModelConfig, keys, prefix: str | None = None):
+  """(prefix, text keys without prefix, extra keys outside the text model, lm_head key or None)."""
+  keys = list(keys)
+  prefix = prefix or detect_prefix(keys)
+  text, extra, lm_head = set(), [], None
+  for k in keys:
+    if k == "lm_head.weight":
+      lm_head = k
+    elif k.startswith(prefix):
+      text.add(k[len(prefix):])
+    else:
+      extra.append(k)
+  return prefix, text, extra, lm_head
+
+
+def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], keys,
+                 where: str = "checkpoint", prefix: str | None = None):
+  """Flax params of the base from HF tensors.
+
+  Args:
+    get: reads one tensor by its full HF name (streaming: called once per tensor).
+    keys: every tensor name in the checkpoint.
+  Returns:
+    (params, extra_keys): extra_keys are tensors outside the text model (vision/audio towers).
+  """
+  prefix, text, extra, lm_head = split_keys(cfg, keys, prefix)
+  entries = names.base_entries(cfg)
+  expected = {names.fused_name(e.hf) for e in entries}
+  unexpected = sorted(text - expected)
+  if prefix == CAUSAL_PREFIX and extra:
+    unexpected += sorted(extra)
+  if unexpected:
+    raise names.ConversionError(f"{where}: unexpected tensor(s) for this config "
+                                f"{[prefix + u if u in text else u for u in unexpected[:5]]}")
+  params = names.to_flax(entries, lambda n: get(prefix + n), text, where)
+  if lm_head is not None:
+    w = np.asarray(get(lm_head))
+    if cfg.tie_word_embeddings:
+      if w.shape != params["embedding"].shape or not np.array_equal(w, params["embedding"]):
+        raise names.ConversionError(f"{where}: 'lm_head.weight' differs from the tied embedding "
+                                    "but the config says tie_word_embeddings=True")
+    else:
+      params["lm_head"] = np.ascontiguousarray(w.T)
+  elif not cfg.tie_word_embeddings:
+    raise names.ConversionError(f"{where}: missing tensor 'lm_head.weight' (untied head)")
+  return params, extra
+
+
+def params_to_hf(cfg: config_lib.ModelConfig, params: Mapping,
+                 prefix: str = CAUSAL_PREFIX) -> dict[str, np.ndarray]:
+  """HF tensors of the base; the tied lm_head is not written (HF re-ties it on load)."""
+  out = {prefix + k: v for k, v in names.to_hf(names.base_entries(cfg), params).items()}
+  if not cfg.tie_word_embeddings:
+    out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
+  return out
+
+
+def state_dict_to_params(cfg: config_lib.ModelConfig, state: Mapping[str, np.ndarray],
+                         where: str = "state dict"):
+  """Convenience for in-memory dicts (e.g. a torch state_dict turned into numpy)."""
+  params, _ = hf_to_params(cfg, lambda n: state[n], state.keys(), where)
+  return params

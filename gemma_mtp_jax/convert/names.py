@@ -1,0 +1,208 @@
+"""Name and layout table between HF Gemma 4 tensors and the Flax param trees (in memory).
+
+Each `Entry` maps one HF tensor to one Flax leaf with an exact, invertible layout change (transpose,
+reshape, or a slice of a fused tensor), so HF -> Flax -> HF is bit-exact. Only names and layouts live
+here; file I/O is in `gemma_mtp_jax.convert.io`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from gemma_mtp_jax import config as config_lib
+
+Path = tuple[str, ...]
+
+
+class ConversionError(ValueError):
+  """A checkpoint does not match the model; the message names the tensor at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  hf: str  # HF tensor name (prefix-free, e.g. "layers.3.self_attn.q_proj.weight")
+  path: Path  # Flax param path
+  hf_shape: tuple[int, ...]
+  to_flax: Callable[[np.ndarray], np.ndarray]
+  to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _ident(x):
+  return x
+
+
+def _t(x):
+  return np.ascontiguousarray(x.T)
+
+
+def copy(hf, path, shape):
+  return Entry(hf, path, tuple(shape), _ident, _ident)
+
+
+def linear(hf, path, out_dim, in_dim):
+  """HF Linear weight [out, in] <-> Flax kernel [in, out]."""
+  return Entry(hf, path, (out_dim, in_dim), _t, _t)
+
+
+def heads_in(hf, path, d, n, h):
+  """HF q/k/v proj [N*H, D] <-> Flax [D, N, H]."""
+  return Entry(hf, path, (n * h, d), lambda w: np.ascontiguousarray(w.T.reshape(d, n, h)),
+               lambda w: np.ascontiguousarray(w.reshape(d, n * h).T))
+
+
+def heads_out(hf, path, d, n, h):
+  """HF o proj [D, N*H] <-> Flax [N, H, D]."""
+  return Entry(hf, path, (d, n * h), lambda w: np.ascontiguousarray(w.T.reshape(n, h, d)),
+               lambda w: np.ascontiguousarray(w.reshape(n * h, d).T))
+
+
+def layer_entries(cfg: config_lib.ModelConfig, i: int, hf_prefix: str, path: Path) -> list[Entry]:
+  """Entries of decoder layer i (base or drafter: query-only layers simply have no k/v)."""
+  d, n, h = cfg.embed_dim, cfg.num_heads, cfg.layer_head_dim(i)
+  kh, f = cfg.layer_kv_heads(i), cfg.layer_hidden_dim(i)
+  p = hf_prefix
+  e = [
+      copy(f"{p}layer_scalar", path + ("layer_scalar",), (1,)),
+      heads_in(f"{p}self_attn.q_proj.weight", path + ("attn", "q"), d, n, h),
+      copy(f"{p}self_attn.q_norm.weight", path + ("attn", "q_norm", "scale"), (h,)),
+      heads_out(f"{p}self_attn.o_proj.weight", path + ("attn", "o"), d, n, h),
+      linear(f"{p}mlp.gate_proj.weight", path + ("mlp", "gate"), f, d),
+      linear(f"{p}mlp.up_proj.weight", path + ("mlp", "up"), f, d),
+      linear(f"{p}mlp.down_proj.weight", path + ("mlp", "down"), d, f),
+      copy(f"{p}input_layernorm.weight", path + ("pre_attention_norm", "scale"), (d,)),
+      copy(f"{p}post_attention_layernorm.weight", path + ("post_attention_norm", "scale"), (d,)),
+      copy(f"{p}pre_feedforward_layernorm.weight", path + ("pre_ffw_norm", "scale"), (d,)),
+      copy(f"{p}post_feedforward_layernorm.weight", path + ("post_ffw_norm", "scale"), (d,)),
+  ]
+  if not cfg.is_kv_shared(i):
+    e += [
+        heads_in(f"{p}self_attn.k_proj.weight", path + ("attn", "k"), d, kh, h),
+        copy(f"{p}self_attn.k_norm.weight", path + ("attn", "k_norm", "scale"), (h,)),
+    ]
+    if not cfg.layer_k_eq_v(i):
+      e.append(heads_in(f"{p}self_attn.v_proj.weight", path + ("attn", "v"), d, kh, h))
+  if cfg.ple_dim:
+    e += [
+        linear(f"{p}per_layer_input_gate.weight", path + ("ple_gate",), cfg.ple_dim, d),
+        linear(f"{p}per_layer_projection.weight", path + ("ple_proj",), d, cfg.ple_dim),
+        copy(f"{p}post_per_layer_input_norm.weight", path + ("post_ple_norm", "scale"), (d,)),
+    ]
+  if cfg.enable_moe:
+    ne, mf = cfg.num_experts, cfg.moe_hidden_dim
+    e += [
+        copy(f"{p}router.scale", path + ("moe", "router_scale"), (d,)),
+        copy(f"{p}router.per_expert_scale", path + ("moe", "per_expert_scale"), (ne,)),
+        linear(f"{p}router.proj.weight", path + ("moe", "router_proj"), ne, d),
+        # HF fuses gate and up as [E, 2F, D]; two entries read the two halves (see `fused`).
+        Entry(f"{p}experts.gate_up_proj#gate", path + ("moe", "gate"), (ne, 2 * mf, d),
+              lambda w, mf=mf: np.ascontiguousarray(w[:, :mf, :].transpose(0, 2, 1)), None),
+        Entry(f"{p}experts.gate_up_proj#up", path + ("moe", "up"), (ne, 2 * mf, d),
+              lambda w, mf=mf: np.ascontiguousarray(w[:, mf:, :].transpose(0, 2, 1)), None),
+        Entry(f"{p}experts.down_proj", path + ("moe", "down"), (ne, d, mf),
+              lambda w: np.ascontiguousarray(w.transpose(0, 2, 1)),
+              lambda w: np.ascontiguousarray(w.transpose(0, 2, 1))),
+        copy(f"{p}post_feedforward_layernorm_1.weight", path + ("post_ffw_norm_1", "scale"), (d,)),
+        copy(f"{p}pre_feedforward_layernorm_2.weight", path + ("pre_ffw_norm_2", "scale"), (d,)),
+        copy(f"{p}post_feedforward_layernorm_2.weight", path + ("post_ffw_norm_2", "scale"), (d,)),
+    ]
+  return e
+
+
+def base_entries(cfg: config_lib.ModelConfig) -> list[Entry]:
+  """All entries of the base text model, HF names without the `model.` / `model.language_model.`
+  prefix (the tied `lm_head.weight` is handled by the caller)."""
+  d = cfg.embed_dim
+  e = [
+      copy("embed_tokens.weight", ("embedding",), (cfg.vocab_size, d)),
+      copy("norm.weight", ("final_norm", "scale"), (d,)),
+  ]
+  if cfg.ple_dim:
+    lp = cfg.num_layers * cfg.ple_dim
+    e += [
+        copy("embed_tokens_per_layer.weight", ("ple_embedding",), (cfg.ple_vocab_size, lp)),
+        linear("per_layer_model_projection.weight", ("ple_projection",), lp, d),
+        copy("per_layer_projection_norm.weight", ("ple_norm", "scale"), (cfg.ple_dim,)),
+    ]
+  for i in range(cfg.num_layers):
+    e += layer_entries(cfg, i, f"layers.{i}.", (f"layer_{i}",))
+  return e
+
+
+# ------------------------------------------------------------------------------ tree helpers
+def set_path(tree: dict, path: Path, value) -> None:
+  for k in path[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[path[-1]] = value
+
+
+def get_path(tree: Mapping, path: Path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def fused_name(hf: str) -> str:
+  """`experts.gate_up_proj#gate` -> `experts.gate_up_proj` (the stored tensor)."""
+  return hf.split("#", 1)[0]
+
+
+def to_flax(entries: Iterable[Entry], get: Callable[[str], np.ndarray], names: set[str],
+            where: str = "checkpoint") -> dict:
+  """Builds a Flax param tree, reading HF tensors with `get(name)`; `names` are the names present.
+
+  Errors name the missing, unexpected or mis-shaped tensor.
+  """
+  entries = list(entries)
+  wanted = {fused_name(e.hf) for e in entries}
+  missing = sorted(wanted - names)
+  if missing:
+    raise ConversionError(f"{where}: missing tensor(s) {missing[:5]}"
+                          f"{' and %d more' % (len(missing) - 5) if len(missing) > 5 else ''}")
+  params: dict = {}
+  cache: dict[str, np.ndarray] = {}
+  for e in entries:
+    name = fused_name(e.hf)
+    if "#" not in e.hf:
+      w = get(name)
+    elif name in cache:  # second half of a fused tensor
+      w = cache.pop(name)
+    else:
+      w = cache[name] = get(name)
+    if tuple(w.shape) != e.hf_shape:
+      raise ConversionError(f"{where}: tensor {name!r} has shape {tuple(w.shape)}, the config "
+                            f"expects {e.hf_shape}")
+    set_path(params, e.path, e.to_flax(np.asarray(w)))
+  return params
+
+
+def to_hf(entries: Iterable[Entry], params: Mapping) -> dict[str, np.ndarray]:
+  """HF tensors (name -> array) from a Flax param tree; errors name the missing leaf."""
+  out: dict[str, np.ndarray] = {}
+  fused: dict[str, dict[str, np.ndarray]] = {}
+  for e in entries:
+    try:
+      leaf = np.asarray(get_path(params, e.path))
+    except KeyError:
+      raise ConversionError(f"params have no leaf {'/'.join(e.path)} (for HF tensor {e.hf!r})")
+    if "#" in e.hf:
+      name, part = e.hf.split("#", 1)
+      fused.setdefault(name, {})[part] = leaf
+      continue
+    out[e.hf] = e.to_hf(leaf)
+  for name, parts in fused.items():  # MoE gate/up -> [E, 2F, D]
+    gate, up = parts["gate"], parts["up"]
+    out[name] = np.ascontiguousarray(np.concatenate([gate, up], axis=2).transpose(0, 2, 1))
+  return out

@@ -1,0 +1,190 @@
+"""Small building blocks shared by the base model and the drafter: norms, RoPE, MLP, MoE.
+
+Every parameter carries logical axis names (MaxText style) so sharding is a rule change in the
+config, never an edit here. Names in shapes: B batch, T sequence, D embed, N query heads, K kv heads,
+H head dim, F mlp hidden, E experts, V vocab, P per-layer-embedding dim, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name_or_dtype) -> Any:
+  if isinstance(name_or_dtype, str):
+    return DTYPES[name_or_dtype]
+  return name_or_dtype
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, dtype, axes: tuple[str | None, ...]):
+  """`module.param` whose init is tagged with logical axis names for the sharding rules."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def activation(name: str):
+  if name == "gelu_pytorch_tanh":
+    return functools.partial(jax.nn.gelu, approximate=True)
+  if name == "gelu":
+    return functools.partial(jax.nn.gelu, approximate=False)
+  if name == "silu":
+    return jax.nn.silu
+  raise ValueError(f"unsupported activation {name!r}")
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+  if cap is None:
+    return x
+  return jnp.tanh(x / cap) * cap
+
+
+class RMSNorm(nn.Module):
+  """HF Gemma 4 RMSNorm: float32 x * (mean(x^2) + eps)^-1/2, times a plain (not 1+w) scale."""
+
+  eps: float = 1e-6
+  with_scale: bool = True
+  param_dtype: Any = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    y = rms_normalize(x, self.eps)
+    if self.with_scale:
+      scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                              self.param_dtype, (self.axis_name,))
+      y = y * scale.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rms_normalize(x: Array, eps: float) -> Array:
+  """Scale-free RMS normalisation in float32 (returns float32)."""
+  x32 = x.astype(jnp.float32)
+  return x32 * jax.lax.pow(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps, -0.5)
+
+
+# ---------------------------------------------------------------------------- RoPE
+def rope_inv_freq(head_dim: int, theta: float, rope_type: str, partial_rotary_factor: float) -> np.ndarray:
+  """Inverse frequencies, length head_dim // 2, exactly as HF computes them (float32).
+
+  "proportional" (global layers): only the first `partial * head_dim / 2` frequencies rotate, with
+  exponents relative to the full head_dim; the rest are 0 (cos=1, sin=0: those dims pass through).
+  """
+  if rope_type == "default":
+    dim = int(head_dim * partial_rotary_factor)
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv = (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+    if dim < head_dim:  # HF "default" never does this for Gemma 4; keep the shape regardless.
+      inv = np.concatenate([inv, np.zeros(head_dim // 2 - inv.shape[0], np.float32)])
+    return inv
+  if rope_type == "proportional":
+    rope_angles = int(partial_rotary_factor * head_dim // 2)
+    exps = np.arange(0, 2 * rope_angles, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (1.0 / (np.float32(theta) ** exps)).astype(np.float32)
+    nope = head_dim // 2 - rope_angles
+    if nope > 0:
+      inv = np.concatenate([inv, np.zeros(nope, np.float32)])
+    return inv
+  raise ValueError(f"unknown rope type {rope_type!r}")
+
+
+def rope_cos_sin(positions_BT: Array, inv_freq: np.ndarray, dtype) -> tuple[Array, Array]:
+  """cos/sin tables [B, T, H] (the two halves repeat, HF `rotate_half` layout), cast to dtype."""
+  freqs_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+  emb_BTH = jnp.concatenate([freqs_BTh, freqs_BTh], axis=-1)
+  return jnp.cos(emb_BTH).astype(dtype), jnp.sin(emb_BTH).astype(dtype)
+
+
+def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
+  """x * cos + rotate_half(x) * sin, broadcast over heads."""
+  half = x_BTNH.shape[-1] // 2
+  x1, x2 = x_BTNH[..., :half], x_BTNH[..., half:]
+  rot = jnp.concatenate([-x2, x1], axis=-1)
+  cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
+  return x_BTNH * cos + rot * sin
+
+
+# ---------------------------------------------------------------------------- MLP / MoE
+class MLP(nn.Module):
+  """Gated MLP: down(act(gate(x)) * up(x))."""
+
+  hidden_dim: int
+  act: str = "gelu_pytorch_tanh"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    d = x_BTD.shape[-1]
+    p = functools.partial(param_with_axes, self, init=default_kernel_init, dtype=self.param_dtype)
+    gate_DF = p("gate", shape=(d, self.hidden_dim), axes=("embed", "mlp"))
+    up_DF = p("up", shape=(d, self.hidden_dim), axes=("embed", "mlp"))
+    down_FD = p("down", shape=(self.hidden_dim, d), axes=("mlp", "embed"))
+    x = x_BTD.astype(self.dtype)
+    g_BTF = jnp.einsum("btd,df->btf", x, gate_DF.astype(self.dtype))
+    u_BTF = jnp.einsum("btd,df->btf", x, up_DF.astype(self.dtype))
+    h_BTF = activation(self.act)(g_BTF) * u_BTF
+    h_BTF = nn.with_logical_constraint(h_BTF, ("activation_batch", "activation_length", "activation_mlp"))
+    return jnp.einsum("btf,fd->btd", h_BTF, down_FD.astype(self.dtype))
+
+
+class MoE(nn.Module):
+  """Gemma 4 (26B-A4B) sparse experts with HF's router.
+
+  Router: scale-free RMSNorm, times a learned per-dim scale and D^-1/2, linear to E scores, softmax
+  in float32, top-k, renormalise the k weights to sum 1, times a learned per-expert scale.
+
+  Experts run as dense einsums over an [E, ...] weight stack with a combine matrix that is zero for
+  unselected experts: no Python loop over experts and no data-dependent shapes, so the `expert`
+  axis of every weight can be sharded by the mesh rules. (Compute is E/k times the sparse ideal;
+  fine for tests and the tiny config, and the layout is what an all-to-all dispatch would shard.)
+  """
+
+  num_experts: int
+  top_k: int
+  hidden_dim: int
+  eps: float = 1e-6
+  act: str = "gelu_pytorch_tanh"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, router_in_BTD: Array, x_BTD: Array) -> Array:
+    d = x_BTD.shape[-1]
+    e, f = self.num_experts, self.hidden_dim
+    p = functools.partial(param_with_axes, self, dtype=self.param_dtype)
+    r_scale_D = p("router_scale", nn.initializers.ones, (d,), axes=("norm",))
+    r_proj_DE = p("router_proj", default_kernel_init, (d, e), axes=("embed", "exp"))
+    per_expert_scale_E = p("per_expert_scale", nn.initializers.ones, (e,), axes=("exp",))
+    gate_EDF = p("gate", default_kernel_init, (e, d, f), axes=("exp", "embed", "mlp"))
+    up_EDF = p("up", default_kernel_init, (e, d, f), axes=("exp", "embed", "mlp"))
+    down_EFD = p("down", default_kernel_init, (e, f, d), axes=("exp", "mlp", "embed"))
+
+    # Router (HF computes it in the activation dtype, softmax in float32).
+    r = rms_normalize(router_in_BTD, self.eps).astype(router_in_BTD.dtype)
+    r = r * r_scale_D.astype(r.dtype) * jnp.asarray(d ** -0.5, r.dtype)
+    scores_BTE = jnp.einsum("btd,de->bte", r, r_proj_DE.astype(r.dtype))
+    probs_BTE = jax.nn.softmax(scores_BTE.astype(jnp.float32), axis=-1)
+    top_w_BTk, top_i_BTk = jax.lax.top_k(probs_BTE, self.top_k)
+    top_w_BTk = top_w_BTk / jnp.sum(top_w_BTk, axis=-1, keepdims=True)
+    top_w_BTk = top_w_BTk * per_expert_scale_E.astype(jnp.float32)[top_i_BTk]
+    combine_BTE = jnp.sum(jax.nn.one_hot(top_i_BTk, e, dtype=jnp.float32) * top_w_BTk[..., None],
+                          axis=-2)
+
+    x = x_BTD.astype(self.dtype)
+    g_BTEF = jnp.einsum("btd,edf->btef", x, gate_EDF.astype(self.dtype))
+    u_BTEF = jnp.einsum("btd,edf->btef", x, up_EDF.astype(self.dtype))
+    h_BTEF = activation(self.act)(g_BTEF) * u_BTEF
+    h_BTEF = h_BTEF * combine_BTE.astype(self.dtype)[..., None]
+    return jnp.einsum("btef,efd->btd", h_BTEF, down_EFD.astype(self.dtype))

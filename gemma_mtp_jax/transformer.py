@@ -1,0 +1,263 @@
+"""The Gemma 4 text decoder (E2B, E4B, 26B-A4B, 31B) as a Flax Linen module.
+
+Forward modes, one code path:
+  * no cache (training, scoring): every layer attends this call's own K/V;
+  * with a `KVCache` (prefill, decode, speculative verify): new K/V are appended at each row's fill
+    offset and queries attend the whole cache under a causal + sliding-window + validity mask.
+KV-shared layers (the last `num_kv_shared_layers`) own no K/V projections and attend the K/V of the
+last earlier non-shared layer of their type (the "store" layer). Store-layer K/V is returned for the
+drafter, which reads exactly those two layers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mtp_jax import attention
+from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax import kv_cache as kv_cache_lib
+from gemma_mtp_jax import layers
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class StoreKV:
+  """K/V of a store layer with the metadata a reader needs to mask it.
+
+  k/v: [B, S, K, H]; positions_BS: RoPE position per slot; valid_BS: slot may be attended;
+  segment_BS: packed-document id per slot (None outside training).
+  """
+  k: Array
+  v: Array
+  positions_BS: Array
+  valid_BS: Array
+  segment_BS: Array | None = None
+
+
+@flax.struct.dataclass
+class Output:
+  logits: Array | None  # [B, T, V] float32, soft-capped
+  hidden: Array  # [B, T, D] final hidden state after the final norm (what the drafter consumes)
+  store_kv: dict[str, StoreKV]  # layer type -> K/V of its store layer
+  cache: kv_cache_lib.KVCache | None
+
+
+def rope_tables(cfg: config_lib.ModelConfig, layer_type: str, positions_BT: Array, dtype):
+  """cos/sin [B, T, H] for one layer type (RoPE differs between sliding and global layers)."""
+  if layer_type == config_lib.SLIDING:
+    inv = layers.rope_inv_freq(cfg.head_dim, cfg.rope_local_theta, cfg.local_rope_type,
+                               cfg.local_partial_rotary_factor)
+  else:
+    inv = layers.rope_inv_freq(cfg.global_head_dim, cfg.rope_global_theta, cfg.global_rope_type,
+                               cfg.global_partial_rotary_factor)
+  return layers.rope_cos_sin(positions_BT, inv, dtype)
+
+
+def window_for(cfg: config_lib.ModelConfig, layer_type: str) -> int | None:
+  return cfg.sliding_window if layer_type == config_lib.SLIDING else None
+
+
+class Block(nn.Module):
+  """One decoder layer: attention, (MoE +) MLP, optional per-layer-embedding residual."""
+
+  cfg: config_lib.ModelConfig
+  layer_idx: int
+
+  @nn.compact
+  def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_in=None, cache_start_B=None,
+               ple_BTP=None):
+    """Returns (x [B,T,D], the (k, v) this layer attended or None if KV-shared); see Attention."""
+    cfg, i = self.cfg, self.layer_idx
+    dt, pdt = layers.as_dtype(cfg.dtype), layers.as_dtype(cfg.param_dtype)
+    norm = functools.partial(layers.RMSNorm, cfg.rms_norm_eps, param_dtype=pdt)
+
+    attn = attention.Attention(
+        embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.layer_kv_heads(i),
+        head_dim=cfg.layer_head_dim(i), has_kv=not cfg.is_kv_shared(i), k_eq_v=cfg.layer_k_eq_v(i),
+        eps=cfg.rms_norm_eps, attn_softcap=cfg.attn_logit_softcap, dtype=dt, param_dtype=pdt,
+        name="attn")
+    h_BTD, kv_out = attn(norm(name="pre_attention_norm")(x_BTD), cos_BTH, sin_BTH, mask_BTS, kv_in,
+                         cache_start_B)
+    x_BTD = x_BTD + norm(name="post_attention_norm")(h_BTD)
+
+    residual_BTD = x_BTD
+    h_BTD = layers.MLP(cfg.layer_hidden_dim(i), cfg.hidden_activation, dt, pdt, name="mlp")(
+        norm(name="pre_ffw_norm")(x_BTD))
+    if cfg.enable_moe:
+      h1_BTD = norm(name="post_ffw_norm_1")(h_BTD)
+      moe = layers.MoE(cfg.num_experts, cfg.top_k_experts, cfg.moe_hidden_dim, cfg.rms_norm_eps,
+                       cfg.hidden_activation, dt, pdt, name="moe")
+      h2_BTD = moe(residual_BTD, norm(name="pre_ffw_norm_2")(residual_BTD))
+      h_BTD = h1_BTD + norm(name="post_ffw_norm_2")(h2_BTD)
+    x_BTD = residual_BTD + norm(name="post_ffw_norm")(h_BTD)
+
+    if cfg.ple_dim:
+      gate_DP = layers.param_with_axes(self, "ple_gate", layers.default_kernel_init,
+                                       (cfg.embed_dim, cfg.ple_dim), pdt, ("embed", "ple"))
+      proj_PD = layers.param_with_axes(self, "ple_proj", layers.default_kernel_init,
+                                       (cfg.ple_dim, cfg.embed_dim), pdt, ("ple", "embed"))
+      g_BTP = layers.activation(cfg.hidden_activation)(
+          jnp.einsum("btd,dp->btp", x_BTD.astype(dt), gate_DP.astype(dt)))
+      h_BTD = jnp.einsum("btp,pd->btd", g_BTP * ple_BTP.astype(dt), proj_PD.astype(dt))
+      x_BTD = x_BTD + norm(name="post_ple_norm")(h_BTD)
+
+    # A per-layer scalar that HF stores as a buffer (ones at init; checkpoints may differ).
+    layer_scalar = layers.param_with_axes(self, "layer_scalar", nn.initializers.ones, (1,), pdt,
+                                          (None,))
+    x_BTD = x_BTD * layer_scalar.astype(x_BTD.dtype)
+    x_BTD = nn.with_logical_constraint(
+        x_BTD, ("activation_batch", "activation_length", "activation_embed"))
+    return x_BTD, kv_out
+
+
+def remat_block(policy: str):
+  if policy == "none":
+    return Block
+  policies = {
+      "full": None,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  }
+  return nn.remat(Block, policy=policies[policy])
+
+
+class Transformer(nn.Module):
+  """Gemma 4 text decoder with tied (or untied) LM head and final logit soft-capping."""
+
+  cfg: config_lib.ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdt = layers.as_dtype(cfg.param_dtype)
+    self.embedding = layers.param_with_axes(self, "embedding", nn.initializers.normal(1.0),
+                                            (cfg.vocab_size, cfg.embed_dim), pdt, ("vocab", "embed"))
+    if not cfg.tie_word_embeddings:
+      self.lm_head = layers.param_with_axes(self, "lm_head", layers.default_kernel_init,
+                                            (cfg.embed_dim, cfg.vocab_size), pdt, ("embed", "vocab"))
+    if cfg.ple_dim:
+      lp = cfg.num_layers * cfg.ple_dim
+      self.ple_embedding = layers.param_with_axes(
+          self, "ple_embedding", nn.initializers.normal(1.0), (cfg.ple_vocab_size, lp), pdt,
+          ("vocab", "ple_layers"))
+      self.ple_projection = layers.param_with_axes(
+          self, "ple_projection", layers.default_kernel_init, (cfg.embed_dim, lp), pdt,
+          ("embed", "ple_layers"))
+      self.ple_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
+    block = remat_block(cfg.remat_policy)
+    self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
+
+  # -------------------------------------------------------------------------- pieces
+  def embed(self, tokens_BT: Array) -> Array:
+    """Token embedding times sqrt(D); the scale is rounded to the weight dtype as HF does."""
+    scale = jnp.asarray(self.cfg.embed_dim ** 0.5, dtype=self.embedding.dtype)
+    x_BTD = jnp.take(self.embedding, tokens_BT, axis=0) * scale
+    return x_BTD.astype(layers.as_dtype(self.cfg.dtype))
+
+  def per_layer_inputs(self, tokens_BT: Array, x_BTD: Array) -> Array:
+    """PLE: (norm(proj(x) / sqrt(D)) + embed_ple(tok) * sqrt(P)) / sqrt(2), [B, T, L, P]."""
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    dt = layers.as_dtype(cfg.dtype)
+    tok_scale = jnp.asarray(cfg.ple_dim ** 0.5, dtype=self.ple_embedding.dtype)
+    tok_BTLP = (jnp.take(self.ple_embedding, tokens_BT, axis=0) * tok_scale).astype(dt)
+    tok_BTLP = tok_BTLP.reshape(b, t, cfg.num_layers, cfg.ple_dim)
+    proj_BTLP = jnp.einsum("btd,dq->btq", x_BTD, self.ple_projection.astype(dt))
+    proj_BTLP = proj_BTLP * jnp.asarray(cfg.embed_dim ** -0.5, dt)
+    proj_BTLP = self.ple_norm(proj_BTLP.reshape(b, t, cfg.num_layers, cfg.ple_dim))
+    return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, dt)
+
+  def logits(self, hidden_BTD: Array) -> Array:
+    """Final-norm hidden -> soft-capped float32 logits [B, T, V]."""
+    dt = layers.as_dtype(self.cfg.dtype)
+    if self.cfg.tie_word_embeddings:
+      logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD.astype(dt), self.embedding.astype(dt),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD.astype(dt), self.lm_head.astype(dt),
+                              preferred_element_type=jnp.float32)
+    logits_BTV = nn.with_logical_constraint(
+        logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+    return layers.softcap(logits_BTV, self.cfg.final_logit_softcap)
+
+  # -------------------------------------------------------------------------- forward
+  def __call__(self, tokens_BT: Array, positions_BT: Array, valid_BT: Array | None = None,
+               segment_ids_BT: Array | None = None, cache: kv_cache_lib.KVCache | None = None,
+               return_logits: bool = True) -> Output:
+    """Runs the decoder.
+
+    Args:
+      tokens_BT: int token ids.
+      positions_BT: int RoPE positions (per packed document in training; after left padding,
+        count real tokens only).
+      valid_BT: bool, False on padding (never attended). Defaults to all True.
+      segment_ids_BT: packed-document ids; attention never crosses documents (no cache only).
+      cache: a KVCache to append to and attend (prefill / decode / verify), or None.
+    """
+    cfg = self.cfg
+    if valid_BT is None:
+      valid_BT = jnp.ones(tokens_BT.shape, bool)
+    x_BTD = self.embed(tokens_BT)
+    ple_BTLP = self.per_layer_inputs(tokens_BT, x_BTD) if cfg.ple_dim else None
+    dt = x_BTD.dtype
+    types = sorted(set(cfg.layer_types))
+    rope = {lt: rope_tables(cfg, lt, positions_BT, dt) for lt in types}
+
+    start_B = None
+    if cache is not None:
+      start_B = cache.length_B
+      cache = kv_cache_lib.write_meta(cache, positions_BT, valid_BT)
+      kv_pos_BS, kv_valid_BS, kv_seg_BS = cache.positions_BS, cache.attend_mask(), None
+      segment_ids_BT = None
+    else:
+      kv_pos_BS, kv_valid_BS, kv_seg_BS = positions_BT, valid_BT, segment_ids_BT
+    masks = {lt: attention.causal_mask(positions_BT, kv_pos_BS, kv_valid_BS, window_for(cfg, lt),
+                                       segment_ids_BT, kv_seg_BS) for lt in types}
+
+    layer_kv: dict[int, tuple[Array, Array]] = {}  # K/V each owning layer attended
+    for i, block in enumerate(self.blocks):
+      lt = cfg.layer_types[i]
+      if cfg.is_kv_shared(i):
+        kv_in = layer_kv[cfg.kv_source[i]]
+      else:
+        kv_in = (cache.k[i], cache.v[i]) if cache is not None else None
+      ple_BTP = ple_BTLP[:, :, i, :] if ple_BTLP is not None else None
+      x_BTD, kv_out = block(x_BTD, rope[lt][0], rope[lt][1], masks[lt], kv_in, start_B, ple_BTP)
+      if kv_out is not None:
+        layer_kv[i] = kv_out
+
+    hidden_BTD = self.final_norm(x_BTD)
+    store_kv = {
+        lt: StoreKV(layer_kv[i][0], layer_kv[i][1], kv_pos_BS, kv_valid_BS, kv_seg_BS)
+        for lt, i in cfg.store_layers.items()
+    }
+    if cache is not None:
+      cache = cache.replace(k={i: layer_kv[i][0] for i in cache.k},
+                            v={i: layer_kv[i][1] for i in cache.v})
+    logits_BTV = self.logits(hidden_BTD) if return_logits else None
+    return Output(logits=logits_BTV, hidden=hidden_BTD, store_kv=store_kv, cache=cache)
+
+
+def init_params(cfg: config_lib.ModelConfig, rng: Array, batch: int = 1, length: int = 4):
+  """Random params (boxed with logical axes; `nn.unbox` them for plain arrays)."""
+  tokens = jnp.zeros((batch, length), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+  return Transformer(cfg).init(rng, tokens, positions)["params"]
+
+
+def param_shapes(cfg: config_lib.ModelConfig):
+  """Param ShapeDtypeStructs without allocating anything (jax.eval_shape)."""
+  boxed = jax.eval_shape(lambda r: init_params(cfg, r), jax.random.PRNGKey(0))
+  return nn.unbox(boxed)
+
+
+def count_params(cfg: config_lib.ModelConfig) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg))))
