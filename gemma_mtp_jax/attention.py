@@ -113,7 +113,8 @@ class Attention(nn.Module):
       k_BSKH, v_BSKH = self.project_kv(x_BTD, cos_BTH, sin_BTH)
       if kv_in is not None:
         k_BSKH = kv_cache.write_kv(kv_in[0], k_BSKH, cache_start_B)
-        v_BSKH = k_BSKH if self.k_eq_v else kv_cache.write_kv(kv_in[1], v_BSKH, cache_start_B)
+        # Even with k_eq_v, V differs from K (v-norm of the raw projection vs k-norm + RoPE).
+        v_BSKH = kv_cache.write_kv(kv_in[1], v_BSKH, cache_start_B)
       kv_out = (k_BSKH, v_BSKH)
     else:
       k_BSKH, v_BSKH = kv_in

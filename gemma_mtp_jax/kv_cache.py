@@ -25,7 +25,7 @@ Array = jax.Array
 @flax.struct.dataclass
 class KVCache:
   k: dict[int, Array]  # layer index -> [B, S, K, H]
-  v: dict[int, Array]  # layer index -> [B, S, K, H] (same array as k on k_eq_v layers)
+  v: dict[int, Array]  # layer index -> [B, S, K, H]
   positions_BS: Array  # int32 RoPE position of each slot
   valid_BS: Array  # bool: slot holds a real (non-padding) token
   length_B: Array  # int32 number of filled slots per row
@@ -53,7 +53,7 @@ def init_cache(cfg: config_lib.ModelConfig, batch: int, max_length: int, dtype=N
       continue
     shape = (batch, max_length, cfg.layer_kv_heads(i), cfg.layer_head_dim(i))
     k[i] = jnp.zeros(shape, dtype)
-    v[i] = k[i] if cfg.layer_k_eq_v(i) else jnp.zeros(shape, dtype)
+    v[i] = jnp.zeros(shape, dtype)  # k_eq_v layers too: V is normalised differently from K
   return KVCache(
       k=k, v=v,
       positions_BS=jnp.zeros((batch, max_length), jnp.int32),

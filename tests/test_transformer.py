@@ -1,0 +1,119 @@
+"""Equivalences of the base model: cache == no cache, scan == loop, remat == no remat."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax import kv_cache
+from gemma_mtp_jax import transformer
+from tests import hf_helpers
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _cfg(variant="e_style", **over):
+  cfg = config_lib.ModelConfig.from_hf_config(hf_helpers.hf_text_config(variant).to_dict())
+  return cfg.replace(**over)
+
+
+def _params(cfg, seed=0):
+  params = nn.unbox(transformer.init_params(cfg, jax.random.PRNGKey(seed)))
+  # Non-unit norm scales so a skipped norm shows.
+  return jax.tree.map(lambda x: x * (1.0 + 0.1 * jnp.cos(jnp.arange(x.size).reshape(x.shape)))
+                      if x.ndim == 1 else x, params)
+
+
+@pytest.mark.parametrize("variant", sorted(hf_helpers.VARIANTS))
+def test_prefill_then_decode_equals_full_forward(variant):
+  cfg = _cfg(variant)
+  params = _params(cfg)
+  model = transformer.Transformer(cfg)
+  rng = np.random.default_rng(0)
+  b, t, prompt = 2, 15, 5
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, t)))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  full = model.apply({"params": params}, tokens, pos)
+
+  cache = kv_cache.init_cache(cfg, b, max_length=t + 3)
+  step = jax.jit(lambda c, tok, p: model.apply({"params": params}, tok, p, cache=c))
+  out = step(cache, tokens[:, :prompt], pos[:, :prompt])
+  got = [out.logits]
+  cache = out.cache
+  # Decode one token at a time, then a 3-token chunk (what speculative verification does).
+  for i in range(prompt, t - 3):
+    out = step(cache, tokens[:, i:i + 1], pos[:, i:i + 1])
+    got.append(out.logits)
+    cache = out.cache
+  out = step(cache, tokens[:, t - 3:], pos[:, t - 3:])
+  got.append(out.logits)
+  got = jnp.concatenate(got, axis=1)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(full.logits), atol=2e-5)
+  assert int(out.cache.length_B[0]) == t
+  # Store-layer K/V read from the cache equal the no-cache ones on the filled slots.
+  for lt, skv in out.store_kv.items():
+    np.testing.assert_allclose(np.asarray(skv.k)[:, :t], np.asarray(full.store_kv[lt].k),
+                               atol=2e-5)
+
+
+def test_cache_rollback_forgets_rejected_tokens():
+  cfg = _cfg()
+  params = _params(cfg)
+  model = transformer.Transformer(cfg)
+  rng = np.random.default_rng(1)
+  b, t = 2, 12
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, t)))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  apply = jax.jit(lambda c, tok, p: model.apply({"params": params}, tok, p, cache=c))
+  cache = kv_cache.init_cache(cfg, b, t + 4)
+  cache = apply(cache, tokens[:, :8], pos[:, :8]).cache
+  # Write 4 garbage "draft" tokens, then roll row 0 back by 4 and row 1 by 2 slots.
+  junk = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, 4)))
+  cache = apply(cache, junk, pos[:, 8:12]).cache
+  cache = cache.rollback(jnp.asarray([8, 10]))
+  # Row 1 keeps 2 junk tokens at positions 8, 9: its next token sits at position 10.
+  out0 = apply(cache, tokens[:, 8:9], jnp.asarray([[8], [10]]))
+  ref0 = model.apply({"params": params}, tokens[:, :9], pos[:, :9]).logits[0, 8]
+  np.testing.assert_allclose(np.asarray(out0.logits[0, 0]), np.asarray(ref0), atol=2e-5)
+  seq1 = jnp.concatenate([tokens[1, :8], junk[1, :2], tokens[1, 8:9]])[None]
+  ref1 = model.apply({"params": params}, seq1, jnp.arange(11)[None]).logits[0, 10]
+  np.testing.assert_allclose(np.asarray(out0.logits[1, 0]), np.asarray(ref1), atol=2e-5)
+
+
+def test_packed_segments_do_not_attend_across_documents():
+  cfg = _cfg()
+  params = _params(cfg)
+  model = transformer.Transformer(cfg)
+  rng = np.random.default_rng(2)
+  a = rng.integers(3, cfg.vocab_size, 7)
+  c = rng.integers(3, cfg.vocab_size, 6)
+  packed = jnp.asarray(np.concatenate([a, c]))[None]
+  seg = jnp.asarray([1] * 7 + [2] * 6)[None]
+  pos = jnp.asarray(list(range(7)) + list(range(6)))[None]
+  out = model.apply({"params": params}, packed, pos, segment_ids_BT=seg).logits
+  ref_c = model.apply({"params": params}, jnp.asarray(c)[None], jnp.arange(6)[None]).logits
+  np.testing.assert_allclose(np.asarray(out[0, 7:]), np.asarray(ref_c[0]), atol=2e-5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_equals_no_remat(policy):
+  cfg = _cfg()
+  params = _params(cfg)
+  rng = np.random.default_rng(3)
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 10)))
+  pos = jnp.broadcast_to(jnp.arange(10), (2, 10))
+
+  def loss(p, c):
+    return jnp.mean(transformer.Transformer(c).apply({"params": p}, tokens, pos).logits ** 2)
+
+  grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  v0, g0 = grad_fn(params, cfg)
+  v1, g1 = grad_fn(params, cfg.replace(remat_policy=policy))
+  np.testing.assert_allclose(v0, v1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
+  assert any(float(jnp.abs(g).max()) > 1e-3 for g in jax.tree.leaves(g0))
+  # KV-shared layers still receive gradient through their store layer's K under remat.
+  store = cfg.store_layers[config_lib.SLIDING]
+  assert float(jnp.abs(g1[f"layer_{store}"]["attn"]["k"]).max()) > 0

@@ -1,0 +1,137 @@
+"""The Flax base model equals HF transformers' Gemma 4 on the same random weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax import transformer
+from gemma_mtp_jax.convert import base as convert_base
+from gemma_mtp_jax.convert import names
+from tests import hf_helpers
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TOL = 1e-4
+
+
+def _setup(variant, seed=0):
+  hf = hf_helpers.hf_causal_lm(variant, seed=seed)
+  cfg = config_lib.ModelConfig.from_hf_config(hf.config.to_dict())
+  params = convert_base.state_dict_to_params(cfg, hf_helpers.numpy_state(hf))
+  return hf, cfg, params
+
+
+def _left_padded(rng, batch, length, vocab, pads):
+  tokens = rng.integers(3, vocab, (batch, length))
+  mask = np.ones((batch, length), np.int64)
+  for b, p in enumerate(pads):
+    tokens[b, :p] = 0
+    mask[b, :p] = 0
+  positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+  return tokens, mask, positions
+
+
+@pytest.mark.parametrize("variant", sorted(hf_helpers.VARIANTS))
+def test_logits_hidden_and_store_kv_equal_hf(variant):
+  hf, cfg, params = _setup(variant)
+  rng = np.random.default_rng(1)
+  # Longer than every variant's sliding window; batch 3 with left padding of different sizes.
+  tokens, mask, positions = _left_padded(rng, 3, 17, cfg.vocab_size, pads=(0, 4, 9))
+  assert tokens.shape[1] > 2 * cfg.sliding_window
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+             position_ids=torch.tensor(positions), output_hidden_states=True,
+             return_shared_kv_states=True)
+  out = transformer.Transformer(cfg).apply(
+      {"params": params}, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask > 0))
+  valid = mask > 0
+  logits = np.asarray(out.logits)
+  assert np.abs(logits - ref.logits.numpy())[valid].max() <= TOL
+  hidden = np.asarray(out.hidden)
+  assert np.abs(hidden - ref.hidden_states[-1].numpy())[valid].max() <= TOL
+  # Logits are not trivially equal: softcap at 30 and random weights spread them.
+  assert logits[valid].std() > 0.5
+
+  # Store-layer K/V equal HF's shared KV states (HF returns them when layers share KV).
+  if cfg.num_kv_shared_layers:
+    assert set(ref.shared_kv_states) == set(out.store_kv)
+    for lt, (k, v) in ref.shared_kv_states.items():
+      ours = out.store_kv[lt]
+      np.testing.assert_allclose(np.asarray(ours.k)[valid], k.numpy().transpose(0, 2, 1, 3)[valid],
+                                 atol=TOL)
+      np.testing.assert_allclose(np.asarray(ours.v)[valid], v.numpy().transpose(0, 2, 1, 3)[valid],
+                                 atol=TOL)
+
+
+def test_store_layers_match_hf_kv_sharing_modes():
+  for variant in hf_helpers.VARIANTS:
+    hf_cfg = hf_helpers.hf_text_config(variant)
+    cfg = config_lib.ModelConfig.from_hf_config(hf_cfg.to_dict())
+    modes = hf_cfg.kv_sharing_modes
+    if cfg.num_kv_shared_layers:
+      assert sorted(cfg.store_layers.values()) == [i for i, m in enumerate(modes) if m == "store"]
+    assert [cfg.is_kv_shared(i) for i in range(cfg.num_layers)] == [m == "reuse" for m in modes]
+
+
+def test_conditional_generation_text_weights_load():
+  """Gemma4ForConditionalGeneration keeps text weights under model.language_model.*."""
+  text_cfg = hf_helpers.hf_text_config("e_style")
+  mm_cfg = transformers.Gemma4Config(text_config=text_cfg.to_dict(), vision_config=None,
+                                     audio_config=None)
+  torch.manual_seed(0)
+  mm = hf_helpers.randomize_(transformers.Gemma4ForConditionalGeneration(mm_cfg).eval(), seed=3)
+  state = hf_helpers.numpy_state(mm)
+  assert any(k.startswith("model.language_model.") for k in state)
+  cfg = config_lib.ModelConfig.from_hf_config(mm.config.to_dict())
+  params, extra = convert_base.hf_to_params(cfg, lambda n: state[n], state.keys())
+  tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 9))
+  with torch.no_grad():
+    ref = mm(input_ids=torch.tensor(tokens)).logits.numpy()
+  pos = np.broadcast_to(np.arange(9), (2, 9))
+  ours = transformer.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens),
+                                            jnp.asarray(pos)).logits
+  assert np.abs(np.asarray(ours) - ref).max() <= TOL
+
+
+def test_round_trip_names_are_bit_exact():
+  for variant in hf_helpers.VARIANTS:
+    hf, cfg, params = _setup(variant)
+    state = hf_helpers.numpy_state(hf)
+    back = convert_base.params_to_hf(cfg, params)
+    expected = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    assert set(back) == set(expected)
+    for k, v in expected.items():
+      assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
+      assert np.array_equal(back[k], v), k
+
+
+def test_bad_checkpoints_name_the_tensor():
+  hf, cfg, params = _setup("e_style")
+  state = hf_helpers.numpy_state(hf)
+  missing = dict(state)
+  del missing["model.layers.1.self_attn.q_proj.weight"]
+  with pytest.raises(names.ConversionError, match=r"layers\.1\.self_attn\.q_proj"):
+    convert_base.state_dict_to_params(cfg, missing)
+  extra = dict(state)
+  extra["model.layers.0.self_attn.bogus.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(names.ConversionError, match="bogus"):
+    convert_base.state_dict_to_params(cfg, extra)
+  wrong = dict(state)
+  wrong["model.layers.2.mlp.up_proj.weight"] = np.zeros((5, 5), np.float32)
+  with pytest.raises(names.ConversionError, match=r"layers\.2\.mlp\.up_proj.*\(5, 5\)"):
+    convert_base.state_dict_to_params(cfg, wrong)
+  # A KV-shared layer has no k_proj: a checkpoint that has one does not fit this config.
+  shared = cfg.num_layers - 1
+  bad = dict(state)
+  bad[f"model.layers.{shared}.self_attn.k_proj.weight"] = np.zeros((16, 64), np.float32)
+  with pytest.raises(names.ConversionError, match=f"layers.{shared}.self_attn.k_proj"):
+    convert_base.state_dict_to_params(cfg, bad)
+
+
+def test_other_architecture_config_is_refused():
+  with pytest.raises(config_lib.ConfigError, match="llama"):
+    config_lib.ModelConfig.from_hf_config({"model_type": "llama", "hidden_size": 8})
