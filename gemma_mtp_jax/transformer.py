@@ -129,6 +129,62 @@ def remat_block(policy: str):
   return nn.remat(Block, policy=policies[policy])
 
 
+MAX_SCAN_PERIOD = 8
+
+
+def scan_plan(cfg: config_lib.ModelConfig) -> tuple[tuple[int, int, int], ...]:
+  """Splits the layers into (first, period, repeats) runs for `scan_layers`.
+
+  A run repeats a period of layers whose structure (type, KV-shared, MLP width) is identical from
+  one repeat to the next, so one traced period serves all repeats: E4B's 42 layers become runs
+  like (0, 6, 4) + (24, 6, 3). Layers that repeat nothing form runs of (i, 1, 1) and stay plain.
+  """
+  sig = [cfg.layer_signature(i) for i in range(cfg.num_layers)]
+  n, i, plan = cfg.num_layers, 0, []
+  while i < n:
+    best = (1, 1)
+    for p in range(1, min(MAX_SCAN_PERIOD, n - i) + 1):
+      r = 1
+      while i + (r + 1) * p <= n and sig[i + r * p:i + (r + 1) * p] == sig[i:i + p]:
+        r += 1
+      if r >= 2 and p * r > best[0] * best[1]:
+        best = (p, r)
+    plan.append((i, *best))
+    i += best[0] * best[1]
+  return tuple(plan)
+
+
+class ScanPeriod(nn.Module):
+  """One period of layers; `nn.scan` stacks its params over the repeats of a run."""
+
+  cfg: config_lib.ModelConfig
+  first: int
+  period: int
+
+  @nn.compact
+  def __call__(self, x_BTD, xs, bc):
+    ple_BTpP, cache_kv = xs  # per repeat: PLE inputs of the period's layers, their cache buffers
+    rope, masks, shared_kv, start_B = bc  # the same for every repeat
+    block = remat_block(self.cfg.remat_policy)
+    kv_outs = []
+    for j in range(self.period):
+      i = self.first + j
+      lt = self.cfg.layer_types[i]
+      kv_in = shared_kv[j] if self.cfg.is_kv_shared(i) else (
+          cache_kv[j] if cache_kv is not None else None)
+      ple_BTP = ple_BTpP[:, :, j] if ple_BTpP is not None else None
+      x_BTD, kv_out = block(self.cfg, i, name=f"layer_{j}")(
+          x_BTD, rope[lt][0], rope[lt][1], masks[lt], kv_in, start_B, ple_BTP)
+      kv_outs.append(kv_out)
+    return x_BTD, tuple(kv_outs)
+
+
+def scanned_layers(cfg: config_lib.ModelConfig, first: int, period: int, repeats: int, name: str):
+  return nn.scan(ScanPeriod, variable_axes={"params": 0}, split_rngs={"params": True},
+                 in_axes=(0, nn.broadcast), length=repeats,
+                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg, first, period, name=name)
+
+
 class Transformer(nn.Module):
   """Gemma 4 text decoder with tied (or untied) LM head and final logit soft-capping."""
 
@@ -152,7 +208,13 @@ class Transformer(nn.Module):
           ("embed", "ple_layers"))
       self.ple_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
     block = remat_block(cfg.remat_policy)
-    self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      self.plan = scan_plan(cfg)
+      self.blocks = [block(cfg, f, name=f"layer_{f}") if r == 1 else
+                     scanned_layers(cfg, f, p, r, name=f"scan_{f}") for f, p, r in self.plan]
+    else:
+      self.plan = tuple((i, 1, 1) for i in range(cfg.num_layers))
+      self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
 
   # -------------------------------------------------------------------------- pieces
@@ -223,16 +285,37 @@ class Transformer(nn.Module):
                                        segment_ids_BT, kv_seg_BS) for lt in types}
 
     layer_kv: dict[int, tuple[Array, Array]] = {}  # K/V each owning layer attended
-    for i, block in enumerate(self.blocks):
-      lt = cfg.layer_types[i]
-      if cfg.is_kv_shared(i):
-        kv_in = layer_kv[cfg.kv_source[i]]
-      else:
-        kv_in = (cache.k[i], cache.v[i]) if cache is not None else None
-      ple_BTP = ple_BTLP[:, :, i, :] if ple_BTLP is not None else None
-      x_BTD, kv_out = block(x_BTD, rope[lt][0], rope[lt][1], masks[lt], kv_in, start_B, ple_BTP)
-      if kv_out is not None:
-        layer_kv[i] = kv_out
+    for block, (first, period, repeats) in zip(self.blocks, self.plan):
+      if repeats == 1:
+        i, lt = first, cfg.layer_types[first]
+        if cfg.is_kv_shared(i):
+          kv_in = layer_kv[cfg.kv_source[i]]
+        else:
+          kv_in = (cache.k[i], cache.v[i]) if cache is not None else None
+        ple_BTP = ple_BTLP[:, :, i, :] if ple_BTLP is not None else None
+        x_BTD, kv_out = block(x_BTD, rope[lt][0], rope[lt][1], masks[lt], kv_in, start_B, ple_BTP)
+        if kv_out is not None:
+          layer_kv[i] = kv_out
+        continue
+      # A scanned run: per-repeat inputs are stacked on a leading axis, outputs unstacked.
+      idx = [[first + k * period + j for k in range(repeats)] for j in range(period)]
+      ple_xs = None
+      if ple_BTLP is not None:
+        b, t = ple_BTLP.shape[:2]
+        ple_xs = ple_BTLP[:, :, first:first + period * repeats].reshape(
+            b, t, repeats, period, cfg.ple_dim).transpose(2, 0, 1, 3, 4)
+      cache_xs = None
+      if cache is not None:
+        cache_xs = tuple(None if cfg.is_kv_shared(ii[0]) else
+                         (jnp.stack([cache.k[i] for i in ii]), jnp.stack([cache.v[i] for i in ii]))
+                         for ii in idx)
+      shared = tuple(layer_kv[cfg.kv_source[ii[0]]] if cfg.is_kv_shared(ii[0]) else None
+                     for ii in idx)
+      x_BTD, kv_ys = block(x_BTD, (ple_xs, cache_xs), (rope, masks, shared, start_B))
+      for ii, kv in zip(idx, kv_ys):
+        if kv is not None:
+          for k, i in enumerate(ii):
+            layer_kv[i] = (kv[0][k], kv[1][k])
 
     hidden_BTD = self.final_norm(x_BTD)
     store_kv = {
@@ -261,3 +344,31 @@ def param_shapes(cfg: config_lib.ModelConfig):
 
 def count_params(cfg: config_lib.ModelConfig) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg))))
+
+
+def stack_layer_params(cfg: config_lib.ModelConfig, params: dict) -> dict:
+  """Loop layout (`layer_{i}`) -> the `scan_layers` layout (`scan_{first}/layer_{j}`, stacked)."""
+  out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  for first, period, repeats in scan_plan(cfg):
+    if repeats == 1:
+      out[f"layer_{first}"] = params[f"layer_{first}"]
+      continue
+    out[f"scan_{first}"] = {
+        f"layer_{j}": jax.tree.map(
+            lambda *xs: jnp.stack(xs),
+            *[params[f"layer_{first + k * period + j}"] for k in range(repeats)])
+        for j in range(period)}
+  return out
+
+
+def unstack_layer_params(cfg: config_lib.ModelConfig, params: dict) -> dict:
+  """The `scan_layers` layout -> loop layout (what the HF converters read and write)."""
+  out = {k: v for k, v in params.items() if not k.startswith("scan_")}
+  for first, period, repeats in scan_plan(cfg):
+    if repeats == 1:
+      continue
+    for j in range(period):
+      stacked = params[f"scan_{first}"][f"layer_{j}"]
+      for k in range(repeats):
+        out[f"layer_{first + k * period + j}"] = jax.tree.map(lambda x: x[k], stacked)
+  return out

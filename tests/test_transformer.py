@@ -117,3 +117,42 @@ def test_remat_equals_no_remat(policy):
   # KV-shared layers still receive gradient through their store layer's K under remat.
   store = cfg.store_layers[config_lib.SLIDING]
   assert float(jnp.abs(g1[f"layer_{store}"]["attn"]["k"]).max()) > 0
+
+
+@pytest.mark.parametrize("variant", ["e_style", "k_eq_v"])
+def test_scan_layers_equals_loop(variant):
+  cfg = _cfg(variant)
+  scfg = cfg.replace(scan_layers=True)
+  assert any(r > 1 for _, _, r in transformer.scan_plan(scfg))
+  params = _params(cfg)
+  stacked = transformer.stack_layer_params(cfg, params)
+  # The scanned model's own init has exactly the stacked layout.
+  init_shapes = jax.tree.map(lambda x: x.shape, nn.unbox(transformer.param_shapes(scfg)))
+  assert jax.tree.map(lambda x: x.shape, stacked) == init_shapes
+  jax.tree.map(np.testing.assert_array_equal,
+               transformer.unstack_layer_params(cfg, stacked), params)
+  rng = np.random.default_rng(4)
+  b, t = 2, 11
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (b, t)))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  ref = transformer.Transformer(cfg).apply({"params": params}, tokens, pos)
+  out = transformer.Transformer(scfg).apply({"params": stacked}, tokens, pos)
+  np.testing.assert_allclose(np.asarray(out.logits), np.asarray(ref.logits), atol=2e-5)
+  # And with a KV cache (prefill + one decode step).
+  cache = kv_cache.init_cache(scfg, b, t + 1)
+  o1 = transformer.Transformer(scfg).apply({"params": stacked}, tokens[:, :-1], pos[:, :-1],
+                                           cache=cache)
+  o2 = transformer.Transformer(scfg).apply({"params": stacked}, tokens[:, -1:], pos[:, -1:],
+                                           cache=o1.cache)
+  np.testing.assert_allclose(np.asarray(o2.logits[:, 0]), np.asarray(ref.logits[:, -1]),
+                             atol=2e-5)
+
+
+def test_scan_plan_covers_released_patterns():
+  e4b_like = config_lib.ModelConfig(
+      vocab_size=8, embed_dim=8, num_layers=42, num_heads=2, num_kv_heads=1, head_dim=4,
+      hidden_dim=8, layer_types=config_lib.layer_types_from_pattern(42, 6),
+      num_kv_shared_layers=18)
+  plan = transformer.scan_plan(e4b_like)
+  assert sum(p * r for _, p, r in plan) == 42
+  assert plan == ((0, 6, 4), (24, 6, 3))
