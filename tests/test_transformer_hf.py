@@ -135,3 +135,21 @@ def test_bad_checkpoints_name_the_tensor():
 def test_other_architecture_config_is_refused():
   with pytest.raises(config_lib.ConfigError, match="llama"):
     config_lib.ModelConfig.from_hf_config({"model_type": "llama", "hidden_size": 8})
+
+
+# Published text-only parameter counts (reference/gemma4-released-configs.md), in billions.
+PUBLISHED_B = {"e2b": 4.63, "e4b": 7.46, "26b_a4b": 25.23, "31b": 30.70}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_B))
+def test_preset_param_count_equals_hf_meta_model(preset):
+  from gemma_mtp_jax import presets
+  cfg, _ = presets.model_configs(presets.load_config(preset))
+  ours = transformer.count_params(cfg)  # jax.eval_shape: nothing allocated
+  with torch.device("meta"):
+    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**cfg.to_hf_config()))
+  # HF keeps `layer_scalar` as a (saved) buffer; here it is a param.
+  hf_count = sum(p.numel() for p in hf.parameters()) + sum(
+      b.numel() for n, b in hf.named_buffers() if n.endswith("layer_scalar"))
+  assert ours == hf_count
+  assert abs(ours / 1e9 - PUBLISHED_B[preset]) < 0.01
