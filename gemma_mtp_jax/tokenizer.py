@@ -1,0 +1,148 @@
+"""Tokenizers: Gemma 4's own (any HF tokenizer dir or hub id), or a tiny Gemma-4-shaped one.
+
+The tiny tokenizer exists so that smoke runs and tests need no download: a SentencePiece BPE model
+trained on local text, with Gemma's special tokens under Gemma's names and conventional ids
+(`<pad>`=0, `<eos>`=1, `<bos>`=2, `<unk>`=3, `<mask>`=4) and Gemma 4's turn markers `<|turn>` /
+`<turn|>` as control tokens. It is wrapped as an HF `GemmaTokenizer`, so it saves and loads exactly
+like the real one and its files can sit next to an exported HF model.
+
+The turn markers get small ids in the tiny vocab (5 and 6), deliberately not Gemma 4's 105 and 106:
+code must read every control id from the tokenizer (`convert_tokens_to_ids`), and a hard-coded 105
+would fail loudly on the tiny tokenizer instead of silently working on only one of the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from typing import Iterable, Iterator
+
+import sentencepiece as spm
+import transformers
+
+PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
+TURN_OPEN = "<|turn>"  # starts every chat turn; followed by the role name and "\n"
+TURN_CLOSE = "<turn|>"  # ends every turn; the token a model turn stops on
+
+# Gemma 4's chat format for plain-text conversations, as its published template renders them when
+# there are no tools and thinking is off (E2B/E4B; the 26B/31B templates also prime generation with
+# an empty thought channel): `bos`, then per message `<|turn>{role}\n{content|trim}<turn|>\n`, with
+# `assistant` spelled `model`. `data.encode_example` produces the same tokens directly.
+CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- set role = message['role'] -%}"
+    "{%- if role == 'assistant' -%}{%- set role = 'model' -%}"
+    "{%- elif role == 'developer' -%}{%- set role = 'system' -%}{%- endif -%}"
+    "{{- '<|turn>' + role + '\\n' + message['content'] | trim + '<turn|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
+)
+
+# Written last when a tokenizer dir is published, so its presence means the dir is complete.
+_MARKER = "tokenizer_config.json"
+
+
+def load_tokenizer(path_or_repo: str, **kwargs) -> transformers.PreTrainedTokenizerBase:
+  """Loads an HF tokenizer from a local dir (e.g. one `build_tiny_tokenizer` wrote) or a hub id."""
+  return transformers.AutoTokenizer.from_pretrained(path_or_repo, **kwargs)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, marker: str) -> Iterator[str]:
+  """Yields an empty temp dir beside `out_dir`; on success its files become `out_dir`'s.
+
+  Readers treat `out_dir` as complete once `marker` exists in it: a fresh `out_dir` appears in one
+  rename; into an existing non-empty one the files are moved one by one with `marker` last. A build
+  that raises leaves `out_dir` untouched.
+  """
+  out_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    try:
+      os.rename(tmp, out_dir)  # POSIX also allows replacing an empty directory
+      return
+    except OSError:
+      pass  # out_dir exists and is not empty (another builder won the race, or a user made it)
+    os.makedirs(out_dir, exist_ok=True)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == marker):
+      os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _lines(texts: Iterable[str]) -> Iterator[str]:
+  # SentencePiece trains on "sentences" and drops very long ones; lines of prose and code are the
+  # natural unit. "\n" itself is a user-defined piece, so it never needs to be seen in training.
+  for text in texts:
+    for line in text.split("\n"):
+      if line.strip():
+        yield line
+
+
+def _train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int, seed: int) -> None:
+  spm.set_random_generator_seed(seed)
+  with open(model_path, "wb") as f:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=_lines(texts),
+        model_writer=f,
+        model_type="bpe",  # HF's GemmaTokenizer is a BPE tokenizer
+        vocab_size=vocab_size,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece=PAD, eos_piece=EOS, bos_piece=BOS, unk_piece=UNK,
+        control_symbols=[MASK, TURN_OPEN, TURN_CLOSE],
+        # An atomic "\n" keeps a role header ("model\n") from merging with the content after it,
+        # so encoding a chat piece by piece gives the same tokens as encoding it whole (as Gemma's).
+        user_defined_symbols=["\n"],
+        byte_fallback=True,  # any text round-trips; nothing becomes <unk>
+        # Gemma's settings: keep text verbatim (no NFKC, no whitespace folding, no dummy prefix),
+        # digits split, indentation runs may become pieces.
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
+        num_threads=min(8, os.cpu_count() or 1),
+        minloglevel=2,
+    )
+
+
+def build_tiny_tokenizer(corpus_texts: Iterable[str], out_dir: str, vocab_size: int = 4096,
+                         seed: int = 0) -> transformers.PreTrainedTokenizerBase:
+  """Trains (once) a small Gemma-4-shaped SentencePiece BPE tokenizer and saves it as an HF one.
+
+  Args:
+    corpus_texts: training text; split into lines. Only read when `out_dir` holds no tokenizer yet.
+    out_dir: where `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja` and the
+      SentencePiece `tokenizer.model` go. A tokenizer already there is loaded as is, whatever
+      `corpus_texts`/`vocab_size` say (delete the dir to retrain).
+    vocab_size: total vocab, including the 7 special tokens, "\n" and the 256 byte-fallback pieces.
+    seed: SentencePiece's sampling seed.
+  Returns:
+    `AutoTokenizer.from_pretrained(out_dir)`: adds `<bos>` by default, pad/eos/bos/unk set.
+  """
+  if not os.path.exists(os.path.join(out_dir, _MARKER)):
+    with atomic_dir(out_dir, _MARKER) as tmp:
+      model_path = os.path.join(tmp, "tokenizer.model")
+      _train_sentencepiece(corpus_texts, model_path, vocab_size, seed)
+      # transformers' own SentencePiece reader gives the BPE vocab and merges; GemmaTokenizer adds
+      # Gemma's normalizer/decoder. Special tokens keep their SentencePiece ids.
+      from tokenizers.models import BPE
+      from transformers.convert_slow_tokenizer import SentencePieceExtractor
+
+      extracted = SentencePieceExtractor(model_path).extract(BPE)
+      tok = transformers.GemmaTokenizer(
+          vocab=extracted["vocab"], merges=extracted["merges"],
+          pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK, mask_token=MASK,
+          extra_special_tokens=[TURN_OPEN, TURN_CLOSE], add_bos_token=True)
+      tok.chat_template = CHAT_TEMPLATE
+      tok.save_pretrained(tmp)
+  return load_tokenizer(out_dir)
