@@ -204,12 +204,14 @@ class ModelConfig:
     rs, rf = rope.get(SLIDING, {}) or {}, rope.get(FULL, {}) or {}
     global_head_dim = hf.get("global_head_dim")
     num_global_kv = hf.get("num_global_key_value_heads")
-    # transformers >= 5.23 serialises the global-layer overrides as `per_layer_config`.
-    for _, over in (hf.get("per_layer_config") or {}).items():
-      global_head_dim = over.get("head_dim", global_head_dim)
-      num_global_kv = over.get("num_key_value_heads", num_global_kv)
-    if hf.get("use_bidirectional_attention"):
-      raise ConfigError("config 'use_bidirectional_attention' is not supported (text decoders only)")
+    per_layer = hf.get("per_layer_config")
+    if per_layer:
+      global_head_dim, num_global_kv = _global_overrides(hf, per_layer, layer_types)
+    # "vision" (shipped by 26B-A4B and 31B) only lets image tokens attend both ways; text tokens stay
+    # causal, so a text decoder is unaffected. "all" turns the model into an encoder.
+    if hf.get("use_bidirectional_attention") == "all":
+      raise ConfigError("config 'use_bidirectional_attention' = 'all' is not supported "
+                        "(causal text decoders only)")
     kw = dict(
         vocab_size=hf.get("vocab_size", 262_144),
         embed_dim=hf.get("hidden_size", 2304),
@@ -301,6 +303,37 @@ class ModelConfig:
     if self.attn_logit_softcap is not None:
       out["attn_logit_softcapping"] = self.attn_logit_softcap
     return out
+
+
+def _global_overrides(hf: Mapping[str, Any], per_layer: Mapping[Any, Mapping[str, Any]],
+                      layer_types: Sequence[str]) -> tuple[int, int | None]:
+  """(global_head_dim, num_global_kv_heads) from transformers >= 5.23's `per_layer_config`.
+
+  HF builds layer i from the top-level attributes updated by `per_layer_config[i]` (keys are layer
+  indices, serialised as strings such as "05") and ignores the top-level `global_head_dim` and
+  `num_global_key_value_heads` once it is present. ModelConfig holds one sliding and one global
+  geometry, so a config that needs more is refused rather than misread.
+  """
+  head_dim, kv = hf.get("head_dim", 256), hf.get("num_key_value_heads", 4)
+  full, explicit_kv = set(), False
+  for key, over in per_layer.items():
+    i = int(key)
+    if not 0 <= i < len(layer_types):
+      raise ConfigError(f"config 'per_layer_config' names layer {key!r} of {len(layer_types)}")
+    geometry = (over.get("head_dim", head_dim), over.get("num_key_value_heads", kv))
+    if layer_types[i] == FULL:
+      full.add(geometry)
+      explicit_kv |= "num_key_value_heads" in over
+    elif geometry != (head_dim, kv):
+      raise ConfigError(f"config 'per_layer_config' gives sliding layer {i} (head_dim, kv heads) = "
+                        f"{geometry}; only global layers may differ from the top level")
+  if len(full) > 1:
+    raise ConfigError(f"config 'per_layer_config' gives global layers different geometries {full}")
+  global_head_dim, global_kv = full.pop() if full else (head_dim, kv)
+  if explicit_kv and global_kv != kv and not hf.get("attention_k_eq_v", False):
+    raise ConfigError("config 'per_layer_config' gives global layers their own KV head count; "
+                      "ModelConfig supports that only with attention_k_eq_v")
+  return global_head_dim, global_kv if explicit_kv else None
 
 
 @dataclasses.dataclass(frozen=True)

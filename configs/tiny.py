@@ -1,0 +1,66 @@
+"""A CPU-sized Gemma 4 pair with every E2B/E4B feature, for the default run and the tests.
+
+Not a released model: the sizes are chosen so one train / eval / export cycle takes minutes on a CPU.
+It keeps what makes Gemma 4 E2B/E4B different from a plain decoder, so the code paths the real presets
+need are all exercised: per-layer embeddings (PLE), KV sharing (the last 2 layers read layers 2 and 3),
+the double-wide MLP on KV-shared layers, a sliding/global mix with a window (16) far below seq_len,
+global_head_dim > head_dim with proportional RoPE (partial factor 0.25) on global layers, and the final
+logit softcap. The drafter mirrors the released E2B/E4B assistants: 4 layers [s, s, s, f] reading the
+base's KV, no softcap, ordered (centroid) embeddings.
+
+vocab_size 4096 is the size of the SentencePiece vocab trained on the local corpus; the special ids
+(pad 0, eos 1, bos 2) follow Gemma's, so that vocab must reserve them in that order.
+"""
+
+from gemma_mtp_jax import config as mc
+from gemma_mtp_jax import presets
+
+
+def get_config():
+  """The tiny pair: 6-layer base (embed 128) + 4-layer drafter (embed 64), CPU training defaults."""
+  base = presets.text_fields(
+      vocab_size=4096,
+      embed_dim=128,
+      num_layers=6,
+      num_heads=4,
+      num_kv_heads=1,
+      head_dim=32,
+      global_head_dim=64,
+      hidden_dim=512,
+      use_double_wide_mlp=True,  # layers 4 and 5 get a 1024-wide MLP, as E2B's shared layers do
+      layer_types=mc.layer_types_from_pattern(6, 3),  # s s f s s f
+      sliding_window=16,
+      ple_dim=16,
+      ple_vocab_size=4096,
+      num_kv_shared_layers=2,
+      final_logit_softcap=30.0,
+      max_position_embeddings=4096,
+  )
+  drafter_text = presets.text_fields(
+      vocab_size=4096,
+      embed_dim=64,
+      num_layers=4,
+      num_heads=2,
+      num_kv_heads=1,  # reads the base's KV, so it must equal the base's
+      head_dim=32,
+      global_head_dim=64,
+      hidden_dim=256,
+      layer_types=(mc.SLIDING, mc.SLIDING, mc.SLIDING, mc.FULL),
+      sliding_window=16,
+      num_kv_shared_layers=4,
+      final_logit_softcap=None,
+      max_position_embeddings=4096,
+  )
+  return presets.make_config(
+      name="tiny",
+      model=base,
+      # 64 centroids of 64 tokens; top-8 scores 512 of the 4096 tokens. The released assistants keep
+      # 1/64 of the vocab (32 of 2048 centroids); a tiny vocab needs a larger share for usable recall.
+      drafter=presets.drafter_fields(drafter_text, backbone_hidden_size=128,
+                                     use_ordered_embeddings=True, num_centroids=64,
+                                     centroid_intermediate_top_k=8),
+      hf_base=None,
+      hf_drafter=None,
+      train=presets.train_fields(seq_len=256, batch_size=8, learning_rate=2e-3,
+                                 warmup_steps=30, num_steps=400),
+  )

@@ -1,0 +1,185 @@
+"""Named presets: ml_collections config files in the repo's `configs/` directory.
+
+A preset file is a plain Python file with `get_config()` returning a ConfigDict with `model` (ModelConfig
+fields), `drafter` (DrafterConfig fields, `text` holding ModelConfig fields), `hf_base`, `hf_drafter` and
+`train`. The files are loaded by path (the `ml_collections.config_flags` convention, `path:arg` included),
+so `configs/` is a directory, not a package.
+
+The small builders below (`text_fields`, `drafter_fields`, `train_fields`) are what the preset files call,
+so the Gemma 4 family defaults live in one place (the ModelConfig dataclass) and each preset only states
+what its released config.json states.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from gemma_mtp_jax.config import (
+    ConfigError,
+    DrafterConfig,
+    ModelConfig,
+    _closest,
+    drafter_config_from_dict,
+    model_config_from_dict,
+)
+
+# The checkout's configs/ (editable installs, source trees) first; then the copy setup.py installs as
+# data files, for a plain `pip install .`.
+CONFIG_DIRS = (
+    Path(__file__).resolve().parent.parent / "configs",
+    Path(sys.prefix) / "share" / "gemma_mtp_jax" / "configs",
+)
+
+# Fields whose default is None: ConfigDict cannot infer a type from None, so they become typed
+# placeholders, which keeps `--config.model.num_global_kv_heads=2` style overrides working.
+_NONE_FIELD_TYPES = {"num_global_kv_heads": int, "final_logit_softcap": float,
+                     "attn_logit_softcap": float}
+
+
+# ---------------------------------------------------------------------- builders used by configs/*.py
+def text_fields(**fields: Any) -> dict[str, Any]:
+  """Every ModelConfig field: the dataclass defaults (the Gemma 4 family values) updated by `fields`.
+
+  Writing all fields into the preset makes each one overridable from the command line and visible
+  in a dumped config; unknown names raise ConfigError with a suggestion.
+  """
+  names = [f.name for f in dataclasses.fields(ModelConfig)]
+  for k in fields:
+    if k not in names:
+      raise ConfigError(f"unknown ModelConfig field '{k}'{_closest(k, names)}")
+  out = {}
+  for f in dataclasses.fields(ModelConfig):
+    if f.name in fields:
+      v = fields[f.name]
+    elif f.default is not dataclasses.MISSING:
+      v = f.default
+    else:
+      raise ConfigError(f"ModelConfig field '{f.name}' has no default; the preset must set it")
+    if v is None and f.name in _NONE_FIELD_TYPES:
+      v = placeholder(_NONE_FIELD_TYPES[f.name])
+    out[f.name] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def drafter_fields(text: dict[str, Any], backbone_hidden_size: int, *,
+                   use_ordered_embeddings: bool = False, num_centroids: int = 2048,
+                   centroid_intermediate_top_k: int = 32) -> dict[str, Any]:
+  """The `drafter` entry of a preset: DrafterConfig fields, with `text` from `text_fields`."""
+  return dict(text=text, backbone_hidden_size=backbone_hidden_size,
+              use_ordered_embeddings=use_ordered_embeddings, num_centroids=num_centroids,
+              centroid_intermediate_top_k=centroid_intermediate_top_k)
+
+
+def train_fields(**overrides: Any) -> dict[str, Any]:
+  """The `train` entry of a preset: shared defaults, then the preset's sizes and rates."""
+  out = dict(
+      num_draft_steps=4,  # drafter steps unrolled per position in training (and drafted at decode)
+      drafter_loss_weight=0.01,  # weight of the drafter loss next to the base LM loss
+      seq_len=4096,
+      batch_size=64,
+      learning_rate=1e-5,
+      warmup_steps=100,
+      num_steps=10_000,
+      freeze_base=False,
+      share_embedding_with_base=True,  # the drafter reads the base's (tied) embedding table
+      draft_query_position="next",
+  )
+  unknown = set(overrides) - set(out)
+  if unknown:
+    # Other train keys are welcome, but only once they are added here with a default.
+    k = sorted(unknown)[0]
+    raise ConfigError(f"unknown train key '{k}'{_closest(k, sorted(out))}")
+  out.update(overrides)
+  return out
+
+
+def make_config(*, name: str, model: dict, drafter: dict | None, hf_base: str | None,
+                hf_drafter: str | None, train: dict) -> ml_collections.ConfigDict:
+  """Assembles a preset's ConfigDict (the one layout every preset file returns)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.name = name
+  cfg.hf_base = hf_base if hf_base is not None else placeholder(str)
+  cfg.hf_drafter = hf_drafter if hf_drafter is not None else placeholder(str)
+  cfg.model = model
+  cfg.drafter = drafter
+  cfg.train = train
+  return cfg
+
+
+# ---------------------------------------------------------------------- loading
+def valid_presets() -> list[str]:
+  """Names accepted by `load_config` (the configs/*.py stems, private `_*.py` files excluded)."""
+  names = set()
+  for d in CONFIG_DIRS:
+    if d.is_dir():
+      names.update(p.stem for p in d.glob("*.py") if not p.stem.startswith("_"))
+  return sorted(names)
+
+
+def _resolve(spec: str) -> Path:
+  if spec.endswith(".py") or "/" in spec or "\\" in spec:
+    path = Path(spec).expanduser()
+    if not path.is_file():
+      raise ConfigError(f"config file {spec!r} does not exist")
+    return path
+  # Accept "26B-A4B" for the file 26b_a4b.py: names on the Hub use dashes and capitals.
+  stem = spec.lower().replace("-", "_")
+  for d in CONFIG_DIRS:
+    path = d / f"{stem}.py"
+    if path.is_file():
+      return path
+  valid = valid_presets()
+  raise ConfigError(f"unknown preset {spec!r}{_closest(stem, valid)}; valid presets: "
+                    f"{', '.join(valid) or '(none found in ' + str(CONFIG_DIRS[0]) + ')'}")
+
+
+def load_config(path_or_name: str) -> ml_collections.ConfigDict:
+  """Loads a preset by name ("tiny", "e4b", "26b_a4b") or path ("configs/e4b.py").
+
+  An optional ":arg" suffix is passed to `get_config(arg)`, as `ml_collections.config_flags` does.
+  Raises ConfigError naming the preset for an unknown name, a missing file or a bad `get_config`.
+  """
+  spec, sep, arg = path_or_name.partition(":")
+  path = _resolve(spec)
+  module_name = f"_gemma_mtp_jax_config_{path.stem}"
+  loader_spec = importlib.util.spec_from_file_location(module_name, path)
+  if loader_spec is None or loader_spec.loader is None:
+    raise ConfigError(f"cannot load config file {str(path)!r}")
+  module = importlib.util.module_from_spec(loader_spec)
+  loader_spec.loader.exec_module(module)
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"config file {str(path)!r} defines no get_config()")
+  if sep:
+    if not inspect.signature(get_config).parameters:
+      raise ConfigError(f"config {spec!r} got argument {arg!r} but its get_config() takes none")
+    cfg = get_config(arg)
+  else:
+    cfg = get_config()
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"get_config() in {str(path)!r} returned {type(cfg).__name__}, "
+                      "expected ml_collections.ConfigDict")
+  return cfg
+
+
+def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, DrafterConfig | None]:
+  """Builds the frozen (base, drafter) pair from a loaded preset; checks the drafter fits the base.
+
+  The drafter is None when the preset has no `drafter` entry (a base-only config).
+  """
+  if cfg.get("model") is None:
+    raise ConfigError("config has no 'model' entry")
+  base = model_config_from_dict(cfg.model, where="model")
+  if cfg.get("drafter") is None:
+    return base, None
+  drafter = drafter_config_from_dict(cfg.drafter, where="drafter")
+  drafter.check_fits(base)
+  return base, drafter
