@@ -3,7 +3,9 @@
   python -m gemma_mtp_jax.benchmark model --config=configs/tiny.py
       Base forward tokens/s: JAX (jit) vs HF torch on the same random weights and tokens, and the
       number of JAX compilations per input shape (must be 1).
-  python -m gemma_mtp_jax.benchmark joint ...   (see gemma_mtp_jax/bench_joint.py)
+  python -m gemma_mtp_jax.benchmark joint ...    (see gemma_mtp_jax/bench_joint.py)
+  python -m gemma_mtp_jax.benchmark convert ...  (see gemma_mtp_jax/bench_convert.py)
+  python -m gemma_mtp_jax.benchmark decode ...   (see gemma_mtp_jax/bench_decode.py)
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ def main(argv=None):
   try:
     from gemma_mtp_jax import bench_joint
     commands["joint"] = bench_joint.bench_joint
+  except ImportError:
+    pass
+  try:
+    from gemma_mtp_jax import bench_convert
+    commands["convert"] = bench_convert.bench_convert
   except ImportError:
     pass
   try:

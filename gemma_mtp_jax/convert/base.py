@@ -46,12 +46,13 @@ def split_keys(cfg: config_lib.ModelConfig, keys, prefix: str | None = None):
 
 
 def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], keys,
-                 where: str = "checkpoint", prefix: str | None = None):
+                 where: str = "checkpoint", prefix: str | None = None, place=None):
   """Flax params of the base from HF tensors.
 
   Args:
     get: reads one tensor by its full HF name (streaming: called once per tensor).
     keys: every tensor name in the checkpoint.
+    place: optional `place(path, leaf)` applied to each converted leaf (see `names.to_flax`).
   Returns:
     (params, extra_keys): extra_keys are tensors outside the text model (vision/audio towers).
   """
@@ -64,7 +65,7 @@ def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], 
   if unexpected:
     raise names.ConversionError(f"{where}: unexpected tensor(s) for this config "
                                 f"{[prefix + u if u in text else u for u in unexpected[:5]]}")
-  params = names.to_flax(entries, lambda n: get(prefix + n), text, where)
+  params = names.to_flax(entries, lambda n: get(prefix + n), text, where, place)
   if lm_head is not None:
     w = np.asarray(get(lm_head))
     if cfg.tie_word_embeddings:
@@ -72,7 +73,8 @@ def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], 
         raise names.ConversionError(f"{where}: 'lm_head.weight' differs from the tied embedding "
                                     "but the config says tie_word_embeddings=True")
     else:
-      params["lm_head"] = np.ascontiguousarray(w.T)
+      head = np.ascontiguousarray(w.T)
+      params["lm_head"] = place(("lm_head",), head) if place else head
   elif not cfg.tie_word_embeddings:
     raise names.ConversionError(f"{where}: missing tensor 'lm_head.weight' (untied head)")
   return params, extra

@@ -160,10 +160,13 @@ def fused_name(hf: str) -> str:
 
 
 def to_flax(entries: Iterable[Entry], get: Callable[[str], np.ndarray], names: set[str],
-            where: str = "checkpoint") -> dict:
+            where: str = "checkpoint",
+            place: Callable[[Path, np.ndarray], object] | None = None) -> dict:
   """Builds a Flax param tree, reading HF tensors with `get(name)`; `names` are the names present.
 
-  Errors name the missing, unexpected or mis-shaped tensor.
+  `place(path, leaf)` (e.g. a `jax.device_put` onto the leaf's sharding) is applied to each leaf as
+  soon as it is converted, so a streaming reader never holds more than one converted tensor on the
+  host. Errors name the missing, unexpected or mis-shaped tensor.
   """
   entries = list(entries)
   wanted = {fused_name(e.hf) for e in entries}
@@ -184,7 +187,8 @@ def to_flax(entries: Iterable[Entry], get: Callable[[str], np.ndarray], names: s
     if tuple(w.shape) != e.hf_shape:
       raise ConversionError(f"{where}: tensor {name!r} has shape {tuple(w.shape)}, the config "
                             f"expects {e.hf_shape}")
-    set_path(params, e.path, e.to_flax(np.asarray(w)))
+    leaf = e.to_flax(np.asarray(w))
+    set_path(params, e.path, place(e.path, leaf) if place else leaf)
   return params
 
 
