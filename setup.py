@@ -42,7 +42,8 @@ setup(
     ],
     extras_require={
         # torch only for the HF parity tests; the CPU wheel 2.13.0+cpu satisfies this pin.
-        "test": ["pytest", "torch==2.13.0"],
+        # libtpu (jax[tpu]) too: the AOT test compiles for a TPU topology on the CPU (no TPU needed).
+        "test": ["pytest", "torch==2.13.0", "jax[tpu]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
     data_files=[("share/gemma_mtp_jax/configs",

@@ -31,6 +31,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # params
     ("vocab", "tensor"),
     ("embed", "fsdp"),
+    ("backbone_embed", "fsdp"),  # drafter pre/post projections: the base's hidden size
+    ("centroids", None),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", None),  # 1-2 KV heads in the released models: too few to split

@@ -1,0 +1,226 @@
+"""Joint (base + drafter) train-step benchmark: JAX (jit, this library) vs the same composite in HF torch.
+
+The torch side is written here, since HF has no joint trainer: the base forward returning its shared
+(store-layer) K/V states and final hidden, then the K-step assistant loop over every anchor row with
+the same teacher-forced inputs, masks and query positions as `joint.joint_forward`, the same losses,
+backward and AdamW. `hf_assistant_patch` (also used by the tests) works around transformers 5.23,
+whose `Gemma4TextConfig.kv_sharing_modes` raises for a config whose every layer is KV-shared (all
+assistants).
+
+    python -m gemma_mtp_jax.bench_joint [--preset tiny] [--batch 2] [--seq 64] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import time
+from typing import Sequence
+
+
+@contextlib.contextmanager
+def hf_assistant_patch():
+  """Lets transformers 5.23 build Gemma 4 assistants (all layers KV-shared); restores on exit."""
+  from transformers.models.gemma4 import configuration_gemma4 as c4
+  original = c4.Gemma4TextConfig.kv_sharing_modes
+
+  def kv_sharing_modes(self):
+    if self.num_kv_shared_layers and self.num_kv_shared_layers == self.num_hidden_layers:
+      return ["reuse"] * self.num_hidden_layers
+    return original.fget(self)
+
+  c4.Gemma4TextConfig.kv_sharing_modes = property(kv_sharing_modes)
+  try:
+    yield
+  finally:
+    c4.Gemma4TextConfig.kv_sharing_modes = original
+
+
+def hf_assistant(assistant_config: dict, seed: int = 0, attn_implementation: str = "eager"):
+  """A Gemma4AssistantForCausalLM (float32, eval) from a `DrafterConfig.to_hf_config()`-style dict."""
+  import torch
+  import transformers
+  with hf_assistant_patch():
+    cfg = transformers.Gemma4AssistantConfig(**assistant_config)
+    cfg._attn_implementation = attn_implementation
+    cfg.text_config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = transformers.Gemma4AssistantForCausalLM(cfg).eval().float()
+  return model
+
+
+def _args(argv):
+  p = argparse.ArgumentParser(prog="bench_joint", description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="tiny", help="preset name or configs/*.py path")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--seq", type=int, default=128)
+  p.add_argument("--steps", type=int, default=20, help="timed steps per framework")
+  p.add_argument("--draft-steps", type=int, default=None, help="K (default: the preset's)")
+  p.add_argument("--no-torch", action="store_true", help="skip the HF torch side")
+  return p.parse_args(argv)
+
+
+def _batches(n, batch, seq, vocab, seed=0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return [dict(tokens=rng.integers(3, vocab, (batch, seq)).astype(np.int32),
+               loss_mask=rng.random((batch, seq)) > 0.2) for _ in range(n)]
+
+
+def bench_jax(base_cfg, dcfg, jcfg, batches, lr=1e-4):
+  """(seconds per step, number of compiles) of `joint.make_train_step` over `batches`."""
+  import jax
+  import numpy as np
+  import optax
+  from gemma_mtp_jax import joint
+
+  tx = optax.adamw(lr)
+  params, buffers = joint.init_params(base_cfg, dcfg, jax.random.PRNGKey(0))
+  state = joint.init_train_state(params, tx, jcfg)
+  traces = []
+
+  def traced(s, b, batch):
+    traces.append(1)  # runs once per trace, i.e. per compile
+    return joint.train_step(s, b, batch, base_cfg=base_cfg, dcfg=dcfg, jcfg=jcfg, tx=tx)
+
+  step = jax.jit(traced, donate_argnums=(0,))
+  state, m = step(state, buffers, batches[0])  # compile + warm-up
+  jax.block_until_ready(m["loss"])
+  t0 = time.perf_counter()
+  for batch in batches:
+    state, m = step(state, buffers, batch)
+  jax.block_until_ready(m["loss"])
+  dt = (time.perf_counter() - t0) / len(batches)
+  assert np.isfinite(float(m["loss"]))
+  return dt, len(traces)
+
+
+def torch_composite_loss(target, assistant, tokens, loss_mask, jcfg, dcfg):
+  """The joint loss in HF torch, the way `joint.loss_fn` defines it (packing-free batch)."""
+  import torch
+  import torch.nn.functional as F
+  b, t = tokens.shape
+  k_steps = jcfg.num_steps
+  pos = torch.arange(t).expand(b, t)
+  out = target(input_ids=tokens, position_ids=pos, output_hidden_states=True,
+               return_shared_kv_states=True, use_cache=False)
+  shared = out.shared_kv_states
+  h = out.hidden_states[-1]
+  embed = target.get_input_embeddings()
+  if not jcfg.drafter_grads_to_base:
+    shared = {k: (v[0].detach(), v[1].detach()) for k, v in shared.items()}
+    h = h.detach()
+
+  def ce(logits, j):  # row i predicts x_{i+j}
+    n = t - j
+    labels = tokens[:, j:]
+    mask = loss_mask[:, j:].float()
+    nll = F.cross_entropy(logits[:, :n].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                          reduction="none").view(b, n)
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+  loss = ce(out.logits, 1)
+  # Row i may read base K/V at positions <= i (sliding: i - W .. i), as at inference.
+  q = torch.arange(t)[:, None]
+  s = torch.arange(t)[None, :]
+  window = dcfg.text.sliding_window
+  neg = torch.finfo(torch.float32).min
+  masks = {
+      "full_attention": torch.where(s <= q, 0.0, neg)[None, None].expand(b, 1, t, t),
+      "sliding_attention": torch.where((s <= q) & (s >= q - window), 0.0, neg)[None, None]
+                           .expand(b, 1, t, t),
+  }
+  q_pos = pos + (1 if jcfg.draft_query_position == "next" else 0)
+  ordering = assistant.masked_embedding.token_ordering if dcfg.use_ordered_embeddings else None
+  if ordering is not None:
+    per = dcfg.text.vocab_size // dcfg.num_centroids
+    cluster = torch.empty_like(ordering)
+    cluster[ordering] = torch.arange(ordering.numel()) // per
+  weights = jcfg.step_weights or (1.0,) * k_steps
+  for k in range(k_steps):  # the HF-style K-step assistant loop, all anchor rows at once
+    tok = torch.nn.functional.pad(tokens[:, k + 1:], (0, k + 1))
+    x = assistant.pre_projection(torch.cat([embed(tok), h], dim=-1))
+    # output_hidden_states: transformers 5.23 otherwise slices its (absent) per-layer inputs for
+    # T > 1 queries in `_maybe_slice_kv_shared_inputs` and fails.
+    hid = assistant.model(inputs_embeds=x, attention_mask=masks, position_ids=q_pos,
+                          shared_kv_states=shared, use_cache=False,
+                          output_hidden_states=True).last_hidden_state
+    step_loss = ce(assistant.lm_head(hid), k + 2)
+    if ordering is not None and jcfg.centroid_loss_weight:
+      cent = assistant.masked_embedding.centroids(hid)
+      n = t - k - 2
+      mask = loss_mask[:, k + 2:].float()
+      c_nll = F.cross_entropy(cent[:, :n].reshape(-1, cent.shape[-1]),
+                              cluster[tokens[:, k + 2:]].reshape(-1), reduction="none").view(b, n)
+      step_loss = step_loss + jcfg.centroid_loss_weight * (c_nll * mask).sum() / mask.sum()
+    loss = loss + jcfg.drafter_loss_weight * weights[k] * step_loss
+    h = assistant.post_projection(hid)
+  return loss
+
+
+def bench_torch(base_cfg, dcfg, jcfg, batches, lr=1e-4):
+  """Seconds per step of the same composite train step in HF torch (eager, float32, sdpa)."""
+  import torch
+  import transformers
+  text = transformers.Gemma4TextConfig(**base_cfg.to_hf_config())
+  text._attn_implementation = "sdpa"
+  torch.manual_seed(0)
+  target = transformers.Gemma4ForCausalLM(text).float().train()
+  assistant = hf_assistant(dcfg.to_hf_config(), attn_implementation="sdpa").train()
+  if dcfg.use_ordered_embeddings:
+    assistant.masked_embedding.token_ordering.copy_(torch.randperm(dcfg.text.vocab_size))
+  params = list(assistant.parameters())
+  if not jcfg.freeze_base:
+    params += list(target.parameters())
+  opt = torch.optim.AdamW(params, lr=lr)
+  data = [(torch.as_tensor(b["tokens"]).long(), torch.as_tensor(b["loss_mask"])) for b in batches]
+
+  def step(tokens, mask):
+    opt.zero_grad(set_to_none=True)
+    with hf_assistant_patch():
+      loss = torch_composite_loss(target, assistant, tokens, mask, jcfg, dcfg)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+  step(*data[0])  # warm-up
+  t0 = time.perf_counter()
+  for tokens, mask in data:
+    step(tokens, mask)
+  return (time.perf_counter() - t0) / len(data)
+
+
+def bench_joint(argv: Sequence[str] | None = None) -> int:
+  """Prints JAX vs HF-torch joint train-step throughput and the JAX compile count."""
+  args = _args(argv)
+  import jax
+  from gemma_mtp_jax import joint
+  from gemma_mtp_jax import presets
+  cfg = presets.load_config(args.preset)
+  base_cfg, dcfg = presets.model_configs(cfg)
+  if dcfg is None:
+    raise SystemExit(f"preset {args.preset!r} has no drafter")
+  jcfg = joint.JointConfig.from_train_config(cfg.train)
+  if args.draft_steps:
+    jcfg = dataclasses.replace(jcfg, num_steps=args.draft_steps, step_weights=None)
+  batches = _batches(args.steps, args.batch, args.seq, base_cfg.vocab_size)
+  tokens = args.batch * args.seq
+  print(f"joint train step: preset {cfg.name}, B={args.batch} T={args.seq} K={jcfg.num_steps} "
+        f"({tokens} tokens/step), {args.steps} timed steps, backend {jax.default_backend()}")
+  jax_dt, compiles = bench_jax(base_cfg, dcfg, jcfg, batches)
+  print(f"  jax (jit):  {tokens / jax_dt:9.1f} tokens/s  ({1e3 * jax_dt:8.1f} ms/step)  "
+        f"compiles over {args.steps} steps: {compiles}")
+  if not args.no_torch:
+    torch_dt = bench_torch(base_cfg, dcfg, jcfg, batches)
+    print(f"  hf torch:   {tokens / torch_dt:9.1f} tokens/s  ({1e3 * torch_dt:8.1f} ms/step)")
+    print(f"  ratio jax/torch: {torch_dt / jax_dt:.2f}x")
+  return 0 if compiles == 1 else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return bench_joint(argv)
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

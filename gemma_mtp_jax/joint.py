@@ -1,0 +1,325 @@
+"""Joint training of Gemma 4 and its assistant drafter: one forward, one loss, one train step.
+
+`joint_forward` runs the base once (no cache) over the packed batch, then the drafter for every anchor
+row t in parallel, K steps by a `lax.scan`:
+
+  step 1 at row t consumes (x_{t+1}, the base's final hidden h_t);
+  step k > 1 consumes (x_{t+k}, the drafter's carried hidden from step k - 1), teacher-forced;
+  every step's queries at row t read only base K/V at positions <= t (sliding layers: t - W .. t),
+  at query position t + 1 ("next", HF/MLX) or t ("anchor", vLLM/tpu-inference);
+  the label of step k at row t is x_{t+k+1}.
+
+That is exactly the draft API (`drafter.draft`) run from the prefix x_0..x_{t+1} with the base's K/V
+of x_0..x_t: at inference the base has verified positions <= t when it produces x_{t+1}, and the
+drafter never sees anything later (tests/test_joint.py proves the equality for every t and k).
+Why not a naive shift: the NeMo composite runs each drafter step over the shifted sequence with
+the ordinary causal mask, so the query that predicts x_{t+k+1} can read base K/V of positions after
+t (up to t + k - 1) and sits at RoPE position t. At inference those positions are not verified yet
+(the base has K/V only up to t) and HF's query sits at t + 1: that trains a task the drafter never
+meets when drafting, with a gap that grows with k. Here the mask is built from the anchor's position
+and is the same [T, S] mask for every k.
+
+Training switches (`JointConfig`):
+  freeze_base: the base gets no gradient and no optimizer state (its leaves are left out of the
+    differentiated and optimized tree, `partition`).
+  share_embedding_with_base: the drafter's input embedding IS the base's table (HF feeds
+    `target_model_input_embeddings`; dims [V, M] differ from the drafter's own [V, D] head, so there
+    is no second table to tie). With sharing, the drafter loss's gradient through that lookup flows
+    into the base embedding and sums with the base loss's (one param); without it the lookup is
+    stop-gradient'ed. The drafter's own `embedding` (its tied LM head) is always the drafter's.
+  drafter_grads_to_base: whether the drafter loss also reaches the base through h_t and the store
+    K/V (True: true joint training; False: the base learns from L_base alone, up to the shared
+    embedding above).
+Remat of base and drafter blocks follows each config's `remat_policy`; with a drafter policy the
+scan body is checkpointed too, so the backward keeps one carried hidden per step, not K logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax import drafter as drafter_lib
+from gemma_mtp_jax import layers
+from gemma_mtp_jax import losses
+from gemma_mtp_jax import transformer
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class JointConfig:
+  """Joint-training options (the `train` section of a preset maps onto these, `from_train_config`)."""
+
+  num_steps: int = 4  # K drafter steps per anchor row
+  drafter_loss_weight: float = 0.01  # lambda
+  step_weights: tuple[float, ...] | None = None  # w_k, all 1 if None
+  draft_query_position: str = "next"  # "next" (HF/MLX) or "anchor" (vLLM/tpu-inference)
+  freeze_base: bool = False
+  share_embedding_with_base: bool = True
+  drafter_grads_to_base: bool = True
+  # The full tied head in training even with ordered embeddings: the masked (centroid) head's top-k
+  # selection has no gradient; its selected entries equal these logits. Centroids learn from their
+  # own loss: cross-entropy of the label's cluster (weight mu, ordered embeddings only).
+  dense_head: bool = True
+  centroid_loss_weight: float = 1.0
+  drafter_logit_softcap: float | None = None  # HF's assistant caps nothing; match your inference
+  z_loss_weight: float = 0.0
+
+  def __post_init__(self):
+    if self.num_steps < 1:
+      raise config_lib.ConfigError(f"train.num_draft_steps must be >= 1, got {self.num_steps}")
+    if self.draft_query_position not in drafter_lib.QUERY_POSITIONS:
+      raise config_lib.ConfigError(
+          f"train.draft_query_position must be one of {drafter_lib.QUERY_POSITIONS}, got "
+          f"{self.draft_query_position!r}")
+    if self.step_weights is not None:
+      object.__setattr__(self, "step_weights", tuple(float(w) for w in self.step_weights))
+      if len(self.step_weights) != self.num_steps:
+        raise config_lib.ConfigError(f"train.step_weights has {len(self.step_weights)} entries for "
+                                     f"{self.num_steps} draft steps")
+
+  _TRAIN_KEYS = {"num_draft_steps": "num_steps", "drafter_loss_weight": "drafter_loss_weight",
+                 "drafter_step_weights": "step_weights", "step_weights": "step_weights",
+                 "draft_query_position": "draft_query_position", "freeze_base": "freeze_base",
+                 "share_embedding_with_base": "share_embedding_with_base",
+                 "drafter_grads_to_base": "drafter_grads_to_base", "dense_head": "dense_head",
+                 "centroid_loss_weight": "centroid_loss_weight",
+                 "drafter_logit_softcap": "drafter_logit_softcap", "z_loss_weight": "z_loss_weight"}
+
+  @classmethod
+  def from_train_config(cls, train: Mapping[str, Any]) -> "JointConfig":
+    """From a preset's `train` ConfigDict/dict; keys that are not joint options are ignored."""
+    train = train.to_dict() if hasattr(train, "to_dict") else dict(train)
+    kw = {field: train[key] for key, field in cls._TRAIN_KEYS.items()
+          if key in train and train[key] is not None}
+    return cls(**kw)
+
+
+# ------------------------------------------------------------------------------ batch layout
+def batch_arrays(batch: Batch):
+  """(tokens, positions, valid, segment_ids, loss_mask), each [B, T], with the defaults of
+  `gemma_mtp_jax.data` (segment 0 = padding): one document per row, every valid token a target."""
+  tokens_BT = jnp.asarray(batch["tokens"]).astype(jnp.int32)
+  b, t = tokens_BT.shape
+  seg_BT = batch.get("segment_ids")
+  seg_BT = jnp.ones((b, t), jnp.int32) if seg_BT is None else jnp.asarray(seg_BT).astype(jnp.int32)
+  valid_BT = batch.get("valid")
+  valid_BT = seg_BT != 0 if valid_BT is None else jnp.asarray(valid_BT).astype(bool)
+  pos_BT = batch.get("positions")
+  if pos_BT is None:
+    pos_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  pos_BT = jnp.asarray(pos_BT).astype(jnp.int32)
+  lm_BT = batch.get("loss_mask")
+  lm_BT = valid_BT if lm_BT is None else jnp.asarray(lm_BT).astype(bool) & valid_BT
+  return tokens_BT, pos_BT, valid_BT, seg_BT, lm_BT
+
+
+@flax.struct.dataclass
+class Targets:
+  """The batch padded on the right by K + 1 columns, so `at(j)` reads column t + j for every row t."""
+  tokens: Array  # [B, T + K + 1]
+  seg: Array  # -1 past the end: never the same document
+  loss_mask: Array  # False past the end (also False on padding)
+  anchor_ok_BT: Array  # row t is a real token (its hidden and K/V exist)
+  anchor_seg_BT: Array
+
+  @classmethod
+  def build(cls, tokens_BT, seg_BT, valid_BT, lm_BT, num_steps: int) -> "Targets":
+    pad = ((0, 0), (0, num_steps + 1))
+    return cls(tokens=jnp.pad(tokens_BT, pad), seg=jnp.pad(seg_BT, pad, constant_values=-1),
+               loss_mask=jnp.pad(lm_BT, pad), anchor_ok_BT=valid_BT, anchor_seg_BT=seg_BT)
+
+  def at(self, j) -> tuple[Array, Array]:
+    """(x_{t+j} [B, T], mask [B, T]): the token j ahead of each row and whether it is a target of
+    row t (same document, a loss token, row t real). `j` may be traced (inside the scan over k)."""
+    t = self.anchor_ok_BT.shape[1]
+    tok = jax.lax.dynamic_slice_in_dim(self.tokens, j, t, axis=1)
+    seg = jax.lax.dynamic_slice_in_dim(self.seg, j, t, axis=1)
+    lm = jax.lax.dynamic_slice_in_dim(self.loss_mask, j, t, axis=1)
+    # Documents are contiguous, so the same document at t and t + j covers every token between.
+    return tok, self.anchor_ok_BT & lm & (seg == self.anchor_seg_BT)
+
+
+# ------------------------------------------------------------------------------ forward
+@flax.struct.dataclass
+class JointOutput:
+  base_logits: Array  # [B, T, V] float32, soft-capped as the base does
+  base_hidden: Array  # [B, T, M]
+  steps: Any  # what `step_fn` returned for each step, stacked on a leading K axis
+
+
+def drafter_variables(params: Mapping, buffers: Mapping | None) -> dict:
+  return {"params": params, "buffers": buffers} if buffers else {"params": params}
+
+
+def default_step_fn(k, logits_BTV, centroids_BTC, labels_BT, mask_BT):
+  """Keeps the step's logits ([K, B, T, V] after the scan): for tests and inspection."""
+  del k, centroids_BTC, labels_BT, mask_BT
+  return logits_BTV
+
+
+def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
+                  base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
+                  jcfg: JointConfig, step_fn: Callable = default_step_fn) -> JointOutput:
+  """Base forward + K teacher-forced drafter steps for every anchor row (see the module docstring).
+
+  Args:
+    params: {"base": Transformer params, "drafter": Drafter params}.
+    buffers: the drafter's "buffers" collection (token_ordering), or None.
+    batch: `tokens` [B, T] and optionally `positions`, `segment_ids` (0 = padding), `valid`,
+      `loss_mask` (as `gemma_mtp_jax.data` makes them).
+    step_fn: (k, logits [B,T,V], centroid logits [B,T,C] or None, labels [B,T], mask [B,T]) -> any
+      pytree, called inside the scan (k from 0) so a loss never stacks K logits arrays.
+  """
+  tokens_BT, pos_BT, valid_BT, seg_BT, lm_BT = batch_arrays(batch)
+  base_out = transformer.Transformer(base_cfg).apply(
+      {"params": params["base"]}, tokens_BT, pos_BT, valid_BT, seg_BT)
+  store_kv, h_BTM = base_out.store_kv, base_out.hidden
+  if not jcfg.drafter_grads_to_base:
+    store_kv, h_BTM = jax.lax.stop_gradient((store_kv, h_BTM))
+  embedding_VM = params["base"]["embedding"]
+  if not jcfg.share_embedding_with_base:
+    embedding_VM = jax.lax.stop_gradient(embedding_VM)
+
+  # One [B, T, S] mask per layer type, the same for every k: the drafter never reads its own drafts.
+  masks = drafter_lib.kv_masks(dcfg, store_kv, pos_BT, seg_BT)
+  q_pos_BT = drafter_lib.query_positions(pos_BT, jcfg.draft_query_position)
+  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_steps)
+  model = drafter_lib.Drafter(dcfg)
+  variables = drafter_variables(params["drafter"], buffers)
+  dt = layers.as_dtype(dcfg.text.dtype)
+  with_centroids = dcfg.use_ordered_embeddings and jcfg.centroid_loss_weight > 0
+
+  def body(h_BTM_, k):
+    tok_BT, _ = targets.at(k + 1)  # x_{t+k+1}: the input of 0-based step k
+    emb_BTM = drafter_lib.embed_tokens(embedding_VM, tok_BT, dt)
+    logits_BTV, h_next_BTM, cent_BTC = model.apply(
+        variables, emb_BTM, h_BTM_, q_pos_BT, store_kv, masks, jcfg.dense_head, with_centroids,
+        method=drafter_lib.Drafter.step)
+    logits_BTV = layers.softcap(logits_BTV, jcfg.drafter_logit_softcap)
+    labels_BT, mask_BT = targets.at(k + 2)
+    return h_next_BTM, step_fn(k, logits_BTV, cent_BTC, labels_BT, mask_BT)
+
+  if dcfg.text.remat_policy != "none":
+    # Keep only the carried hidden per step for the backward pass, not each step's [B, T, V] logits
+    # (step_fn reduces them inside the body); the step is recomputed, which the drafter makes cheap.
+    body = jax.checkpoint(body, prevent_cse=False)
+  _, steps = jax.lax.scan(body, h_BTM.astype(dt), jnp.arange(jcfg.num_steps))
+  return JointOutput(base_logits=base_out.logits, base_hidden=base_out.hidden, steps=steps)
+
+
+def token_clusters(buffers: Mapping, dcfg: config_lib.DrafterConfig) -> Array:
+  """int32 [V]: the centroid whose token list holds each token (inverse of `token_ordering`)."""
+  v = dcfg.text.vocab_size
+  ordering_V = jnp.asarray(buffers["token_ordering"]).astype(jnp.int32)
+  slot_V = jnp.zeros((v,), jnp.int32).at[ordering_V].set(jnp.arange(v, dtype=jnp.int32))
+  return slot_V // (v // dcfg.num_centroids)
+
+
+def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
+            base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
+            jcfg: JointConfig) -> tuple[Array, dict[str, Array]]:
+  """L = L_base + lambda * sum_k w_k L_k (means over valid targets); returns (loss, metrics)."""
+  clusters_V = None
+  if dcfg.use_ordered_embeddings and jcfg.centroid_loss_weight > 0:
+    clusters_V = token_clusters(buffers, dcfg)
+
+  def step_fn(k, logits_BTV, cent_BTC, labels_BT, mask_BT):
+    stats = losses.token_stats(logits_BTV, labels_BT, mask_BT, z_loss_weight=jcfg.z_loss_weight)
+    if cent_BTC is None:
+      return stats, None
+    cent = losses.token_stats(cent_BTC, clusters_V[labels_BT], mask_BT,
+                              top_k=dcfg.centroid_intermediate_top_k)
+    return stats, cent
+
+  out = joint_forward(params, buffers, batch, base_cfg, dcfg, jcfg, step_fn)
+  tokens_BT, _, valid_BT, seg_BT, lm_BT = batch_arrays(batch)
+  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_steps)
+  labels_BT, mask_BT = targets.at(1)
+  base = losses.token_stats(out.base_logits, labels_BT, mask_BT, z_loss_weight=jcfg.z_loss_weight)
+  step_stats, cent_stats = out.steps
+  return losses.combine(base, step_stats, jcfg.drafter_loss_weight,
+                        losses.step_weights(jcfg.num_steps, jcfg.step_weights), cent_stats,
+                        jcfg.centroid_loss_weight)
+
+
+# ------------------------------------------------------------------------------ params and state
+def init_params(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig, rng: Array):
+  """(params {"base", "drafter"} as plain arrays, drafter buffers or None)."""
+  dcfg.check_fits(base_cfg)
+
+  @jax.jit  # one compiled init instead of hundreds of small eager ops
+  def init(rng):
+    rb, rd = jax.random.split(rng)
+    base = nn.unbox(transformer.init_params(base_cfg, rb))
+    variables = nn.unbox(drafter_lib.init_variables(dcfg, rd))
+    return {"base": base, "drafter": variables["params"]}, variables.get("buffers")
+
+  return init(rng)
+
+
+def trainable_mask(params: Mapping, jcfg: JointConfig):
+  """Bool pytree like `params`: False on every base leaf when the base is frozen."""
+  return {"base": jax.tree.map(lambda _: not jcfg.freeze_base, params["base"]),
+          "drafter": jax.tree.map(lambda _: True, params["drafter"])}
+
+
+def partition(params, mask):
+  """(trainable, frozen): two trees shaped like `params` with None where the other one holds the
+  leaf. Differentiating and optimizing only `trainable` is what gives a frozen leaf no gradient and
+  no optimizer state."""
+  trainable = jax.tree.map(lambda m, x: x if m else None, mask, params)
+  frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
+  return trainable, frozen
+
+
+def merge(trainable, frozen):
+  """Inverse of `partition`."""
+  return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,
+                      is_leaf=lambda x: x is None)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any  # {"base", "drafter"}, frozen leaves included
+  opt_state: Any  # optimizer state of the trainable leaves only
+
+
+def init_train_state(params, tx: optax.GradientTransformation, jcfg: JointConfig) -> TrainState:
+  trainable, _ = partition(params, trainable_mask(params, jcfg))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
+
+
+def train_step(state: TrainState, buffers, batch: Batch, *, base_cfg: config_lib.ModelConfig,
+               dcfg: config_lib.DrafterConfig, jcfg: JointConfig,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
+  """One optimizer step on the joint loss (pure; jit it, e.g. with `make_train_step`)."""
+  trainable, frozen = partition(state.params, trainable_mask(state.params, jcfg))
+
+  def loss_of(tr):
+    return loss_fn(merge(tr, frozen), buffers, batch, base_cfg, dcfg, jcfg)
+
+  (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  trainable = optax.apply_updates(trainable, updates)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  return state.replace(step=state.step + 1, params=merge(trainable, frozen),
+                       opt_state=opt_state), metrics
+
+
+def make_train_step(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
+                    jcfg: JointConfig, tx: optax.GradientTransformation, donate: bool = True):
+  """`train_step` jitted with the configs and optimizer closed over: f(state, buffers, batch)."""
+  fn = functools.partial(train_step, base_cfg=base_cfg, dcfg=dcfg, jcfg=jcfg, tx=tx)
+  return jax.jit(fn, donate_argnums=(0,) if donate else ())
