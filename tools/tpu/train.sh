@@ -14,4 +14,4 @@ set -euo pipefail
 args=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --project="$PROJECT" --zone="$ZONE" --worker=all \
   --command="cd gemma_mtp_jax && HF_TOKEN=${HF_TOKEN:-} python3 -m gemma_mtp_jax.train \
-    --workdir=$WORKDIR --config.distributed=True $args 2>&1 | tee -a train_\$(hostname).log"
+    --workdir=$WORKDIR --config.mesh.initialize_distributed=True $args 2>&1 | tee -a train_\$(hostname).log"
