@@ -129,7 +129,7 @@ class Plan:
 
 def plan(config_name: str, topology: str, batch: int, seq: int, mode: str = "joint",
          mesh_axes: dict | None = None, step_time: float = 1.0, overrides: dict | None = None,
-         remat: str | None = None) -> Plan:
+         remat: str | None = None, loss_chunk: int = 1024) -> Plan:
   cfg = presets.load_config(config_name)
   base_cfg, dcfg = presets.model_configs(cfg)
   base_cfg = base_cfg.replace(**(overrides or {}))
@@ -137,6 +137,8 @@ def plan(config_name: str, topology: str, batch: int, seq: int, mode: str = "joi
     base_cfg = base_cfg.replace(remat_policy=remat)
   train = cfg.train.to_dict()
   train["freeze_base"] = mode == "drafter_only"
+  # Real vocabularies (262144) make [B, T, V] logits the largest activation: chunk the head + loss.
+  train["loss_chunk_size"] = loss_chunk
   jcfg = joint.JointConfig.from_train_config(train)
   devices = topology_devices(topology)
   mesh = sharding.make_mesh(mesh_axes or {"fsdp": -1}, devices)
@@ -206,11 +208,16 @@ def main(argv=None) -> int:
   p.add_argument("--mesh", default=None, help="e.g. fsdp:-1 or fsdp:8,tensor:2")
   p.add_argument("--remat", default=None, help="override the preset's remat_policy")
   p.add_argument("--step_time", type=float, default=1.0, help="seconds per step for the MFU line")
+  p.add_argument("--loss_chunk", type=int, default=1024,
+                 help="positions per head/loss chunk (0: full [B, T, V] logits)")
+  p.add_argument("--scan_layers", action="store_true", help="nn.scan over layer periods "
+                 "(faster compile of deep models; same program semantics)")
   p.add_argument("--json", action="store_true")
   a = p.parse_args(argv)
   batch = a.batch or len(topology_devices(a.topology))
   r = plan(a.config, a.topology, batch, a.seq, a.mode, _parse_mesh(a.mesh), a.step_time,
-           remat=a.remat)
+           overrides={"scan_layers": True} if a.scan_layers else None, remat=a.remat,
+           loss_chunk=a.loss_chunk)
   if a.json:
     print(json.dumps(dataclasses.asdict(r)))
   else:

@@ -74,6 +74,9 @@ class JointConfig:
   centroid_loss_weight: float = 1.0
   drafter_logit_softcap: float | None = None  # HF's assistant caps nothing; match your inference
   z_loss_weight: float = 0.0
+  # > 0: compute the base's and each step's head + cross-entropy in chunks of this many positions
+  # (never materialising [B, T, V] logits; see `losses.chunked_head_stats`). 0: plain logits.
+  loss_chunk_size: int = 0
 
   def __post_init__(self):
     if self.num_steps < 1:
@@ -94,7 +97,8 @@ class JointConfig:
                  "share_embedding_with_base": "share_embedding_with_base",
                  "drafter_grads_to_base": "drafter_grads_to_base", "dense_head": "dense_head",
                  "centroid_loss_weight": "centroid_loss_weight",
-                 "drafter_logit_softcap": "drafter_logit_softcap", "z_loss_weight": "z_loss_weight"}
+                 "drafter_logit_softcap": "drafter_logit_softcap", "z_loss_weight": "z_loss_weight",
+                 "loss_chunk_size": "loss_chunk_size"}
 
   @classmethod
   def from_train_config(cls, train: Mapping[str, Any]) -> "JointConfig":
@@ -153,7 +157,7 @@ class Targets:
 # ------------------------------------------------------------------------------ forward
 @flax.struct.dataclass
 class JointOutput:
-  base_logits: Array  # [B, T, V] float32, soft-capped as the base does
+  base_logits: Array | None  # [B, T, V] float32, soft-capped; None with loss_chunk_size
   base_hidden: Array  # [B, T, M]
   steps: Any  # what `step_fn` returned for each step, stacked on a leading K axis
 
@@ -182,8 +186,9 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
       pytree, called inside the scan (k from 0) so a loss never stacks K logits arrays.
   """
   tokens_BT, pos_BT, valid_BT, seg_BT, lm_BT = batch_arrays(batch)
+  chunked = jcfg.loss_chunk_size > 0
   base_out = transformer.Transformer(base_cfg).apply(
-      {"params": params["base"]}, tokens_BT, pos_BT, valid_BT, seg_BT)
+      {"params": params["base"]}, tokens_BT, pos_BT, valid_BT, seg_BT, return_logits=not chunked)
   store_kv, h_BTM = base_out.store_kv, base_out.hidden
   if not jcfg.drafter_grads_to_base:
     store_kv, h_BTM = jax.lax.stop_gradient((store_kv, h_BTM))
@@ -203,11 +208,16 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
   def body(h_BTM_, k):
     tok_BT, _ = targets.at(k + 1)  # x_{t+k+1}: the input of 0-based step k
     emb_BTM = drafter_lib.embed_tokens(embedding_VM, tok_BT, dt)
+    labels_BT, mask_BT = targets.at(k + 2)
+    if chunked:  # the loss applies the head chunk by chunk: hand it the hidden state
+      hidden_BTD, h_next_BTM = model.apply(variables, emb_BTM, h_BTM_, q_pos_BT, store_kv, masks)
+      cent_BTC = (model.apply(variables, hidden_BTD, method=drafter_lib.Drafter.centroid_logits)
+                  if with_centroids else None)
+      return h_next_BTM, step_fn(k, None, cent_BTC, labels_BT, mask_BT, hidden_BTD=hidden_BTD)
     logits_BTV, h_next_BTM, cent_BTC = model.apply(
         variables, emb_BTM, h_BTM_, q_pos_BT, store_kv, masks, jcfg.dense_head, with_centroids,
         method=drafter_lib.Drafter.step)
     logits_BTV = layers.softcap(logits_BTV, jcfg.drafter_logit_softcap)
-    labels_BT, mask_BT = targets.at(k + 2)
     return h_next_BTM, step_fn(k, logits_BTV, cent_BTC, labels_BT, mask_BT)
 
   if dcfg.text.remat_policy != "none":
@@ -234,8 +244,16 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
   if dcfg.use_ordered_embeddings and jcfg.centroid_loss_weight > 0:
     clusters_V = token_clusters(buffers, dcfg)
 
-  def step_fn(k, logits_BTV, cent_BTC, labels_BT, mask_BT):
-    stats = losses.token_stats(logits_BTV, labels_BT, mask_BT, z_loss_weight=jcfg.z_loss_weight)
+  chunk = jcfg.loss_chunk_size
+
+  def step_fn(k, logits_BTV, cent_BTC, labels_BT, mask_BT, hidden_BTD=None):
+    if logits_BTV is None:  # chunked head (jcfg.loss_chunk_size > 0)
+      stats = losses.chunked_head_stats(
+          hidden_BTD, params["drafter"]["embedding"], labels_BT, mask_BT, chunk,
+          softcap=jcfg.drafter_logit_softcap, z_loss_weight=jcfg.z_loss_weight,
+          dtype=layers.as_dtype(dcfg.text.dtype))
+    else:
+      stats = losses.token_stats(logits_BTV, labels_BT, mask_BT, z_loss_weight=jcfg.z_loss_weight)
     if cent_BTC is None:
       return stats, None
     cent = losses.token_stats(cent_BTC, clusters_V[labels_BT], mask_BT,
@@ -246,7 +264,16 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
   tokens_BT, _, valid_BT, seg_BT, lm_BT = batch_arrays(batch)
   targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_steps)
   labels_BT, mask_BT = targets.at(1)
-  base = losses.token_stats(out.base_logits, labels_BT, mask_BT, z_loss_weight=jcfg.z_loss_weight)
+  if out.base_logits is None:
+    head_VD = (params["base"]["embedding"] if base_cfg.tie_word_embeddings
+               else params["base"]["lm_head"].T)
+    base = losses.chunked_head_stats(out.base_hidden, head_VD, labels_BT, mask_BT, chunk,
+                                     softcap=base_cfg.final_logit_softcap,
+                                     z_loss_weight=jcfg.z_loss_weight,
+                                     dtype=layers.as_dtype(base_cfg.dtype))
+  else:
+    base = losses.token_stats(out.base_logits, labels_BT, mask_BT,
+                              z_loss_weight=jcfg.z_loss_weight)
   step_stats, cent_stats = out.steps
   return losses.combine(base, step_stats, jcfg.drafter_loss_weight,
                         losses.step_weights(jcfg.num_steps, jcfg.step_weights), cent_stats,
