@@ -80,5 +80,6 @@ def get_config():
       hf_base="google/gemma-4-26B-A4B-it",
       hf_drafter="google/gemma-4-26B-A4B-it-assistant",
       train=presets.train_fields(seq_len=4096, batch_size=64, learning_rate=1e-5,
-                                 warmup_steps=100, num_steps=10_000),
+                                 warmup_steps=100, num_steps=10_000,
+                                 loss_chunk_size=1024),
   )

@@ -205,7 +205,7 @@ class ModelConfig:
     global_head_dim = hf.get("global_head_dim")
     num_global_kv = hf.get("num_global_key_value_heads")
     per_layer = hf.get("per_layer_config")
-    if per_layer:
+    if per_layer is not None:  # {} (global layers == sliding ones) too: global_head_dim = head_dim
       global_head_dim, num_global_kv = _global_overrides(hf, per_layer, layer_types)
     # "vision" (shipped by 26B-A4B and 31B) only lets image tokens attend both ways; text tokens stay
     # causal, so a text decoder is unaffected. "all" turns the model into an encoder.

@@ -79,18 +79,54 @@ def drafter_fields(text: dict[str, Any], backbone_hidden_size: int, *,
 
 
 def train_fields(**overrides: Any) -> dict[str, Any]:
-  """The `train` entry of a preset: shared defaults, then the preset's sizes and rates."""
+  """The `train` entry of a preset: shared defaults, then the preset's sizes and rates.
+
+  Every key the trainer reads is here with its default (and so overridable from the command line and
+  checked for typos: `gemma_mtp_jax.trainer.validate_config` refuses keys that are not).
+  """
   out = dict(
-      num_draft_steps=4,  # drafter steps unrolled per position in training (and drafted at decode)
-      drafter_loss_weight=0.01,  # weight of the drafter loss next to the base LM loss
-      seq_len=4096,
-      batch_size=64,
-      learning_rate=1e-5,
-      warmup_steps=100,
-      num_steps=10_000,
-      freeze_base=False,
+      # --- the joint objective (gemma_mtp_jax.joint.JointConfig)
+      num_draft_steps=4,  # K: drafter steps unrolled per position in training (and drafted at decode)
+      drafter_loss_weight=0.01,  # lambda: weight of the drafter loss next to the base LM loss
+      freeze_base=False,  # drafter-only: the base gets no gradient and no optimizer state
       share_embedding_with_base=True,  # the drafter reads the base's (tied) embedding table
-      draft_query_position="next",
+      drafter_grads_to_base=True,  # the drafter loss also trains the base through h_t and K/V
+      draft_query_position="next",  # RoPE position of the drafter queries: "next" (HF) or "anchor"
+      centroid_loss_weight=1.0,  # ordered embeddings: weight of the centroid (cluster) loss
+      z_loss_weight=0.0,
+      # > 0: the heads + cross-entropies in chunks of this many positions, never materialising
+      # [B, T, V] logits (a 262144-token vocab needs it); 0: plain logits
+      loss_chunk_size=0,
+      # --- batches and schedule
+      seq_len=4096,
+      batch_size=64,  # global rows per optimizer step
+      grad_accum_steps=1,  # batch_size rows are split into this many micro-batches (one update)
+      num_steps=10_000,
+      learning_rate=1e-5,  # peak, after linear warmup; then cosine decay
+      warmup_steps=100,
+      min_learning_rate_ratio=0.1,  # the cosine ends at learning_rate * this
+      # --- optimizer (optax AdamW; weight decay on matrices only, see trainer.decay_mask)
+      weight_decay=0.0,
+      adam_b1=0.9,
+      adam_b2=0.95,
+      adam_eps=1e-8,
+      grad_clip_norm=1.0,
+      seed=0,  # random init and the data mixture order
+      # random init only (no hf_base): embedding tables drawn with this std (0: the modules' init,
+      # std 1, which with a tied head gives logits far too large to train from scratch)
+      init_embedding_std=0.0,
+      # --- logging, eval, checkpoints, export
+      log_every=10,
+      eval_every=500,  # 0: eval only at the end
+      save_every=500,
+      keep_checkpoints=3,
+      eval_prompts=32,  # held-out prompts the base continues greedily for the accepted length
+      eval_new_tokens=64,
+      eval_max_prompt_len=256,
+      export_hf=True,  # write WORKDIR/hf/{base,drafter} at the end
+      export_dtype="",  # "" keeps the trained dtype; "bfloat16" / "float32"
+      hf_check=False,  # measure HF assisted generation's acceptance with the export (needs torch)
+      compilation_cache_dir="",  # jax's persistent compilation cache ("": off); resumes skip compiles
   )
   unknown = set(overrides) - set(out)
   if unknown:
@@ -101,9 +137,34 @@ def train_fields(**overrides: Any) -> dict[str, Any]:
   return out
 
 
+def mesh_fields(**overrides: Any) -> dict[str, Any]:
+  """The `mesh` entry of a preset: mesh axis sizes (-1: the rest of the devices) and the logical
+  axis rules (`gemma_mtp_jax.sharding`), so multi-device runs are a config change."""
+  from gemma_mtp_jax import sharding  # jax: imported only when a preset is built
+
+  out = dict(
+      axes=dict(data=1, fsdp=-1, tensor=1, expert=1),
+      rules=tuple((name, axis) for name, axis in sharding.DEFAULT_RULES),
+      # Call jax.distributed.initialize() first (multi-host TPU slices: it finds its peers itself).
+      initialize_distributed=False,
+  )
+  unknown = set(overrides) - set(out)
+  if unknown:
+    k = sorted(unknown)[0]
+    raise ConfigError(f"unknown mesh key '{k}'{_closest(k, sorted(out))}")
+  out.update(overrides)
+  return out
+
+
 def make_config(*, name: str, model: dict, drafter: dict | None, hf_base: str | None,
-                hf_drafter: str | None, train: dict) -> ml_collections.ConfigDict:
-  """Assembles a preset's ConfigDict (the one layout every preset file returns)."""
+                hf_drafter: str | None, train: dict, data: Any = None,
+                mesh: dict | None = None) -> ml_collections.ConfigDict:
+  """Assembles a preset's ConfigDict (the one layout every preset file returns).
+
+  data: a `gemma_mtp_jax.data` config (`default_data_config()` / `tulu_magicoder_data_config()`);
+  None: the local corpus for a random-init pair, the Tulu-3 / Magicoder mix (with the base's
+  tokenizer) for a pair loaded from `hf_base`. mesh: `mesh_fields()` by default.
+  """
   cfg = ml_collections.ConfigDict()
   cfg.name = name
   cfg.hf_base = hf_base if hf_base is not None else placeholder(str)
@@ -111,6 +172,14 @@ def make_config(*, name: str, model: dict, drafter: dict | None, hf_base: str | 
   cfg.model = model
   cfg.drafter = drafter
   cfg.train = train
+  if data is None:
+    from gemma_mtp_jax import data as data_lib  # datasets: imported only when a preset is built
+
+    data = data_lib.default_data_config() if hf_base is None else data_lib.tulu_magicoder_data_config()
+    if hf_base is not None:
+      data.tokenizer = hf_base
+  cfg.data = data
+  cfg.mesh = mesh if mesh is not None else mesh_fields()
   return cfg
 
 

@@ -1,0 +1,261 @@
+"""Generate text with a Gemma 4 base, speculatively with its assistant drafter when there is one.
+
+  python -m gemma_mtp_jax.generate --base DIR [--drafter DIR]
+      (--prompt TEXT | --prompt-ids 2,105,...) [--max-new-tokens N] [--num-draft-tokens K]
+      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json] [--chat] [--step N]
+      [--plain] [--stop-ids 1,106 | --no-stop]
+
+DIR is an HF model dir (converted in memory), a pair dir (`convert hf-to-jax`) or a train workdir
+(latest step, or --step). The drafter is --drafter (an HF assistant dir) or the one stored with a
+pair dir / workdir; without either (or with --plain) decoding is plain. Greedy at temperature 0
+(the default): the output is exactly the base's own greedy output, whatever the drafter proposes.
+
+Without --json the new text is printed (token ids when there is no tokenizer); with --json one
+JSON object: tokens (new ids), text, target_forwards (base forwards after the prefill),
+draft_rounds, drafted, accepted, mean_accepted_length (new tokens per target forward, the prefill's
+first token excluded), rounds (per round: drafted ids and the number accepted), tokens_per_second
+(new tokens per second of prefill + decode), prefill_seconds, decode_seconds, compile_seconds (not
+counted in the others).
+
+Stop tokens default to the base's eos ids (config and generation config) plus the tokenizer's
+`<turn|>` (the end of a chat turn) when it has one. Exit status 2 with a one-line reason for bad
+input (missing dirs, a drafter that does not fit the base, a prompt too long for the cache, a token
+id outside the vocab, K < 1), checked before any model compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+TURN_CLOSE = "<turn|>"
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m gemma_mtp_jax.generate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--base", required=True, help="HF model dir, pair dir or train workdir")
+  p.add_argument("--drafter", help="HF assistant dir (default: the pair's own drafter, if any)")
+  p.add_argument("--step", type=int, help="train workdir step (default: latest)")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", help="prompt text (tokenized with the base's tokenizer)")
+  src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 2,105,2364")
+  p.add_argument("--chat", action="store_true",
+                 help="wrap --prompt as a user turn with the chat template (model turn opened)")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--num-draft-tokens", type=int, default=4, help="K drafts per round")
+  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0: off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--plain", action="store_true", help="plain decoding even with a drafter")
+  stops = p.add_mutually_exclusive_group()
+  stops.add_argument("--stop-ids", help="comma-separated stop token ids (default: eos + <turn|>)")
+  stops.add_argument("--no-stop", action="store_true", help="always generate --max-new-tokens")
+  p.add_argument("--query-position", choices=("next", "anchor"),
+                 help="drafter query RoPE position (default: the training run's, else next)")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"),
+                 help="cast params (default: as stored)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  return p
+
+
+def _ids(text: str, flag: str) -> list[int]:
+  from gemma_mtp_jax import speculative
+  try:
+    return [int(t) for t in text.replace(" ", "").split(",") if t]
+  except ValueError:
+    raise speculative.GenerateError(f"{flag} must be comma-separated integers, got {text!r}") \
+        from None
+
+
+# ------------------------------------------------------------------------------ loading
+def _configs_of(path: str, step: int | None):
+  """(base ModelConfig, DrafterConfig or None) of a model dir from its JSON files only, or None
+  when they cannot be read without loading weights (hub ids)."""
+  from gemma_mtp_jax import checkpoint
+  from gemma_mtp_jax import config as config_lib
+  from gemma_mtp_jax.convert import io
+
+  if not os.path.isdir(path):
+    return None
+  kind = checkpoint.detect_kind(path)
+  if kind == "hf":
+    hf = io.read_json(os.path.join(path, io.CONFIG_NAME))
+    if hf.get("model_type") == "gemma4_assistant":
+      return None, config_lib.DrafterConfig.from_hf_config(hf)
+    return config_lib.ModelConfig.from_hf_config(hf), None
+  pj = checkpoint.read_pair_json(path)
+  d = pj.get("drafter")
+  return (config_lib.model_config_from_dict(pj["base"], "base"),
+          config_lib.drafter_config_from_dict(d) if d else None)
+
+
+def check_fit(base: str, drafter: str | None, step: int | None = None) -> None:
+  """Refuses a drafter that does not fit the base from the config files alone (before any weights
+  are read); `load_pair` checks again for sources this cannot read."""
+  from gemma_mtp_jax import config as config_lib
+  from gemma_mtp_jax import speculative
+
+  if drafter is None:
+    return
+  b, d = _configs_of(base, step), _configs_of(drafter, None)
+  if b is None or d is None:
+    return
+  if b[0] is None:
+    raise speculative.GenerateError(f"--base {base} is an assistant (drafter) checkpoint; pass the "
+                                    "base model as --base and the assistant as --drafter")
+  if d[1] is None:
+    raise speculative.GenerateError(f"--drafter {drafter} is not a Gemma 4 assistant checkpoint")
+  try:
+    d[1].check_fits(b[0])
+  except config_lib.ConfigError as e:
+    raise speculative.GenerateError(f"the drafter {drafter} does not fit the base {base}: {e}") \
+        from None
+
+
+def load(base: str, drafter: str | None = None, step: int | None = None, dtype: str | None = None,
+         plain: bool = False) -> dict:
+  """Loads a pair for decoding: {"base_cfg", "params", "drafter_cfg", "drafter_vars", "tokenizer",
+  "pair"} with configs and params in decoding layout (`speculative.decode_params`)."""
+  from gemma_mtp_jax import checkpoint
+  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax import tokenizer as tokenizer_lib
+
+  check_fit(base, None if plain else drafter, step)
+  pair = checkpoint.load_pair(base, drafter=None if plain else drafter, step=step, dtype=dtype)
+  base_cfg, params = speculative.decode_params(pair.base_cfg, pair.params["base"])
+  dcfg, dvars = None, None
+  if not plain and pair.drafter_cfg is not None and pair.params.get("drafter") is not None:
+    dcfg, dvars = speculative.decode_drafter(pair.drafter_cfg, pair.params["drafter"])
+  tok = tokenizer_lib.load_tokenizer(pair.tokenizer_path) if pair.tokenizer_path else None
+  return dict(base_cfg=base_cfg, params=params, drafter_cfg=dcfg, drafter_vars=dvars,
+              tokenizer=tok, pair=pair)
+
+
+def default_stop_ids(loaded: dict) -> list[int]:
+  """eos ids of the base's config and generation config, plus the tokenizer's `<turn|>`."""
+  ids = set()
+
+  def add(x):
+    if x is None:
+      return
+    ids.update(int(i) for i in (x if isinstance(x, (list, tuple)) else [x]))
+
+  add(loaded["base_cfg"].eos_token_id)
+  pj = loaded["pair"].meta.get("pair") or {}
+  gen = ((pj.get("hf_extra") or {}).get("base") or {}).get("generation_config") or {}
+  add(gen.get("eos_token_id"))
+  tok = loaded["tokenizer"]
+  if tok is not None:
+    tid = tok.convert_tokens_to_ids(TURN_CLOSE)
+    if tid is not None and tid != tok.unk_token_id:
+      ids.add(int(tid))
+  return sorted(ids)
+
+
+def default_query_position(loaded: dict) -> str:
+  """The drafter query position the pair was trained with (workdir meta / train config), else the
+  HF convention "next"."""
+  pair = loaded["pair"]
+  for where in (pair.meta.get("train") or {}, (pair.meta.get("pair") or {}).get("train") or {}):
+    qp = where.get("draft_query_position") if isinstance(where, dict) else None
+    if qp in ("next", "anchor"):
+      return qp
+  return "next"
+
+
+def prompt_ids(loaded: dict, prompt: str | None, ids: str | None, chat: bool) -> list[int]:
+  from gemma_mtp_jax import speculative
+
+  if ids is not None:
+    return _ids(ids, "--prompt-ids")
+  tok = loaded["tokenizer"]
+  if tok is None:
+    raise speculative.GenerateError(f"{loaded['pair'].meta.get('path')}: no tokenizer files; "
+                                    "pass --prompt-ids instead of --prompt")
+  if chat:
+    out = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                  add_generation_prompt=True)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+  return list(tok(prompt)["input_ids"])
+
+
+# ------------------------------------------------------------------------------ decoding
+def plain_decode(params, cfg, prompts: Sequence[Sequence[int]], **kw):
+  """Plain (non-speculative) decoding of the base alone: `speculative.generate` with no drafter,
+  the same KV cache and loop (one base forward per token)."""
+  from gemma_mtp_jax import speculative
+  return speculative.generate(params, cfg, prompts, **kw)
+
+
+def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
+             num_draft_tokens: int = 4, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
+             query_position: str | None = None) -> dict[str, Any]:
+  """Generates from one prompt; returns the CLI's JSON object (see the module docstring)."""
+  from gemma_mtp_jax import speculative
+
+  sampling = speculative.Sampling(temperature, top_k, top_p)
+  stop = default_stop_ids(loaded) if stop_ids is None else list(stop_ids)
+  res = speculative.generate(
+      loaded["params"], loaded["base_cfg"], [list(ids)], drafter_vars=loaded["drafter_vars"],
+      drafter_cfg=loaded["drafter_cfg"], num_draft_tokens=num_draft_tokens,
+      max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop, seed=seed,
+      query_position=query_position or default_query_position(loaded))
+  tokens = res.tokens[0]
+  tok = loaded["tokenizer"]
+  out = dict(tokens=tokens, text=tok.decode(tokens, skip_special_tokens=True) if tok else None)
+  out.update(res.row_stats(0))
+  out.update(rounds=res.rounds[0], tokens_per_second=res.tokens_per_second,
+             prefill_seconds=res.prefill_seconds, decode_seconds=res.decode_seconds,
+             compile_seconds=res.compile_seconds, num_draft_tokens=res.num_draft_tokens,
+             speculative=loaded["drafter_cfg"] is not None, prompt_length=len(ids),
+             stop_ids=stop)
+  return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Runs parsed flags; returns the JSON object."""
+  from gemma_mtp_jax import speculative
+
+  if not args.plain and args.num_draft_tokens < 1:
+    raise speculative.GenerateError(f"--num-draft-tokens (K) must be >= 1, got "
+                                    f"{args.num_draft_tokens} (use --plain for plain decoding)")
+  if args.max_new_tokens < 1:
+    raise speculative.GenerateError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  speculative.Sampling(args.temperature, args.top_k, args.top_p)  # flag errors before loading
+  ids_flag = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else None
+  loaded = load(args.base, args.drafter, args.step, args.dtype, args.plain)
+  ids = ids_flag if ids_flag is not None else prompt_ids(loaded, args.prompt, None, args.chat)
+  stop = [] if args.no_stop else (_ids(args.stop_ids, "--stop-ids") if args.stop_ids else None)
+  return generate(loaded, ids, max_new_tokens=args.max_new_tokens,
+                  num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop,
+                  query_position=args.query_position)
+
+
+def main(argv=None) -> int:
+  """CLI entry point; returns the exit status (2 on bad input, with the reason on stderr)."""
+  args = _parser().parse_args(argv)
+  from gemma_mtp_jax import config as config_lib
+  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.convert.names import ConversionError
+
+  try:
+    out = run(args)
+  except (speculative.GenerateError, config_lib.ConfigError, ConversionError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(out))
+  else:
+    print(out["text"] if out["text"] is not None else " ".join(map(str, out["tokens"])))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,535 @@
+"""Plain and speculative decoding of the base with its assistant drafter: one jitted loop for both.
+
+Two compiled programs per (batch, prompt bucket, cache size, K, max_new_tokens, sampling): `prefill`
+(one base forward over the left-padded prompt, filling a `KVCache`) and `decode` (a `lax.while_loop`
+over rounds; no host round-trip per token). Plain decoding is the same loop with K = 0 drafts.
+
+State per row between rounds (p = the last position whose K/V is in the cache):
+  cache      the prompt and every emitted token but the newest (`length_B` slots)
+  hidden_BM  the base's final-norm hidden at p (it produced `token_B`)
+  token_B    x_{p+1}: emitted, not yet in the cache
+A round:
+  1. the drafter proposes d_1..d_K from (store-layer K/V of the cache, hidden_BM, token_B, p);
+  2. the base verifies [token, d_1..d_K] at positions p+1..p+K+1 in one forward (K+1 cache slots
+     appended at each row's own offset);
+  3. greedy: n = the number of leading d_j equal to the base's argmax at j-1; the bonus is the
+     argmax at n. Sampling: d_j is kept with probability min(1, p_j(d_j) / q_j(d_j)) while all
+     earlier ones were; the first rejected one is replaced by a sample of norm(max(p - q, 0)) (with
+     all K kept, the bonus is sampled from p) -- Leviathan et al. 2023 / Chen et al. 2023, so the
+     output is distributed exactly as plain sampling from the base;
+  4. each row emits d_1..d_n and the bonus into its own place of a fixed [B, max_new] buffer, its
+     cache is rolled back to length + n + 1 (token and the kept drafts; the bonus is the next
+     round's token), and hidden/token/p move to position p + n + 1.
+Rows accept different n, so lengths, positions and offsets are per row. A row is done once it emits
+a stop token (later tokens of the round are dropped) or max_new tokens; done rows still ride along
+in the batched forwards but neither emit nor advance, so their cache never grows past its size.
+
+Greedy output equals plain greedy decoding token for token, up to float rounding between a
+(K+1)-token verify forward and 1-token steps, which could only flip an exact near-tie of two logits.
+
+Padding: LEFT. Prompts are right-aligned in a [B, P] block, P the longest prompt rounded up to
+`prompt_bucket`; pad slots are invalid (never attended) and positions count real tokens only, so a
+row's RoPE positions do not depend on its padding, and every row's last prompt token sits in column
+P - 1 (its logits start decoding). The cache needs P + max_new + K + 1 slots (the last round's
+verify may write K + 1 slots past the last kept one, and `kv_cache`'s write would silently clamp at
+the end), so the size is checked against the limit up front and rounded up to CACHE_BUCKET.
+
+Sampling filters (temperature, top-k, top-p) are one function (`log_probs`) applied identically to
+the base's p and the drafter's q, and the drafter samples its drafts from that same q.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax import drafter as drafter_lib
+from gemma_mtp_jax import kv_cache as kv_cache_lib
+from gemma_mtp_jax import transformer
+
+Array = jax.Array
+
+CACHE_BUCKET = 16  # cache lengths are rounded up to a multiple of this (fewer programs)
+# Number of times each program was traced (= compiled); the benchmark and tests read it.
+TRACES: collections.Counter = collections.Counter()
+
+
+class GenerateError(ValueError):
+  """A generation request that cannot run (bad prompt, sizes, drafter); the message says which."""
+
+
+# ------------------------------------------------------------------------------ sampling
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen. temperature 0 is greedy (argmax; top_k / top_p ignored)."""
+
+  temperature: float = 0.0
+  top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+  top_p: float = 1.0  # keep the smallest most-likely set with mass >= top_p; 1.0 keeps all
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise GenerateError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise GenerateError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise GenerateError(f"top_p must be in (0, 1], got {self.top_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+def log_probs(logits_NV: Array, sampling: Sampling) -> Array:
+  """Log of the filtered, renormalised sampling distribution [..., V]; -inf outside the filter.
+
+  Temperature first, then top-k, then top-p (HF's order). Top-k keeps ties with the k-th logit,
+  top-p always keeps the most likely token; both are decided on the same sorted logits, so p and q
+  are filtered by exactly the same rule.
+  """
+  x_NV = logits_NV.astype(jnp.float32) / max(sampling.temperature, 1e-6)
+  v = x_NV.shape[-1]
+  if (0 < sampling.top_k < v) or sampling.top_p < 1.0:
+    sorted_NV = -jnp.sort(-x_NV, axis=-1)  # descending
+    keep_NV = jnp.ones(x_NV.shape, bool)
+    if 0 < sampling.top_k < v:
+      keep_NV &= x_NV >= sorted_NV[..., sampling.top_k - 1:sampling.top_k]
+      sorted_NV = jnp.where(jnp.arange(v) < sampling.top_k, sorted_NV, -jnp.inf)
+    if sampling.top_p < 1.0:
+      probs_NV = jax.nn.softmax(sorted_NV, axis=-1)
+      # The k-th sorted token is kept iff the mass strictly before it is < top_p.
+      before_NV = jnp.cumsum(probs_NV, axis=-1) - probs_NV
+      kept_NV = (before_NV < sampling.top_p) & (sorted_NV > -jnp.inf)
+      cutoff_N1 = jnp.min(jnp.where(kept_NV, sorted_NV, jnp.inf), axis=-1, keepdims=True)
+      keep_NV &= x_NV >= cutoff_N1
+    x_NV = jnp.where(keep_NV, x_NV, -jnp.inf)
+  return jax.nn.log_softmax(x_NV, axis=-1)
+
+
+def sample(rng: Array, probs_NV: Array) -> Array:
+  """One token per row [...] from unnormalised probabilities, by inverse CDF.
+
+  One uniform per row instead of Gumbel-max's one per vocab entry: the random bits, not the
+  arithmetic, dominate sampling cost on a CPU, and a round samples K + 1 times.
+  """
+  v = probs_NV.shape[-1]
+  cdf_NV = jnp.cumsum(probs_NV, axis=-1)
+  u_N1 = jax.random.uniform(rng, cdf_NV.shape[:-1] + (1,), cdf_NV.dtype) * cdf_NV[..., -1:]
+  # The first entry whose cdf exceeds u has probability > 0; if rounding left none (u == total),
+  # take the last entry with probability > 0.
+  above_NV = cdf_NV > u_N1
+  last_NV = (probs_NV > 0)[..., ::-1]
+  token_N = jnp.where(jnp.any(above_NV, axis=-1), jnp.argmax(above_NV, axis=-1),
+                      v - 1 - jnp.argmax(last_NV, axis=-1))
+  return token_N.astype(jnp.int32)
+
+
+def choose(logits_NV: Array, sampling: Sampling, rng: Array | None) -> Array:
+  """The next token [...] under `sampling` (argmax when greedy; rng unused then)."""
+  if sampling.greedy:
+    return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
+  return sample(rng, jnp.exp(log_probs(logits_NV, sampling)))
+
+
+# ------------------------------------------------------------------------------ state
+@flax.struct.dataclass
+class DecodeState:
+  """Everything the decode loop carries (see the module docstring). R = max rounds, N = max_new."""
+
+  cache: kv_cache_lib.KVCache
+  last_pos_B: Array  # int32 p: last position in the cache
+  hidden_BM: Array  # base final-norm hidden at p
+  token_B: Array  # int32 x_{p+1}, emitted, not in the cache
+  out_BN: Array  # int32 emitted tokens, pad_token_id past num_out_B
+  num_out_B: Array  # int32
+  done_B: Array  # bool
+  stop_S: Array  # int32 stop token ids, -1 padded
+  rng: Array
+  round: Array  # int32 scalar: rounds run so far
+  forwards_B: Array  # int32 base forwards (rounds) each row took part in, after prefill
+  accepted_B: Array  # int32 drafts accepted (summed over rounds; before stop/max_new truncation)
+  # Per-round logs, allocated by `decode` (None after `prefill`, which does not depend on K).
+  drafts_RBK: Array | None = None  # int32 drafted tokens of each round
+  accepted_RB: Array | None = None  # int32 drafts accepted per round; -1 where the row was done
+
+
+def store_kv_of(cfg: config_lib.ModelConfig,
+                cache: kv_cache_lib.KVCache) -> dict[str, transformer.StoreKV]:
+  """The drafter's view of the cache: store-layer K/V with slot positions and attendability."""
+  valid_BS = cache.attend_mask()
+  return {lt: transformer.StoreKV(cache.k[i], cache.v[i], cache.positions_BS, valid_BS)
+          for lt, i in cfg.store_layers.items()}
+
+
+# ------------------------------------------------------------------------------ proposers
+@dataclasses.dataclass(frozen=True)
+class DrafterProposer:
+  """Drafts K tokens per row with the assistant (`drafter.draft`, a `lax.scan` over K steps).
+
+  `aux` for it is {"drafter": drafter variables}; the base's embedding comes from the base params.
+  Returns (drafts [B, K] int32, log q [B, K, V] of the filtered drafter distribution, or None when
+  greedy).
+  """
+
+  cfg: config_lib.DrafterConfig
+  query_position: str = "next"
+
+  def __call__(self, aux, base_params, base_cfg, state: DecodeState, num_steps: int,
+               sampling: Sampling, rng: Array):
+    sample_fn = (drafter_lib.greedy if sampling.greedy
+                 else lambda logits_BV, key: choose(logits_BV, sampling, key))
+    out = drafter_lib.draft(
+        aux["drafter"], self.cfg, base_params["embedding"], store_kv_of(base_cfg, state.cache),
+        state.hidden_BM, state.token_B, state.last_pos_B, num_steps, sample_fn,
+        query_position=self.query_position, rng=None if sampling.greedy else rng)
+    logq_BKV = None if sampling.greedy else log_probs(out.logits, sampling)
+    return out.tokens, logq_BKV
+
+
+# ------------------------------------------------------------------------------ programs
+def _model(cfg: config_lib.ModelConfig) -> transformer.Transformer:
+  return transformer.Transformer(cfg)
+
+
+def prefill_positions(valid_BP: Array) -> Array:
+  """RoPE positions of a left-padded prompt: real tokens count 0, 1, ...; pads get 0."""
+  return jnp.maximum(jnp.cumsum(valid_BP.astype(jnp.int32), axis=1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_length", "max_new", "sampling"))
+def prefill(params, prompt_BP: Array, valid_BP: Array, stop_S: Array, rng: Array, *,
+            cfg: config_lib.ModelConfig, cache_length: int, max_new: int,
+            sampling: Sampling) -> DecodeState:
+  """Base forward over the prompt into a fresh cache; the first new token is chosen from the last
+  column's logits (left padding puts every row's last prompt token there). stop_S: stop token ids,
+  padded with -1 (an array, so stop sets of one size share the programs)."""
+  TRACES["prefill"] += 1
+  b, _ = prompt_BP.shape
+  pos_BP = prefill_positions(valid_BP)
+  cache = kv_cache_lib.init_cache(cfg, b, cache_length)
+  out = _model(cfg).apply({"params": params}, prompt_BP, pos_BP, valid_BP, cache=cache,
+                          return_logits=False)
+  hidden_BM = out.hidden[:, -1]
+  # Logits of the last column only: the prompt's other V-wide logits would be wasted work.
+  logits_BV = _model(cfg).apply({"params": params}, hidden_BM[:, None],
+                                method=transformer.Transformer.logits)[:, 0]
+  rng, key = jax.random.split(rng)
+  token_B = choose(logits_BV, sampling, key)
+  out_BN = jnp.full((b, max_new), cfg.pad_token_id, jnp.int32).at[:, 0].set(token_B)
+  done_B = jnp.isin(token_B, stop_S) | (max_new <= 1)
+  zeros_B = jnp.zeros((b,), jnp.int32)
+  return DecodeState(
+      cache=out.cache, last_pos_B=pos_BP[:, -1], hidden_BM=hidden_BM, token_B=token_B,
+      out_BN=out_BN, num_out_B=zeros_B + 1, done_B=done_B, stop_S=stop_S, rng=rng,
+      round=jnp.zeros((), jnp.int32), forwards_B=zeros_B, accepted_B=zeros_B)
+
+
+def accept(logits_BJV: Array, drafts_BK: Array, logq_BKV: Array | None, sampling: Sampling,
+           rng: Array) -> tuple[Array, Array]:
+  """Verifies K drafts against the base's logits at J = K + 1 positions.
+
+  logits_BJV[:, j] is the base's prediction after [token, d_1..d_j]; logq_BKV the drafter's filtered
+  log-probs (None when greedy). Returns (n [B]: drafts accepted, next [B]: the token after them --
+  the base's bonus, or the correction sampled from norm(max(p - q, 0)) at the first rejection).
+  """
+  b, k = drafts_BK.shape
+  if k == 0:  # plain decoding
+    return jnp.zeros((b,), jnp.int32), choose(logits_BJV[:, 0], sampling, rng)
+  if sampling.greedy:
+    target_BJ = jnp.argmax(logits_BJV, axis=-1).astype(jnp.int32)
+    ok_BK = drafts_BK == target_BJ[:, :k]
+    n_B = jnp.sum(jnp.cumprod(ok_BK.astype(jnp.int32), axis=1), axis=1)
+    return n_B, jnp.take_along_axis(target_BJ, n_B[:, None], axis=1)[:, 0]
+  k_acc, k_res = jax.random.split(rng)
+  p_BJV = jnp.exp(log_probs(logits_BJV, sampling))
+  q_BKV = jnp.exp(logq_BKV)
+  p_d_BK = jnp.take_along_axis(p_BJV[:, :k], drafts_BK[..., None], axis=-1)[..., 0]
+  q_d_BK = jnp.take_along_axis(q_BKV, drafts_BK[..., None], axis=-1)[..., 0]
+  u_BK = jax.random.uniform(k_acc, (b, k))
+  ok_BK = u_BK * q_d_BK < p_d_BK  # u < p / q, without dividing by a q that may underflow
+  n_B = jnp.sum(jnp.cumprod(ok_BK.astype(jnp.int32), axis=1), axis=1)
+  # Position n: residual of p against the rejected draft's q; past the last draft q is 0, so the
+  # bonus is sampled from p.
+  q_pad_BJV = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], axis=1)
+  p_n_BV = jnp.take_along_axis(p_BJV, n_B[:, None, None], axis=1)[:, 0]
+  q_n_BV = jnp.take_along_axis(q_pad_BJV, n_B[:, None, None], axis=1)[:, 0]
+  resid_BV = jnp.maximum(p_n_BV - q_n_BV, 0.0)
+  # p == q makes a rejection impossible; only rounding can get here with an all-zero residual.
+  mass_B1 = jnp.sum(resid_BV, axis=-1, keepdims=True)
+  next_B = sample(k_res, jnp.where(mass_B1 > 1e-12, resid_BV, p_n_BV))
+  return n_B, next_B
+
+
+def _round(state: DecodeState, params, aux, *, cfg, propose, num_draft, max_new,
+           sampling) -> DecodeState:
+  """One draft + verify + accept round for every row (done rows ride along inactive)."""
+  b, k = state.token_B.shape[0], num_draft
+  rng, k_draft, k_acc = jax.random.split(state.rng, 3)
+  active_B = ~state.done_B
+  if k:
+    drafts_BK, logq_BKV = propose(aux, params, cfg, state, k, sampling, k_draft)
+  else:
+    drafts_BK, logq_BKV = jnp.zeros((b, 0), jnp.int32), None
+  tokens_BJ = jnp.concatenate([state.token_B[:, None], drafts_BK], axis=1)
+  j_J = jnp.arange(k + 1, dtype=jnp.int32)
+  pos_BJ = state.last_pos_B[:, None] + 1 + j_J
+  out = _model(cfg).apply({"params": params}, tokens_BJ, pos_BJ, cache=state.cache)
+  n_B, next_B = accept(out.logits, drafts_BK, logq_BKV, sampling, k_acc)
+
+  # Emitted this round: d_1..d_n then next; truncated at the first stop token and at max_new.
+  drafts_pad_BJ = jnp.concatenate([drafts_BK, jnp.zeros((b, 1), jnp.int32)], axis=1)
+  emit_BJ = jnp.where(j_J < n_B[:, None], drafts_pad_BJ, next_B[:, None])
+  slot_BJ = state.num_out_B[:, None] + j_J
+  live_BJ = active_B[:, None] & (j_J <= n_B[:, None]) & (slot_BJ < max_new)
+  stop_BJ = live_BJ & jnp.isin(emit_BJ, state.stop_S)
+  stopped_B = jnp.any(stop_BJ, axis=1)
+  first_stop_B = jnp.argmax(stop_BJ, axis=1)
+  keep_BJ = live_BJ & (~stopped_B[:, None] | (j_J <= first_stop_B[:, None]))
+  # Dropped tokens write out of bounds (mode="drop") instead of being branched around.
+  rows_BJ = jnp.broadcast_to(jnp.arange(b)[:, None], slot_BJ.shape)
+  out_BN = state.out_BN.at[rows_BJ, jnp.where(keep_BJ, slot_BJ, max_new)].set(emit_BJ, mode="drop")
+  num_out_B = state.num_out_B + jnp.sum(keep_BJ, axis=1, dtype=jnp.int32)
+  done_B = state.done_B | stopped_B | (num_out_B >= max_new)
+
+  # Rows still going keep token + d_1..d_n in the cache; the others stay where they were, so their
+  # later (ignored) verify writes never run past the cache.
+  advance_B = active_B & ~done_B
+  length_B = jnp.where(advance_B, state.cache.length_B + n_B + 1, state.cache.length_B)
+  hidden_BM = jnp.take_along_axis(out.hidden, n_B[:, None, None], axis=1)[:, 0]
+  r = state.round
+  return state.replace(
+      cache=out.cache.rollback(length_B),
+      last_pos_B=jnp.where(advance_B, state.last_pos_B + n_B + 1, state.last_pos_B),
+      hidden_BM=jnp.where(advance_B[:, None], hidden_BM.astype(state.hidden_BM.dtype),
+                          state.hidden_BM),
+      token_B=jnp.where(advance_B, next_B, state.token_B),
+      out_BN=out_BN, num_out_B=num_out_B, done_B=done_B, rng=rng, round=r + 1,
+      forwards_B=state.forwards_B + active_B,
+      accepted_B=state.accepted_B + jnp.where(active_B, n_B, 0),
+      drafts_RBK=state.drafts_RBK.at[r].set(drafts_BK, mode="drop"),
+      accepted_RB=state.accepted_RB.at[r].set(jnp.where(active_B, n_B, -1), mode="drop"))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "propose", "num_draft", "max_new", "sampling"),
+                   donate_argnames=("state",))
+def decode(params, aux, state: DecodeState, *, cfg: config_lib.ModelConfig, propose,
+           num_draft: int, max_new: int, sampling: Sampling) -> DecodeState:
+  """Rounds until every row is done (`lax.while_loop`: one program for the whole generation)."""
+  TRACES["decode"] += 1
+  body = functools.partial(_round, params=params, aux=aux, cfg=cfg, propose=propose,
+                           num_draft=num_draft, max_new=max_new, sampling=sampling)
+  # Every round emits >= 1 token per live row and the prefill emitted the first one.
+  num_rounds = max(max_new - 1, 1)
+  b = state.token_B.shape[0]
+  state = state.replace(drafts_RBK=jnp.zeros((num_rounds, b, num_draft), jnp.int32),
+                        accepted_RB=jnp.full((num_rounds, b), -1, jnp.int32))
+  return jax.lax.while_loop(lambda s: jnp.any(~s.done_B) & (s.round < num_rounds), body, state)
+
+
+# ------------------------------------------------------------------------------ host API
+@dataclasses.dataclass
+class GenerateResult:
+  """Host-side result of `generate`. Per row b: tokens[b] (new tokens, stop token included)."""
+
+  tokens: list[list[int]]
+  target_forwards: int  # base forward passes after prefill (loop rounds; rows may sit some out)
+  forwards_per_row: list[int]
+  drafted_per_row: list[int]
+  accepted_per_row: list[int]
+  rounds: list[list[dict]]  # per row, per round it took part in: {"drafted": ids, "accepted": n}
+  prefill_seconds: float
+  decode_seconds: float
+  num_draft_tokens: int
+  compile_seconds: float = 0.0
+
+  @property
+  def new_tokens(self) -> int:
+    return sum(len(t) for t in self.tokens)
+
+  def row_stats(self, b: int = 0) -> dict:
+    """The CLI's statistics for row b. mean_accepted_length: tokens the decode loop emitted per base
+    forward (the prefill's first token excluded; 1.0 for plain decoding)."""
+    fwd = self.forwards_per_row[b]
+    decoded = max(len(self.tokens[b]) - 1, 0)
+    return dict(
+        target_forwards=fwd, draft_rounds=fwd if self.num_draft_tokens else 0,
+        drafted=self.drafted_per_row[b], accepted=self.accepted_per_row[b],
+        mean_accepted_length=decoded / fwd if fwd else 0.0)
+
+  @property
+  def tokens_per_second(self) -> float:
+    """New tokens (all rows) per second of prefill + decode."""
+    t = self.prefill_seconds + self.decode_seconds
+    return self.new_tokens / t if t > 0 else float("inf")
+
+
+def bucket(n: int, size: int) -> int:
+  return -(-n // size) * size if size > 1 else n
+
+
+def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray,
+                                                                                  np.ndarray]:
+  """[B, length] int32 tokens and bool validity, each prompt right-aligned."""
+  tokens_BP = np.full((len(prompts), length), pad_id, np.int32)
+  valid_BP = np.zeros((len(prompts), length), bool)
+  for b, p in enumerate(prompts):
+    if len(p):
+      tokens_BP[b, length - len(p):] = p
+      valid_BP[b, length - len(p):] = True
+  return tokens_BP, valid_BP
+
+
+def check_request(base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
+                  drafter_cfg: config_lib.DrafterConfig | None, num_draft: int, max_new_tokens: int,
+                  prompt_length: int, max_cache_length: int | None) -> int:
+  """Validates a request before any compute; returns the cache length it needs.
+
+  num_draft: K of a speculative request (>= 1 required), 0 for plain decoding.
+  """
+  if drafter_cfg is not None:
+    try:
+      drafter_cfg.check_fits(base_cfg)
+    except config_lib.ConfigError as e:
+      raise GenerateError(f"the drafter does not fit the base: {e}") from None
+  if max_new_tokens < 1:
+    raise GenerateError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+  if not prompts:
+    raise GenerateError("no prompts given")
+  for b, p in enumerate(prompts):
+    if not len(p):
+      raise GenerateError(f"prompt {b} is empty")
+    bad = [int(t) for t in p if not 0 <= int(t) < base_cfg.vocab_size]
+    if bad:
+      raise GenerateError(f"prompt {b} has token id {bad[0]} outside the vocab [0, "
+                          f"{base_cfg.vocab_size})")
+  cache_length = prompt_length + max_new_tokens + num_draft + 1
+  limit = max_cache_length or base_cfg.max_position_embeddings
+  if cache_length > limit:
+    longest = max(len(p) for p in prompts)
+    raise GenerateError(
+        f"prompt length {longest} (padded to {prompt_length}) + --max-new-tokens {max_new_tokens} "
+        f"+ K + 1 = {cache_length} cache slots exceed the maximum cache length {limit}; shorten "
+        "the prompt or lower --max-new-tokens")
+  return cache_length
+
+
+def generate(base_params, base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
+             drafter_vars=None, drafter_cfg: config_lib.DrafterConfig | None = None,
+             num_draft_tokens: int = 4, max_new_tokens: int = 64,
+             sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
+             query_position: str = "next", prompt_bucket: int = 16,
+             max_cache_length: int | None = None, propose: Callable | None = None,
+             aux: Any = None) -> GenerateResult:
+  """Generates up to `max_new_tokens` per prompt; speculative with a drafter, plain without.
+
+  Args:
+    base_params: base Flax params (loop layout, see `decode_params`).
+    prompts: B lists of token ids (any lengths; left-padded to a multiple of `prompt_bucket`).
+    drafter_vars / drafter_cfg: the assistant; None for plain decoding.
+    num_draft_tokens: K drafts per round (ignored without a drafter).
+    sampling: greedy (default) or temperature / top-k / top-p.
+    stop_tokens: ids that end a row (the stop token is emitted).
+    seed: the sampling rng (rows draw independent numbers from it).
+    query_position: the drafter's query RoPE position, "next" (HF) or "anchor"; use what it was
+      trained with.
+    max_cache_length: refuse requests needing more cache slots (default: max_position_embeddings).
+    propose / aux: a custom proposer (tests) with its pytree of arrays; default the drafter.
+  Returns:
+    GenerateResult. Compilation happens before the clock starts (`compile_seconds`, 0 when the
+    programs were already compiled), so the timings are steady-state ones.
+  """
+  speculative = drafter_cfg is not None or propose is not None
+  if speculative and num_draft_tokens < 1:
+    raise GenerateError(f"--num-draft-tokens (K) must be >= 1 for speculative decoding, got "
+                        f"{num_draft_tokens}")
+  if propose is None and drafter_cfg is not None:
+    propose = DrafterProposer(drafter_cfg, query_position)
+    aux = {"drafter": drafter_vars}
+  k = num_draft_tokens if speculative else 0
+  p_len = bucket(max((len(p) for p in prompts), default=0), prompt_bucket)
+  needed = check_request(base_cfg, prompts, drafter_cfg=drafter_cfg, num_draft=k,
+                         max_new_tokens=max_new_tokens, prompt_length=p_len,
+                         max_cache_length=max_cache_length)
+  # Rounded up so that nearby K / max_new share programs; never past the limit.
+  cache_length = min(bucket(needed, CACHE_BUCKET),
+                     max_cache_length or base_cfg.max_position_embeddings)
+  tokens_BP, valid_BP = pad_left(prompts, p_len, base_cfg.pad_token_id)
+  stop = sorted({int(t) for t in stop_tokens})
+  stop_S = np.full(bucket(max(len(stop), 1), 4), -1, np.int32)
+  stop_S[:len(stop)] = stop
+  args = (base_params, jnp.asarray(tokens_BP), jnp.asarray(valid_BP), jnp.asarray(stop_S),
+          jax.random.PRNGKey(seed))
+
+  compile_s = 0.0
+  run_prefill, dt = _compiled(prefill, args, cfg=base_cfg, cache_length=cache_length,
+                              max_new=max_new_tokens, sampling=sampling)
+  compile_s += dt
+  run_decode, dt = _compiled(decode, (base_params, aux, run_prefill.out_info), cfg=base_cfg,
+                             propose=propose, num_draft=k, max_new=max_new_tokens,
+                             sampling=sampling)
+  compile_s += dt
+  t0 = time.perf_counter()
+  state = jax.block_until_ready(run_prefill(*args))
+  t1 = time.perf_counter()
+  state = jax.block_until_ready(run_decode(base_params, aux, state))
+  t2 = time.perf_counter()
+  result = _result(jax.device_get(state), k, t1 - t0, t2 - t1)
+  result.compile_seconds = compile_s
+  return result
+
+
+_EXECUTABLES: dict = {}
+
+
+def _compiled(fn, args, **static):
+  """(`fn` lowered and compiled for these argument shapes and static options, seconds spent
+  compiling: 0 when cached)."""
+  leaves, treedef = jax.tree.flatten(args)
+  key = (fn.__name__, treedef, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves),
+         tuple(sorted(static.items())))
+  exe = _EXECUTABLES.get(key)
+  if exe is not None:
+    return exe, 0.0
+  t0 = time.perf_counter()
+  exe = _EXECUTABLES[key] = fn.lower(*args, **static).compile()
+  return exe, time.perf_counter() - t0
+
+
+def _result(state: DecodeState, k: int, prefill_s: float, decode_s: float) -> GenerateResult:
+  out_BN, n_B = np.asarray(state.out_BN), np.asarray(state.num_out_B)
+  acc_RB, drafts_RBK = np.asarray(state.accepted_RB), np.asarray(state.drafts_RBK)
+  rounds = int(state.round)
+  b_rows = out_BN.shape[0]
+  per_round = [[{"drafted": drafts_RBK[r, b].tolist(), "accepted": int(acc_RB[r, b])}
+                for r in range(min(rounds, acc_RB.shape[0])) if acc_RB[r, b] >= 0]
+               for b in range(b_rows)] if k else [[] for _ in range(b_rows)]
+  fwd = np.asarray(state.forwards_B)
+  return GenerateResult(
+      tokens=[out_BN[b, :n_B[b]].tolist() for b in range(b_rows)],
+      target_forwards=rounds, forwards_per_row=fwd.tolist(),
+      drafted_per_row=(fwd * k).tolist(), accepted_per_row=np.asarray(state.accepted_B).tolist(),
+      rounds=per_round, prefill_seconds=prefill_s, decode_seconds=decode_s, num_draft_tokens=k)
+
+
+def decode_params(cfg: config_lib.ModelConfig, params) -> tuple[config_lib.ModelConfig, Any]:
+  """(cfg, params) in the layout decoding uses: unboxed, loop layout, no scan, no remat."""
+  params = nn.unbox(params)
+  if any(str(k).startswith("scan_") for k in params):
+    params = transformer.unstack_layer_params(cfg, params)
+  return cfg.replace(scan_layers=False, remat_policy="none"), params
+
+
+def decode_drafter(cfg: config_lib.DrafterConfig, variables) -> tuple[config_lib.DrafterConfig,
+                                                                     Any]:
+  """(cfg, variables) of the drafter for decoding: unboxed, no remat."""
+  return cfg.replace(text=cfg.text.replace(remat_policy="none")), nn.unbox(variables)
