@@ -90,8 +90,7 @@ def kv_masks(cfg: config_lib.DrafterConfig, store_kv: dict[str, transformer.Stor
 
 def embed_tokens(embedding_VM: Array, tokens: Array, dtype) -> Array:
   """The base's scaled token embedding (`Transformer.embed`): sqrt(M) rounded to the weight dtype."""
-  scale = jnp.asarray(embedding_VM.shape[1] ** 0.5, dtype=embedding_VM.dtype)
-  return (jnp.take(embedding_VM, tokens, axis=0) * scale).astype(dtype)
+  return layers.embed_lookup(embedding_VM, tokens, dtype)
 
 
 # ------------------------------------------------------------------------------ module

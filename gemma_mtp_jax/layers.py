@@ -44,6 +44,13 @@ def activation(name: str):
   raise ValueError(f"unsupported activation {name!r}")
 
 
+def embed_lookup(table_VD: Array, tokens: Array, dtype) -> Array:
+  """Gemma's scaled embedding: table[tokens] * sqrt(D), with sqrt(D) rounded to the table's dtype
+  first, as HF does (in bfloat16, sqrt(2560) = 50.596 becomes 50.5)."""
+  scale = jnp.asarray(table_VD.shape[1] ** 0.5, dtype=table_VD.dtype)
+  return (jnp.take(table_VD, tokens, axis=0) * scale).astype(dtype)
+
+
 def softcap(x: Array, cap: float | None) -> Array:
   if cap is None:
     return x

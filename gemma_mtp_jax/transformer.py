@@ -220,9 +220,7 @@ class Transformer(nn.Module):
   # -------------------------------------------------------------------------- pieces
   def embed(self, tokens_BT: Array) -> Array:
     """Token embedding times sqrt(D); the scale is rounded to the weight dtype as HF does."""
-    scale = jnp.asarray(self.cfg.embed_dim ** 0.5, dtype=self.embedding.dtype)
-    x_BTD = jnp.take(self.embedding, tokens_BT, axis=0) * scale
-    return x_BTD.astype(layers.as_dtype(self.cfg.dtype))
+    return layers.embed_lookup(self.embedding, tokens_BT, layers.as_dtype(self.cfg.dtype))
 
   def per_layer_inputs(self, tokens_BT: Array, x_BTD: Array) -> Array:
     """PLE: (norm(proj(x) / sqrt(D)) + embed_ple(tok) * sqrt(P)) / sqrt(2), [B, T, L, P]."""
