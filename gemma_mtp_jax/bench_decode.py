@@ -105,7 +105,7 @@ def fill_random(shapes, seed: int = 0, amp: float = 1.0):
 
 
 def random_pair(preset: str, seed: int = 0) -> dict:
-  """A pair of `preset` with `fill_random` weights, in decoding layout (the `generate.load` dict)."""
+  """A pair of `preset` with `fill_random` weights, in decoding layout (a `generate.load` dict)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -280,7 +280,8 @@ def component_times(pair: dict, batch: int, ks: Sequence[int], prompt_len: int, 
   out = {"base_step_s": {}, "verify_s": {}, "draft_step_s": {}}
   for k in ks:
     base_s, verify_s, draft_s = interleaved(step, verify(k + 1), draft(k))
-    out["base_step_s"][k], out["verify_s"][k], out["draft_step_s"][k] = base_s, verify_s, draft_s / k
+    out["base_step_s"][k], out["verify_s"][k] = base_s, verify_s
+    out["draft_step_s"][k] = draft_s / k
   return out
 
 
@@ -402,7 +403,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set(title=f"{name} pair: speculative / plain decode", xlabel="K (drafts per round)",
            ylabel="speedup")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -497,8 +498,8 @@ def bench_decode(argv: Sequence[str] | None = None) -> dict:
     print(f"\ndecode benchmark ({res['device']}, {a.max_new_tokens} new tokens, {a.prompts} "
           f"prompts, min of {a.repeats}); tok/s = decode-loop tokens per second")
     print(table(rows))
-    print(f"programs compiled: {compiles} for {res['configurations']} configurations "
-          "(one prefill per cache size, one decode loop per configuration; repeats compile "
-          "nothing)")
+    print(f"programs compiled: {compiles} for {res['configurations']} configurations (one "
+          "prefill per batch / prompt bucket / cache size, one decode loop per batch / T / K, "
+          "shared by pairs of the same shapes; repeated calls compile nothing)")
     print(f"wrote {out_dir}/bench_decode.json and bench_decode.png")
   return res

@@ -73,7 +73,7 @@ def _ids(text: str, flag: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ loading
-def _configs_of(path: str, step: int | None):
+def _configs_of(path: str):
   """(base ModelConfig, DrafterConfig or None) of a model dir from its JSON files only, or None
   when they cannot be read without loading weights (hub ids)."""
   from gemma_mtp_jax import checkpoint
@@ -94,7 +94,7 @@ def _configs_of(path: str, step: int | None):
           config_lib.drafter_config_from_dict(d) if d else None)
 
 
-def check_fit(base: str, drafter: str | None, step: int | None = None) -> None:
+def check_fit(base: str, drafter: str | None) -> None:
   """Refuses a drafter that does not fit the base from the config files alone (before any weights
   are read); `load_pair` checks again for sources this cannot read."""
   from gemma_mtp_jax import config as config_lib
@@ -102,7 +102,7 @@ def check_fit(base: str, drafter: str | None, step: int | None = None) -> None:
 
   if drafter is None:
     return
-  b, d = _configs_of(base, step), _configs_of(drafter, None)
+  b, d = _configs_of(base), _configs_of(drafter)
   if b is None or d is None:
     return
   if b[0] is None:
@@ -125,7 +125,7 @@ def load(base: str, drafter: str | None = None, step: int | None = None, dtype: 
   from gemma_mtp_jax import speculative
   from gemma_mtp_jax import tokenizer as tokenizer_lib
 
-  check_fit(base, None if plain else drafter, step)
+  check_fit(base, None if plain else drafter)
   pair = checkpoint.load_pair(base, drafter=None if plain else drafter, step=step, dtype=dtype)
   base_cfg, params = speculative.decode_params(pair.base_cfg, pair.params["base"])
   dcfg, dvars = None, None
@@ -168,11 +168,10 @@ def default_query_position(loaded: dict) -> str:
   return "next"
 
 
-def prompt_ids(loaded: dict, prompt: str | None, ids: str | None, chat: bool) -> list[int]:
+def prompt_ids(loaded: dict, prompt: str, chat: bool) -> list[int]:
+  """Token ids of a text prompt with the pair's tokenizer (as a chat user turn with `chat`)."""
   from gemma_mtp_jax import speculative
 
-  if ids is not None:
-    return _ids(ids, "--prompt-ids")
   tok = loaded["tokenizer"]
   if tok is None:
     raise speculative.GenerateError(f"{loaded['pair'].meta.get('path')}: no tokenizer files; "
@@ -230,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   speculative.Sampling(args.temperature, args.top_k, args.top_p)  # flag errors before loading
   ids_flag = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else None
   loaded = load(args.base, args.drafter, args.step, args.dtype, args.plain)
-  ids = ids_flag if ids_flag is not None else prompt_ids(loaded, args.prompt, None, args.chat)
+  ids = ids_flag if ids_flag is not None else prompt_ids(loaded, args.prompt, args.chat)
   stop = [] if args.no_stop else (_ids(args.stop_ids, "--stop-ids") if args.stop_ids else None)
   return generate(loaded, ids, max_new_tokens=args.max_new_tokens,
                   num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
