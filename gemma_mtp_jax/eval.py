@@ -292,8 +292,10 @@ def greedy_acceptance(params: Mapping, buffers: Mapping | None, prompts: Sequenc
                       length: int | None = None) -> dict:
   """Exact greedy acceptance on base-greedy continuations of `prompts` (see the module docstring).
 
-  Returns {"eval/greedy/...": summary of `summarize`, "tokens_per_round": tokens per target
-  forward of the walked decode, "rounds", "tokens"} and the continuations under "continuations".
+  Returns {"metrics": {"eval/greedy/accept/...": `summarize` of the per-anchor lengths,
+  "eval/greedy/tokens_per_round": tokens per target forward of the walked decode (the prefill left
+  out), "eval/greedy/rounds", "eval/greedy/new_tokens"}, "continuations": the new tokens of each
+  prompt, through its first stop token}.
   `generate_fn` / `eval_fn` are the jitted `greedy_generate` / `eval_sums` (made here if None).
   `batch_size` x `length` is the shape of the rows `eval_fn` sees: pass the eval batches' shape
   (when prompt + continuation fit in it) to reuse their compiled program.

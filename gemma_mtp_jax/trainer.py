@@ -609,7 +609,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   if t.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(t.compilation_cache_dir))
   is_main = jax.process_index() == 0
-  say = print if is_main else (lambda *a, **k: None)
+  from tqdm import tqdm
+  # tqdm.write prints above the progress bar instead of onto its line.
+  say = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
   workdir = os.path.abspath(workdir)
   num_steps, k_steps = int(t.num_steps), jcfg.num_steps
 
@@ -702,7 +704,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
       return m
 
     # --- the loop
-    from tqdm import tqdm
     last_eval: dict = {}
     status = "finished"
     compiles_before = _COMPILES[0]
@@ -790,6 +791,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
             _export_pair(workdir, base_cfg, dcfg, host_vars, step),
             os.path.join(workdir, HF_EXPORT_DIR), overwrite=True, dtype=t.export_dtype or None,
             num_assistant_tokens=k_steps)
+        _tokenizer_to_drafter(export_dir)
         say(f"[export] HF pair written: {export_dir}/base and {export_dir}/drafter")
         if bool(t.hf_check) and prompts:
           t0 = time.time()
@@ -819,6 +821,15 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   return dict(status=status, step=step, workdir=workdir, export=export_dir, eval=last_eval, hf=hf,
               train_step_compiles=compiles, wall_time_s=summary["wall_time_s"],
               xla_compiles=summary["xla_compiles"])
+
+
+def _tokenizer_to_drafter(export_dir: str) -> None:
+  """The base's tokenizer files beside the drafter too, so each HF dir loads on its own."""
+  from gemma_mtp_jax.convert import io as convert_io
+  base, drafter = os.path.join(export_dir, "base"), os.path.join(export_dir, "drafter")
+  if os.path.isdir(drafter):
+    names = [n for n in convert_io.aux_files(base) if "token" in n or n.endswith(".jinja")]
+    convert_io.copy_files(base, names, drafter)
 
 
 def _hf_version() -> str:

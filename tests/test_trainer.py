@@ -322,7 +322,7 @@ def test_records_plots_export_and_hf_check(assets, tmp_path):
   with bench_joint.hf_assistant_patch():
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "base")
     drafter = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "drafter")
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf" / "base")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf" / "drafter")  # copied too
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 1 plus 2?"}],
                                   add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)["input_ids"]
