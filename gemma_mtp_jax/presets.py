@@ -1,9 +1,13 @@
 """Named presets: ml_collections config files in the repo's `configs/` directory.
 
 A preset file is a plain Python file with `get_config()` returning a ConfigDict with `model` (ModelConfig
-fields), `drafter` (DrafterConfig fields, `text` holding ModelConfig fields), `hf_base`, `hf_drafter` and
-`train`. The files are loaded by path (the `ml_collections.config_flags` convention, `path:arg` included),
-so `configs/` is a directory, not a package.
+fields), `drafter` (DrafterConfig fields, `text` holding ModelConfig fields), `hf_base`, `hf_drafter`,
+`train` (`train_fields`: the joint objective, schedule, optimizer, eval, checkpoints, export), `data`
+(a `gemma_mtp_jax.data` config: sources, mixture weights, eval split, tokenizer) and `mesh`
+(`mesh_fields`: mesh axes and logical sharding rules). `gemma_mtp_jax.trainer.validate_config` checks
+every key of every section, so a typo fails with the closest valid key. The files are loaded by path
+(the `ml_collections.config_flags` convention, `path:arg` included), so `configs/` is a directory, not
+a package.
 
 The small builders below (`text_fields`, `drafter_fields`, `train_fields`) are what the preset files call,
 so the Gemma 4 family defaults live in one place (the ModelConfig dataclass) and each preset only states
