@@ -45,6 +45,7 @@ def get_config():
       dtype="bfloat16",
       param_dtype="float32",
       remat_policy="full",
+      attention_chunk_size=512,  # query blocks: no [T, T] scores in training
   )
   drafter_text = presets.text_fields(
       vocab_size=262_144,
@@ -62,6 +63,7 @@ def get_config():
       num_kv_shared_layers=4,  # every assistant layer reads the base's KV
       final_logit_softcap=None,  # released assistants ship final_logit_softcapping: null
       max_position_embeddings=262_144,
+      attention_chunk_size=512,
       dtype="bfloat16",
       param_dtype="float32",
   )

@@ -40,6 +40,7 @@ def get_config():
       dtype="bfloat16",
       param_dtype="float32",
       remat_policy="full",
+      attention_chunk_size=512,  # query blocks: no [T, T] scores in training
   )
   drafter_text = presets.text_fields(
       vocab_size=262_144,
@@ -55,6 +56,7 @@ def get_config():
       num_kv_shared_layers=4,  # every assistant layer reads the base's KV
       final_logit_softcap=None,  # released assistants ship final_logit_softcapping: null
       max_position_embeddings=131_072,
+      attention_chunk_size=512,
       dtype="bfloat16",
       param_dtype="float32",
   )
@@ -68,5 +70,5 @@ def get_config():
       hf_drafter="google/gemma-4-E2B-it-assistant",
       train=presets.train_fields(seq_len=4096, batch_size=64, learning_rate=1e-5,
                                  warmup_steps=100, num_steps=10_000,
-                                 loss_chunk_size=1024),
+                                 loss_chunk_size=256),
   )

@@ -1,38 +1,39 @@
-"""Ahead-of-time memory and FLOPs plan: compile the real joint train step for a TPU topology.
+"""Ahead-of-time memory and FLOPs plan: compile the trainer's train step for a TPU topology.
 
   JAX_PLATFORMS=cpu python -m gemma_mtp_jax.aot --config=configs/e4b.py --topology=v5e-16 \
-      [--batch=16] [--seq=4096] [--mode=joint|drafter_only] [--mesh=fsdp:-1] [--step_time=1.0]
+      [--config.train.batch_size=16] [--config.train.freeze_base=True] \
+      [--config.mesh.axes.fsdp=8 --config.mesh.axes.tensor=2] [--step_time=1.0] [--json]
 
-Needs the `tpu` extra (libtpu, pinned to the same jax version); no TPU is needed: the program is
-lowered and compiled for the topology's devices on this CPU machine, and XLA's own
+The program is the one `python -m gemma_mtp_jax.train` runs with the same config (`trainer.programs`:
+the same shardings, optimizer, gradient accumulation, remat, chunked loss and attention, donation);
+only the devices are a TPU topology's. Needs the `tpu` extra (libtpu at the same jax version); no
+TPU is needed: the program is lowered and compiled on this CPU machine, and XLA's own
 `memory_analysis()` / `cost_analysis()` report what one chip would hold and compute.
+Exit codes: 0 fits, 1 does not fit the chip's HBM, 2 bad configuration.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
+import time
+import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import drafter as drafter_lib
 from gemma_mtp_jax import joint
-from gemma_mtp_jax import presets
 from gemma_mtp_jax import sharding
-from gemma_mtp_jax import transformer
+from gemma_mtp_jax import trainer
 
 # name -> (jax topology string, HBM bytes per chip, peak bf16 FLOP/s per chip).
 # v5e-N counts chips; v4/v5p-N count TensorCores (2 per chip), as Cloud TPU names them.
 TOPOLOGIES = {
-    "v5e-1": ("v5e:1x1", 16 * 2**30, 197e12),
     "v5e-4": ("v5e:2x2", 16 * 2**30, 197e12),
     "v5e-8": ("v5e:2x4", 16 * 2**30, 197e12),
     "v5e-16": ("v5e:4x4", 16 * 2**30, 197e12),
@@ -61,14 +62,6 @@ def topology_devices(name: str):
                                  f"; known: {', '.join(TOPOLOGIES)}")
   topo = topologies.get_topology_desc(topology_name=TOPOLOGIES[name][0], platform="tpu")
   return topo.devices
-
-
-def boxed_params(base_cfg, dcfg, rng):
-  """Params {"base", "drafter"} with their logical-axis boxes, plus drafter buffers."""
-  rb, rd = jax.random.split(rng)
-  variables = drafter_lib.init_variables(dcfg, rd)
-  return ({"base": transformer.init_params(base_cfg, rb), "drafter": variables["params"]},
-          variables.get("buffers"))
 
 
 def model_flops_per_token(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
@@ -114,6 +107,7 @@ class Plan:
   batch: int
   seq: int
   mode: str
+  state_gib: float  # params + optimizer state on one chip, from their shardings
   argument_gib: float
   output_gib: float
   temp_gib: float
@@ -127,109 +121,135 @@ class Plan:
   step_time_s: float
 
 
-def plan(config_name: str, topology: str, batch: int, seq: int, mode: str = "joint",
-         mesh_axes: dict | None = None, step_time: float = 1.0, overrides: dict | None = None,
-         remat: str | None = None, loss_chunk: int = 1024) -> Plan:
-  cfg = presets.load_config(config_name)
-  base_cfg, dcfg = presets.model_configs(cfg)
-  base_cfg = base_cfg.replace(**(overrides or {}))
-  if remat:
-    base_cfg = base_cfg.replace(remat_policy=remat)
-  train = cfg.train.to_dict()
-  train["freeze_base"] = mode == "drafter_only"
-  # Real vocabularies (262144) make [B, T, V] logits the largest activation: chunk the head + loss.
-  train["loss_chunk_size"] = loss_chunk
-  jcfg = joint.JointConfig.from_train_config(train)
+@dataclasses.dataclass
+class Plan:
+  config: str
+  topology: str
+  mesh: dict
+  batch: int
+  grad_accum_steps: int
+  seq: int
+  mode: str
+  state_gib: float  # params + optimizer state on one chip, from their shardings
+  argument_gib: float
+  output_gib: float
+  temp_gib: float
+  alias_gib: float
+  total_gib: float
+  hbm_gib: float
+  fits: bool
+  compiled_flops_per_chip: float
+  model_flops_per_step: float
+  mfu_at_step_time: float
+  step_time_s: float
+  compile_s: float
+
+
+def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
+  """Compiles the trainer's step for `cfg` (a preset ConfigDict, overrides applied) on `topology`."""
+  base_cfg, dcfg, jcfg = trainer.validate_config(cfg)
+  t = cfg.train
   devices = topology_devices(topology)
-  mesh = sharding.make_mesh(mesh_axes or {"fsdp": -1}, devices)
-  rules = sharding.DEFAULT_RULES
-  tx = optax.adamw(1e-5, weight_decay=0.1)
-
-  def init_state(rng):
-    params, buffers = boxed_params(base_cfg, dcfg, rng)
-    return joint.init_train_state(params, tx, jcfg), buffers
-
-  abstract_state, abstract_buffers = jax.eval_shape(init_state, jax.random.PRNGKey(0))
-  state_sh = sharding.logical_shardings(abstract_state, mesh, rules)
-  buffers_sh = jax.tree.map(lambda _: sharding.replicated(mesh), abstract_buffers)
-  state_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           nn.unbox(abstract_state), nn.unbox(state_sh))
-  buffers_abs = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             abstract_buffers, buffers_sh)
-  bs = sharding.batch_sharding(mesh, rules)
-  batch_abs = {
-      "tokens": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs),
-      "segment_ids": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs),
-      "positions": jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bs),
-      "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.bool_, sharding=bs),
-  }
-  step = jax.jit(lambda s, b, x: joint.train_step(s, b, x, base_cfg=base_cfg, dcfg=dcfg,
-                                                  jcfg=jcfg, tx=tx),
-                 out_shardings=(nn.unbox(state_sh), None), donate_argnums=(0,))
-  with sharding.use_mesh(mesh, rules):
-    compiled = step.lower(state_abs, buffers_abs, batch_abs).compile()
-  mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  mesh = sharding.make_mesh(trainer._as_dict(cfg.mesh.axes), devices)
+  rules = sharding.rules_from_config(cfg.mesh.rules)
+  batch, seq, accum = int(t.batch_size), int(t.seq_len), int(t.grad_accum_steps)
+  progs = trainer.programs(base_cfg, dcfg, jcfg, trainer.OptimizerConfig.from_train(t), accum,
+                           float(t.init_embedding_std), mesh, rules, int(t.eval_new_tokens))
+  params_abs, buffers_abs = trainer._split_vars(progs.abstract_vars)
+  state_abs = joint.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
+      params=params_abs, opt_state=progs.opt_abs)
+  row = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=progs.batch_sh)
+  batch_abs = dict(tokens=row(jnp.int32), segment_ids=row(jnp.int32), positions=row(jnp.int32),
+                   loss_mask=row(jnp.bool_))
+  state_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
+                    for x in jax.tree.leaves(state_abs))
+  t0 = time.time()
   gib = 2.0 ** 30
+  hbm, peak = TOPOLOGIES[topology][1], TOPOLOGIES[topology][2]
+  try:
+    with sharding.use_mesh(mesh, rules):
+      compiled = progs.step.lower(state_abs, buffers_abs, batch_abs).compile()
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a program whose temporaries alone exceed HBM; report that.
+    need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+    if "RESOURCE_EXHAUSTED" not in str(e) or need is None:
+      raise
+    temps = int(float(need.group(1)) * gib)
+    mem = types.SimpleNamespace(argument_size_in_bytes=state_bytes, output_size_in_bytes=0,
+                                temp_size_in_bytes=temps, alias_size_in_bytes=0)
+    cost = {}
+  compile_s = time.time() - t0
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
            - mem.alias_size_in_bytes)
-  hbm, peak = TOPOLOGIES[topology][1], TOPOLOGIES[topology][2]
-  n_chips = len(devices)
-  mflops = model_flops_per_token(base_cfg, dcfg, seq, jcfg.num_steps, mode == "joint") * batch * seq
+  mode = "drafter_only" if jcfg.freeze_base else "joint"
+  mflops = model_flops_per_token(base_cfg, dcfg, seq, jcfg.num_steps, not jcfg.freeze_base)
+  mflops *= batch * seq
   return Plan(
-      topology=topology, mesh={k: int(v) for k, v in mesh.shape.items() if v > 1}, batch=batch,
-      seq=seq, mode=mode, argument_gib=mem.argument_size_in_bytes / gib,
+      config=str(cfg.get("name", "?")), topology=topology,
+      mesh={k: int(v) for k, v in mesh.shape.items() if v > 1}, batch=batch,
+      grad_accum_steps=accum, seq=seq, mode=mode, state_gib=state_bytes / gib, argument_gib=mem.argument_size_in_bytes / gib,
       output_gib=mem.output_size_in_bytes / gib, temp_gib=mem.temp_size_in_bytes / gib,
       alias_gib=mem.alias_size_in_bytes / gib, total_gib=total / gib, hbm_gib=hbm / gib,
       fits=total <= hbm, compiled_flops_per_chip=float(cost.get("flops", 0.0)),
-      model_flops_per_step=mflops, mfu_at_step_time=mflops / (step_time * peak * n_chips),
-      step_time_s=step_time)
+      model_flops_per_step=mflops, mfu_at_step_time=mflops / (step_time * peak * len(devices)),
+      step_time_s=step_time, compile_s=compile_s)
 
 
-def _parse_mesh(s: str | None) -> dict | None:
-  if not s:
-    return None
-  out = {}
-  for part in s.split(","):
-    name, _, size = part.partition(":")
-    out[name.strip()] = int(size)
-  return out
+def describe(r: Plan) -> str:
+  return "\n".join([
+      f"{r.config} {r.mode} on {r.topology} mesh={r.mesh} batch={r.batch} "
+      f"(grad_accum_steps={r.grad_accum_steps}) seq={r.seq}; compiled in {r.compile_s:.0f}s",
+      f"  per chip: train state {r.state_gib:.2f} GiB; arguments {r.argument_gib:.2f} GiB + outputs {r.output_gib:.2f} + temps "
+      f"{r.temp_gib:.2f} - aliased {r.alias_gib:.2f} = {r.total_gib:.2f} GiB of "
+      f"{r.hbm_gib:.0f} GiB HBM -> {'fits' if r.fits else 'DOES NOT FIT'}",
+      f"  compiled FLOPs per chip per step: {r.compiled_flops_per_chip:.3e}; model FLOPs per "
+      f"step: {r.model_flops_per_step:.3e}; MFU at {r.step_time_s:g}s/step: "
+      f"{100 * r.mfu_at_step_time:.1f}%"])
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m gemma_mtp_jax.aot", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True)
-  p.add_argument("--topology", required=True, help=f"one of {', '.join(TOPOLOGIES)}")
-  p.add_argument("--batch", type=int, default=None, help="global batch (default: one per chip)")
-  p.add_argument("--seq", type=int, default=4096)
-  p.add_argument("--mode", choices=("joint", "drafter_only"), default="joint")
-  p.add_argument("--mesh", default=None, help="e.g. fsdp:-1 or fsdp:8,tensor:2")
-  p.add_argument("--remat", default=None, help="override the preset's remat_policy")
-  p.add_argument("--step_time", type=float, default=1.0, help="seconds per step for the MFU line")
-  p.add_argument("--loss_chunk", type=int, default=1024,
-                 help="positions per head/loss chunk (0: full [B, T, V] logits)")
-  p.add_argument("--scan_layers", action="store_true", help="nn.scan over layer periods "
-                 "(faster compile of deep models; same program semantics)")
-  p.add_argument("--json", action="store_true")
-  a = p.parse_args(argv)
-  batch = a.batch or len(topology_devices(a.topology))
-  r = plan(a.config, a.topology, batch, a.seq, a.mode, _parse_mesh(a.mesh), a.step_time,
-           overrides={"scan_layers": True} if a.scan_layers else None, remat=a.remat,
-           loss_chunk=a.loss_chunk)
-  if a.json:
-    print(json.dumps(dataclasses.asdict(r)))
-  else:
-    print(f"{a.config} {r.mode} on {r.topology} mesh={r.mesh} batch={r.batch} seq={r.seq}")
-    print(f"  per chip: arguments {r.argument_gib:.2f} GiB + outputs {r.output_gib:.2f} + temps "
-          f"{r.temp_gib:.2f} - aliased {r.alias_gib:.2f} = {r.total_gib:.2f} GiB of "
-          f"{r.hbm_gib:.0f} GiB HBM -> {'fits' if r.fits else 'DOES NOT FIT'}")
-    print(f"  compiled FLOPs per chip per step: {r.compiled_flops_per_chip:.3e}; model FLOPs per "
-          f"step: {r.model_flops_per_step:.3e}; MFU at {r.step_time_s:g}s/step: "
-          f"{100 * r.mfu_at_step_time:.1f}%")
-  return 0
+def main() -> None:
+  """`python -m gemma_mtp_jax.aot`: absl flags, like `gemma_mtp_jax.train` (defined here, not at
+  import, so importing this module defines no flags)."""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  def fail(error: BaseException) -> None:
+    print(f"error: {trainer.explain_override_error(sys.argv, error)}", file=sys.stderr)
+    sys.exit(2)
+
+  try:
+    config = config_flags.DEFINE_config_file(
+        "config", None, "Preset file (configs/X.py); override fields with --config.a.b=value.",
+        lock_config=True)
+  except Exception as e:  # noqa: BLE001 (a bad --config.* override surfaces here)
+    fail(e)
+  topology = flags.DEFINE_enum("topology", None, list(TOPOLOGIES), "TPU slice to compile for.")
+  step_time = flags.DEFINE_float("step_time", 1.0, "Seconds per step for the MFU line.")
+  as_json = flags.DEFINE_bool("json", False, "Print the plan as one JSON object.")
+  flags.mark_flags_as_required(["config", "topology"])
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001
+      fail(e)
+
+  def run(argv) -> int:
+    del argv
+    try:
+      r = plan(config.value, topology.value, step_time.value)
+    except config_lib.ConfigError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(json.dumps(dataclasses.asdict(r)) if as_json.value else describe(r))
+    return 0 if r.fits else 1
+
+  app.run(run, flags_parser=parse)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  main()

@@ -54,11 +54,57 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS:
   return out_BTKGH.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
+def chunked_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array,
+                      chunk_size: int, window: int | None = None,
+                      attn_softcap: float | None = None, scale: float = 1.0) -> Array:
+  """`dot_product_attention` over blocks of `chunk_size` query rows, one block at a time.
+
+  Each block is a `jax.checkpoint`ed step of a `lax.map`, so neither the forward nor the backward
+  pass ever holds more than one [C, S] block of scores per head (the backward recomputes them):
+  memory falls from O(T * S) to O(C * S) per head, FLOPs stay the same.
+
+  window: the mask's sliding window W (it attends positions q - W < p <= q). When the keys are this
+  call's own tokens (S == T, no cache), and positions advance by at least one per slot within a
+  document (true of packed training rows and of left-padded prompts), every key a row may attend
+  lies within W slots before it, so a block of rows [c, c + C) reads only keys [c + C - (C + W),
+  c + C): C + W keys instead of S, which also cuts the sliding layers' FLOPs by S / (C + W).
+  Returns [B, T, N, H], equal to `dot_product_attention` up to float summation order.
+  """
+  b, t, n, h = q_BTNH.shape
+  s = k_BSKH.shape[1]
+  c = chunk_size
+  nc = -(-t // c)
+  pad = nc * c - t
+  if pad:
+    q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0)))
+  span = c + window if window is not None else s
+  local = s == t and span < s
+  q_NcBCNH = jnp.moveaxis(q_BTNH.reshape(b, nc, c, n, h), 1, 0)
+  mask_NcBCS = jnp.moveaxis(mask_BTS.reshape(b, nc, c, s), 1, 0)
+
+  @jax.checkpoint
+  def block(args):
+    i, q_BCNH, m_BCS = args
+    k, v = k_BSKH, v_BSKH
+    if local:
+      start = jnp.clip(i * c + c - span, 0, s - span)
+      k = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
+      v = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
+      m_BCS = jax.lax.dynamic_slice_in_dim(m_BCS, start, span, axis=2)
+    return dot_product_attention(q_BCNH, k, v, m_BCS, attn_softcap, scale)
+
+  out_NcBCNH = jax.lax.map(block, (jnp.arange(nc), q_NcBCNH, mask_NcBCS))
+  return jnp.moveaxis(out_NcBCNH, 0, 1).reshape(b, nc * c, n, h)[:, :t]
+
+
 class Attention(nn.Module):
   """One Gemma 4 attention block (projections, norms, RoPE, attention, output projection).
 
   `has_kv=False` builds a query-only block (KV-shared layers and every drafter layer): it owns no
   k/v projections and attends the K/V it is given.
+  `chunk_size` > 0 attends in query blocks (`chunked_attention`) when T exceeds it; `window` is
+  the mask's sliding window (None on global layers), which lets those blocks skip far keys.
   """
 
   embed_dim: int
@@ -69,6 +115,8 @@ class Attention(nn.Module):
   k_eq_v: bool = False
   eps: float = 1e-6
   attn_softcap: float | None = None
+  chunk_size: int = 0
+  window: int | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -119,6 +167,10 @@ class Attention(nn.Module):
     else:
       k_BSKH, v_BSKH = kv_in
       kv_out = None
-    out_BTNH = dot_product_attention(q_BTNH, k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype),
-                                     mask_BTS, self.attn_softcap)
+    k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
+    if self.chunk_size and q_BTNH.shape[1] > self.chunk_size:
+      out_BTNH = chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, self.chunk_size, self.window,
+                                   self.attn_softcap)
+    else:
+      out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, self.attn_softcap)
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD.astype(self.dtype)), kv_out

@@ -173,8 +173,7 @@ def _with_param_dtype(cfg: config_lib.ModelConfig, tree) -> config_lib.ModelConf
 
 def _same_model(a: config_lib.ModelConfig, b: config_lib.ModelConfig) -> bool:
   """Equal architectures (numerics and compilation settings aside)."""
-  norm = dict(dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
-  return a.replace(**norm) == b.replace(**norm)
+  return a.architecture() == b.architecture()
 
 
 # ------------------------------------------------------------------------------ HF sources

@@ -27,6 +27,10 @@ def _closest(key: str, valid: Sequence[str]) -> str:
   return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
+# Fields that change how a model computes, not what it is (never part of an HF config).
+NUMERICS_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_chunk_size")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyper-parameters of a Gemma 4 text decoder (base model or the assistant's inner decoder).
@@ -77,6 +81,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots | dots_with_no_batch_dims
+  # > 0: queries attend in blocks of this many rows (`attention.chunked_attention`), so no [T, S]
+  # score matrix is ever whole; sliding layers then also skip keys outside the window. 0: off.
+  attention_chunk_size: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, "layer_types", tuple(self.layer_types))
@@ -122,8 +129,15 @@ class ModelConfig:
          f"unknown rope type {self.local_rope_type!r}")
     need(self.remat_policy in ("none", "full", "dots", "dots_with_no_batch_dims"), "remat_policy",
          f"unknown remat policy {self.remat_policy!r}")
+    need(isinstance(self.attention_chunk_size, int) and self.attention_chunk_size >= 0,
+         "attention_chunk_size", f"must be an integer >= 0, got {self.attention_chunk_size!r}")
     need(self.hidden_activation in ("gelu_pytorch_tanh", "gelu", "silu"), "hidden_activation",
          f"unsupported activation {self.hidden_activation!r}")
+
+  def architecture(self) -> "ModelConfig":
+    """This config with the numerics and compilation settings reset: two configs describe the same
+    checkpoint iff their `architecture()`s are equal."""
+    return self.replace(**{f: getattr(ModelConfig, f) for f in NUMERICS_FIELDS})
 
   # ------------------------------------------------------------------ derived structure
   @property

@@ -151,6 +151,11 @@ def mesh_fields(**overrides: Any) -> dict[str, Any]:
       rules=tuple((name, axis) for name, axis in sharding.DEFAULT_RULES),
       # Call jax.distributed.initialize() first (multi-host TPU slices: it finds its peers itself).
       initialize_distributed=False,
+      # Elsewhere (GPU hosts, CPU processes) name the peers: host:port of process 0, the process
+      # count and this process's id. Setting coordinator_address implies initialize_distributed.
+      coordinator_address="",
+      num_processes=0,
+      process_id=-1,
   )
   unknown = set(overrides) - set(out)
   if unknown:

@@ -41,6 +41,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("exp", "expert"),
     ("ple", None),
     ("ple_layers", "tensor"),
+    # The PLE table ([262144, L * 256] on E2B/E4B: 11 GB in float32) splits its rows over fsdp:
+    # its columns already take `tensor`, so `vocab`'s rule cannot serve it.
+    ("ple_vocab", "fsdp"),
     ("norm", None),
     ("layers", None),
 )

@@ -418,11 +418,10 @@ def _hf_variables(cfg, base_cfg, dcfg, var_shardings) -> tuple[dict, checkpoint.
                       f"preset): {outer(pair.drafter_cfg)} vs {outer(dcfg)}")
   for name, got, want in (("model", pair.base_cfg, base_cfg),
                           ("drafter.text", pair.drafter_cfg.text, dcfg.text)):
-    norm = dict(dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
-    if got.replace(**norm) != want.replace(**norm):
+    got, want = got.architecture(), want.architecture()
+    if got != want:
       diff = {f.name: (getattr(got, f.name), getattr(want, f.name))
-              for f in dataclasses.fields(got) if getattr(got.replace(**norm), f.name)
-              != getattr(want.replace(**norm), f.name)}
+              for f in dataclasses.fields(got) if getattr(got, f.name) != getattr(want, f.name)}
       raise ConfigError(f"the checkpoint's {name} config differs from the preset's "
                         f"(checkpoint, preset): {diff}")
   variables = pair.params
@@ -486,6 +485,25 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 # ------------------------------------------------------------------------------ helpers
+def initialize_distributed(mesh_cfg) -> None:
+  """`jax.distributed.initialize` when the config asks for it (`mesh.initialize_distributed`, or a
+  `mesh.coordinator_address`), before anything touches a device. On TPU VMs every argument is
+  auto-detected; elsewhere they come from the config. CPU processes (JAX_PLATFORMS=cpu, the
+  multi-process tests) exchange their collectives over gloo."""
+  address = str(mesh_cfg.get("coordinator_address") or "")
+  if not (mesh_cfg.get("initialize_distributed") or address):
+    return
+  if jax.distributed.is_initialized():
+    return
+  num, pid = int(mesh_cfg.get("num_processes") or 0), int(mesh_cfg.get("process_id", -1))
+  if address and (num < 1 or not 0 <= pid < num):
+    raise ConfigError(f"mesh.coordinator_address is set: mesh.num_processes ({num}) must be >= 1 "
+                      f"and mesh.process_id ({pid}) in [0, num_processes)")
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(address or None, num or None, pid if pid >= 0 else None)
+
+
 def _global_batch(batch: Mapping[str, np.ndarray], shard) -> dict:
   """This process's rows -> global arrays on the mesh (the batch axis split by the rules)."""
   return {k: jax.make_array_from_process_local_data(shard, np.asarray(v)) for k, v in batch.items()}
@@ -603,8 +621,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   t_start = time.time()
   base_cfg, dcfg, jcfg = validate_config(cfg)
   t = cfg.train
-  if cfg.mesh.initialize_distributed:
-    jax.distributed.initialize()
+  initialize_distributed(cfg.mesh)
   if t.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(t.compilation_cache_dir))
   is_main = jax.process_index() == 0

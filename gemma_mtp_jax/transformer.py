@@ -70,6 +70,15 @@ class Block(nn.Module):
 
   cfg: config_lib.ModelConfig
   layer_idx: int
+  # The attention mask's sliding window for this layer (None: global), as `window_for` gives it;
+  # the drafter's layers see one more position (`drafter.kv_window`).
+  window_override: int | None = None
+
+  @property
+  def window(self) -> int | None:
+    if self.window_override is not None:
+      return self.window_override
+    return window_for(self.cfg, self.cfg.layer_types[self.layer_idx])
 
   @nn.compact
   def __call__(self, x_BTD, cos_BTH, sin_BTH, mask_BTS, kv_in=None, cache_start_B=None,
@@ -82,7 +91,8 @@ class Block(nn.Module):
     attn = attention.Attention(
         embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, num_kv_heads=cfg.layer_kv_heads(i),
         head_dim=cfg.layer_head_dim(i), has_kv=not cfg.is_kv_shared(i), k_eq_v=cfg.layer_k_eq_v(i),
-        eps=cfg.rms_norm_eps, attn_softcap=cfg.attn_logit_softcap, dtype=dt, param_dtype=pdt,
+        eps=cfg.rms_norm_eps, attn_softcap=cfg.attn_logit_softcap,
+        chunk_size=cfg.attention_chunk_size, window=self.window, dtype=dt, param_dtype=pdt,
         name="attn")
     h_BTD, kv_out = attn(norm(name="pre_attention_norm")(x_BTD), cos_BTH, sin_BTH, mask_BTS, kv_in,
                          cache_start_B)
@@ -202,7 +212,7 @@ class Transformer(nn.Module):
       lp = cfg.num_layers * cfg.ple_dim
       self.ple_embedding = layers.param_with_axes(
           self, "ple_embedding", nn.initializers.normal(1.0), (cfg.ple_vocab_size, lp), pdt,
-          ("vocab", "ple_layers"))
+          ("ple_vocab", "ple_layers"))
       self.ple_projection = layers.param_with_axes(
           self, "ple_projection", layers.default_kernel_init, (cfg.embed_dim, lp), pdt,
           ("embed", "ple_layers"))

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(r"""
   import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
   jax.config.update("jax_default_matmul_precision", "highest")
   jax.config.update("jax_disable_most_optimizations", True)  # equivalence, not speed
-  from gemma_mtp_jax import aot, joint, sharding
+  from gemma_mtp_jax import drafter, joint, sharding, transformer
   from tests import test_drafter
 
   variant, meshes = sys.argv[1], json.loads(sys.argv[2])
@@ -25,8 +25,12 @@ SCRIPT = textwrap.dedent(r"""
       if variant == "moe" else {}
   base_cfg, dcfg = test_drafter.tiny_configs(ordered=True, window=3, **over)
   jcfg = joint.JointConfig(num_steps=3, drafter_loss_weight=0.5)
-  init = lambda r: aot.boxed_params(base_cfg, dcfg, r)[0]
-  buffers = aot.boxed_params(base_cfg, dcfg, jax.random.PRNGKey(0))[1]
+  def boxed(r):  # boxed params (logical axes) + the drafter's buffers
+    rb, rd = jax.random.split(r)
+    v = drafter.init_variables(dcfg, rd)
+    return {"base": transformer.init_params(base_cfg, rb), "drafter": v["params"]}, v.get("buffers")
+  init = lambda r: boxed(r)[0]
+  buffers = boxed(jax.random.PRNGKey(0))[1]
   rng = np.random.default_rng(0)
   batch = {"tokens": jnp.asarray(rng.integers(3, base_cfg.vocab_size, (8, 10)), jnp.int32),
            "segment_ids": jnp.asarray(np.repeat([[1] * 6 + [2] * 4], 8, 0), jnp.int32),

@@ -156,3 +156,40 @@ def test_scan_plan_covers_released_patterns():
   plan = transformer.scan_plan(e4b_like)
   assert sum(p * r for _, p, r in plan) == 42
   assert plan == ((0, 6, 4), (24, 6, 3))
+
+
+@pytest.mark.parametrize("variant", ["e_style", "moe"])
+def test_chunked_attention_equals_full_attention(variant):
+  """attention_chunk_size: query blocks (and window-sliced keys on sliding layers, T > C + W here)
+  give the same logits and gradients as whole [T, S] attention, on packed rows with a padded tail,
+  and in a cache prefill (S > T: blocks read every key)."""
+  cfg = _cfg(variant)
+  params = _params(cfg)
+  rng = np.random.default_rng(5)
+  t = 29  # not a multiple of the chunk: the last block is padded
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, t)))
+  seg = jnp.asarray([[1] * 17 + [2] * 9 + [0] * 3, [1] * t])
+  pos = jnp.asarray([list(range(17)) + list(range(9)) + [0] * 3, list(range(t))])
+  valid = seg > 0
+
+  def loss(p, c):
+    out = transformer.Transformer(c).apply({"params": p}, tokens, pos, valid, seg)
+    return jnp.mean(jnp.where(valid[..., None], out.logits, 0.0) ** 2), out.logits
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (v0, l0), g0 = grad_fn(params, cfg)
+  (v1, l1), g1 = grad_fn(params, cfg.replace(attention_chunk_size=4))
+  assert cfg.sliding_window + 4 < t  # the key-slicing path is the one under test
+  np.testing.assert_allclose(np.asarray(l1)[np.asarray(valid)], np.asarray(l0)[np.asarray(valid)],
+                             atol=2e-5)
+  np.testing.assert_allclose(v0, v1, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
+  assert any(float(jnp.abs(g).max()) > 1e-3 for g in jax.tree.leaves(g0))
+
+  # Prefill into a longer cache: chunked rows, full keys.
+  def prefill(c):
+    cache = kv_cache.init_cache(c, 1, 40, jnp.float32)
+    return transformer.Transformer(c).apply({"params": params}, tokens[1:], pos[1:],
+                                            cache=cache).logits
+  np.testing.assert_allclose(prefill(cfg.replace(attention_chunk_size=4)), prefill(cfg),
+                             atol=2e-5)
