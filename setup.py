@@ -44,7 +44,8 @@ setup(
         # torch only for the HF parity tests; the CPU wheel 2.13.0+cpu satisfies this pin.
         # libtpu (jax[tpu]) too: the AOT test compiles for a TPU topology on the CPU (no TPU needed).
         "test": ["pytest", "torch==2.13.0", "jax[tpu]==0.10.2"],
-        "tpu": ["jax[tpu]==0.10.2"],
+        # gcsfs: orbax (through etils.epath) reaches gs:// checkpoint directories with it.
+        "tpu": ["jax[tpu]==0.10.2", "gcsfs"],
     },
     data_files=[("share/gemma_mtp_jax/configs",
                  sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.py")))],

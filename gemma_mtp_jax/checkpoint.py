@@ -343,14 +343,19 @@ def _restore_tree(params_dir: str, target=None, shardings=None, dtype=None) -> d
 
 
 def open_manager(workdir: str, max_to_keep: int | None = None, save_interval_steps: int = 1,
-                 **options) -> ocp.CheckpointManager:
-  """The train workdir's CheckpointManager (`WORKDIR/checkpoints`), items params/opt_state/meta.
+                 directory: str | None = None, **options) -> ocp.CheckpointManager:
+  """The train workdir's CheckpointManager (`WORKDIR/checkpoints`, or `directory`: any path orbax
+  takes, gs://... included), items params/opt_state/meta.
 
   Save with `manager.save(step, args=save_args(params, opt_state, meta))`; `options` go to
   `ocp.CheckpointManagerOptions` (e.g. enable_async_checkpointing).
   """
+  if not directory:
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
+  elif "://" not in directory:
+    directory = os.path.abspath(os.path.expanduser(directory))
   return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR),
+      directory,
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                            save_interval_steps=save_interval_steps, create=True,
                                            **options),

@@ -124,6 +124,9 @@ def train_fields(**overrides: Any) -> dict[str, Any]:
       eval_every=500,  # 0: eval only at the end
       save_every=500,
       keep_checkpoints=3,
+      # "" : WORKDIR/checkpoints. Any orbax path, e.g. gs://bucket/run/checkpoints on Cloud TPU:
+      # checkpoints outlive the VM, and a run on a new VM with the same value resumes from them.
+      checkpoint_dir="",
       eval_prompts=32,  # held-out prompts the base continues greedily for the accepted length
       eval_new_tokens=64,
       eval_max_prompt_len=256,

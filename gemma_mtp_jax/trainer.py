@@ -628,6 +628,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   from tqdm import tqdm
   # tqdm.write prints above the progress bar instead of onto its line.
   say = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
+  if "://" in workdir:
+    raise ConfigError(
+        f"--workdir {workdir}: the workdir holds metrics, plots and the HF export, written as "
+        "local files; keep --workdir local and put the checkpoints on remote storage with "
+        f"--config.train.checkpoint_dir={workdir.rstrip('/')}/checkpoints")
   workdir = os.path.abspath(workdir)
   num_steps, k_steps = int(t.num_steps), jcfg.num_steps
 
@@ -653,7 +658,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   # --- the workdir: resume from its latest checkpoint, else initialise
   if is_main:
     os.makedirs(workdir, exist_ok=True)
-  manager = checkpoint.open_manager(workdir, max_to_keep=int(t.keep_checkpoints))
+  manager = checkpoint.open_manager(workdir, max_to_keep=int(t.keep_checkpoints),
+                                    directory=str(t.checkpoint_dir or "") or None)
   start = manager.latest_step()
   rng = jax.random.PRNGKey(int(t.seed))
   with sharding.use_mesh(mesh, rules):
@@ -661,7 +667,16 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
       params, buffers, opt_state, meta = _restore(manager, start, progs)
       train_iter.set_state(meta["data"])
       rng = jnp.asarray(meta["rng"], jnp.uint32)
-      source = f"resumed from step {start}"
+      source = f"resumed from step {start} of {manager.directory}"
+      if is_main and not os.path.isfile(os.path.join(workdir, checkpoint.PAIR_JSON)):
+        # A new machine resuming from a remote checkpoint_dir: the workdir's pair files (configs,
+        # tokenizer, tensors carried through to the export) come from the run's source again.
+        if cfg.hf_base:
+          pair = checkpoint.load_pair(cfg.hf_base, drafter=cfg.hf_drafter or None,
+                                      dtype=base_cfg.param_dtype)
+        else:
+          pair = _random_pair(base_cfg, dcfg, progs.abstract_vars, _tokenizer_dir(tokenizer))
+        checkpoint.init_workdir(workdir, pair)
     else:
       start = 0
       if cfg.hf_base:

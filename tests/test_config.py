@@ -17,7 +17,7 @@ from gemma_mtp_jax.config import ConfigError, DrafterConfig, ModelConfig
 
 PRESETS = ("tiny", "e2b", "e4b", "26b_a4b", "31b")
 # Fields that are ours only (numerics/compilation); HF configs do not carry them.
-_LOCAL_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy")
+_LOCAL_FIELDS = mc.NUMERICS_FIELDS  # not in an HF config
 
 
 def _pair(name):

@@ -11,6 +11,7 @@ Each run is a subprocess: the device count is fixed when JAX first initialises.
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -31,32 +32,31 @@ SCRIPT = textwrap.dedent(r"""
   from gemma_mtp_jax import trainer
   from tests.test_trainer import small_config
 
-  assets, workdir, mesh, extra = (json.loads(a) for a in sys.argv[1:5])
-  stop_after = int(sys.argv[5]) if len(sys.argv) > 5 else None
+  assets, runs, mesh, extra = (json.loads(a) for a in sys.argv[1:5])
   cfg = small_config(assets, batch_size=8, num_steps=%d, save_every=100, eval_prompts=0)
   cfg.mesh.axes.update(mesh)
   cfg.mesh.update(extra)
-  out = trainer.run(cfg, workdir, stop_after=stop_after)
-  print("RESULT" + json.dumps(dict(status=out["status"], step=out["step"],
-                                   processes=jax.process_count(), devices=jax.device_count())))
+  for workdir, stop_after in runs:  # one process, one compilation, several runs
+    out = trainer.run(cfg, workdir, stop_after=stop_after)
+    print("RESULT" + json.dumps(dict(status=out["status"], step=out["step"],
+                                     processes=jax.process_count(), devices=jax.device_count())))
 """ % STEPS)
 
 
-def _launch(assets, workdir, mesh, extra=None, stop_after=None, devices=8):
+def _launch(assets, runs, mesh, extra=None, devices=8):
+  """runs: [(workdir, stop_after or None), ...], trained one after the other in one process."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  args = [sys.executable, "-c", SCRIPT, json.dumps(assets), json.dumps(str(workdir)),
-          json.dumps(mesh), json.dumps(extra or {})]
-  if stop_after:
-    args.append(str(stop_after))
+  args = [sys.executable, "-c", SCRIPT, json.dumps(assets),
+          json.dumps([(str(w), s) for w, s in runs]), json.dumps(mesh), json.dumps(extra or {})]
   return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)
 
 
-def _result(proc, timeout=600):
+def _results(proc, timeout=600):
   stdout, stderr = proc.communicate(timeout=timeout)
   assert proc.returncode == 0, stderr[-3000:]
-  return json.loads([l for l in stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+  return [json.loads(l[6:]) for l in stdout.splitlines() if l.startswith("RESULT")]
 
 
 def _losses(workdir):
@@ -78,22 +78,24 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(assets, tmp_path_factory):
-  """The straight single-process run on 8 devices, fsdp=8."""
-  workdir = tmp_path_factory.mktemp("reference") / "run"
-  r = _result(_launch(assets, workdir, {"fsdp": 8}))
-  assert r == dict(status="finished", step=STEPS, processes=1, devices=8)
-  losses = _losses(workdir)
+  """The straight single-process run on 8 devices, fsdp=8; and, in the same process, a second
+  run on that mesh stopped after step 2 (for the mesh-change test)."""
+  root = tmp_path_factory.mktemp("reference")
+  straight, r1 = _results(_launch(assets, [(root / "run", None), (root / "half", 2)],
+                                  {"fsdp": 8}))
+  assert straight == dict(status="finished", step=STEPS, processes=1, devices=8)
+  assert r1["status"] == "preempted" and r1["step"] == 2
+  losses = _losses(root / "run")
   assert sorted(losses) == list(range(1, STEPS + 1))
   assert losses[STEPS] < losses[1]  # it trains
-  return workdir, losses
+  return root, losses
 
 
 def test_checkpoint_restores_onto_another_mesh(assets, reference, tmp_path):
-  ref_dir, ref_losses = reference
-  workdir = tmp_path / "run"
-  first = _result(_launch(assets, workdir, {"fsdp": 8}, stop_after=2))
-  assert first["status"] == "preempted" and first["step"] == 2
-  second = _result(_launch(assets, workdir, {"fsdp": 4, "tensor": 2}))
+  root, ref_losses = reference
+  ref_dir, workdir = root / "run", tmp_path / "run"
+  shutil.copytree(root / "half", workdir)  # fsdp=8's checkpoint of step 2
+  [second] = _results(_launch(assets, [(workdir, None)], {"fsdp": 4, "tensor": 2}))
   assert second["status"] == "finished" and second["step"] == STEPS
   _assert_close(_losses(workdir), ref_losses)
   _assert_params_close(test_trainer._saved(str(workdir), STEPS),
@@ -119,13 +121,14 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one(assets, reference, tmp_path):
-  ref_dir, ref_losses = reference
-  workdir = tmp_path / "run"
+  root, ref_losses = reference
+  ref_dir, workdir = root / "run", tmp_path / "run"
   address = f"127.0.0.1:{_free_port()}"
-  procs = [_launch(assets, workdir, {"fsdp": -1}, dict(coordinator_address=address,
-                                                       num_processes=2, process_id=i), devices=4)
+  procs = [_launch(assets, [(workdir, None)], {"fsdp": -1},
+                   dict(coordinator_address=address, num_processes=2, process_id=i), devices=4)
            for i in range(2)]
-  results = [_result(p) for p in procs]
+  results = [r for p in procs for r in _results(p)]
+  assert len(results) == 2
   for r in results:
     assert r == dict(status="finished", step=STEPS, processes=2, devices=8)
   _assert_close(_losses(workdir), ref_losses)  # one writer: every step logged once

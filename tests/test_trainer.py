@@ -146,6 +146,28 @@ def test_resume_is_bit_identical(assets, tmp_path):
   assert [r["step"] for r in _train_records(str(tmp_path / "resumed"))] == [1, 2, 3, 4]
 
 
+def test_checkpoint_dir_outlives_the_workdir(assets, tmp_path):
+  """train.checkpoint_dir (gs://... on Cloud TPU) holds the checkpoints apart from the workdir: a
+  preempted VM's replacement, starting from an empty workdir with the same checkpoint_dir,
+  resumes there, rebuilds the workdir's pair files and exports; the losses are the straight run's.
+  A remote --workdir is refused with the flag to use instead."""
+  ckpt = tmp_path / "bucket" / "checkpoints"
+  cfg = small_config(assets, save_every=3, eval_prompts=0, checkpoint_dir=str(ckpt))
+  first = trainer.run(cfg, str(tmp_path / "vm1"), stop_after=2)
+  assert first["status"] == "preempted" and sorted(os.listdir(ckpt)) == ["2"]
+  cfg.train.export_hf = True
+  second = trainer.run(cfg, str(tmp_path / "vm2"))
+  assert second["status"] == "finished" and second["step"] == 4
+  assert sorted(os.listdir(ckpt)) == ["2", "3", "4"]
+  assert os.path.isfile(os.path.join(second["export"], "base", "config.json"))
+  straight = trainer.run(small_config(assets, save_every=3, eval_prompts=0),
+                         str(tmp_path / "straight"))
+  a = _train_records(str(tmp_path / "straight"))
+  assert _train_records(str(tmp_path / "vm1")) + _train_records(str(tmp_path / "vm2")) == a
+  with pytest.raises(trainer.ConfigError, match="checkpoint_dir=gs://bucket/run/checkpoints"):
+    trainer.run(cfg, "gs://bucket/run")
+
+
 def _opt_state(workdir, step):
   mgr = checkpoint.open_manager(workdir)
   try:
