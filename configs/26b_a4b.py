@@ -17,7 +17,8 @@ Unconfirmed: max_position_embeddings 262144 (two fixtures say 262144, one Go fix
 change any weight). The assistant numbers are not from a verbatim copy of its config.json.
 Note: the base shares no KV between its own layers, yet the assistant reads the KV of its last sliding
 (28) and last full (29) layer; `ModelConfig.store_layers` defines those for this case too.
-The `train` numbers are placeholders, not a published recipe.
+The `train` numbers are placeholders, not a published recipe; batch_size fits v5p-32 (two rows per chip)
+in the AOT memory plan (README).
 """
 
 from gemma_mtp_jax import config as mc
@@ -81,7 +82,7 @@ def get_config():
                                      centroid_intermediate_top_k=32),
       hf_base="google/gemma-4-26B-A4B-it",
       hf_drafter="google/gemma-4-26B-A4B-it-assistant",
-      train=presets.train_fields(seq_len=4096, batch_size=64, learning_rate=1e-5,
+      train=presets.train_fields(seq_len=4096, batch_size=32, learning_rate=1e-5,
                                  warmup_steps=100, num_steps=10_000,
                                  loss_chunk_size=1024),
   )

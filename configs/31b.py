@@ -15,7 +15,8 @@ Where the numbers come from:
 Unconfirmed: the reference table marks the 31B assistant "(?)"; the numbers above agree across the two
 independent public sources but none is a verbatim copy of its config.json.
 Note: as for 26B-A4B, the assistant reads the KV of the base's last sliding (58) and full (59) layer.
-The `train` numbers are placeholders, not a published recipe.
+The `train` numbers are placeholders, not a published recipe; batch_size fits v5p-64 (one row per chip)
+in the AOT memory plan (README).
 """
 
 from gemma_mtp_jax import config as mc

@@ -11,7 +11,8 @@ Where the numbers come from:
   2d874ef7 found in a public log): hidden 256, intermediate 2048, 4 heads / 1 KV head, head_dim 256 /
   512, window 512, final_logit_softcapping null, max_position_embeddings 131072, ordered embeddings with
   2048 centroids, top-k 32, backbone_hidden_size 1536.
-Unconfirmed: nothing architectural. The `train` numbers are placeholders, not a published recipe.
+Unconfirmed: nothing architectural. The `train` numbers are placeholders, not a published recipe;
+batch_size fits v5e-8 (one 4096-token row per chip) in the AOT memory plan (README).
 """
 
 from gemma_mtp_jax import config as mc
@@ -68,7 +69,7 @@ def get_config():
                                      centroid_intermediate_top_k=32),
       hf_base="google/gemma-4-E2B-it",
       hf_drafter="google/gemma-4-E2B-it-assistant",
-      train=presets.train_fields(seq_len=4096, batch_size=64, learning_rate=1e-5,
+      train=presets.train_fields(seq_len=4096, batch_size=8, learning_rate=1e-5,
                                  warmup_steps=100, num_steps=10_000,
                                  loss_chunk_size=256),
   )

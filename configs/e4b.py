@@ -13,7 +13,8 @@ Where the numbers come from:
   ordered embeddings (2048 centroids, top-k 32), backbone_hidden_size 2560.
 Unconfirmed: the assistant's final_logit_softcapping (null) and max_position_embeddings (131072) come
 from that write-up and the E2B assistant's verbatim config.json, not from an E4B-assistant copy.
-The `train` numbers are placeholders, not a published recipe.
+The `train` numbers are placeholders, not a published recipe; batch_size fits v5e-16 (one 4096-token row per chip)
+in the AOT memory plan (README).
 """
 
 from gemma_mtp_jax import config as mc
@@ -70,7 +71,7 @@ def get_config():
                                      centroid_intermediate_top_k=32),
       hf_base="google/gemma-4-E4B-it",
       hf_drafter="google/gemma-4-E4B-it-assistant",
-      train=presets.train_fields(seq_len=4096, batch_size=64, learning_rate=1e-5,
+      train=presets.train_fields(seq_len=4096, batch_size=16, learning_rate=1e-5,
                                  warmup_steps=100, num_steps=10_000,
                                  loss_chunk_size=256),
   )

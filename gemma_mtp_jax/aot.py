@@ -102,28 +102,6 @@ def model_flops_per_token(base_cfg: config_lib.ModelConfig, dcfg: config_lib.Dra
 
 @dataclasses.dataclass
 class Plan:
-  topology: str
-  mesh: dict
-  batch: int
-  seq: int
-  mode: str
-  state_gib: float  # params + optimizer state on one chip, from their shardings
-  argument_gib: float
-  output_gib: float
-  temp_gib: float
-  alias_gib: float
-  total_gib: float
-  hbm_gib: float
-  fits: bool
-  compiled_flops_per_chip: float  # XLA's count: a loop body (scanned layers, chunks) counts once
-  model_flops_per_token: float
-  model_flops_per_step: float
-  mfu_at_step_time: float
-  step_time_s: float
-
-
-@dataclasses.dataclass
-class Plan:
   config: str
   topology: str
   mesh: dict
