@@ -485,6 +485,18 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 # ------------------------------------------------------------------------------ helpers
+def split_workdir(workdir: str, checkpoint_dir: str, name: str) -> tuple[str, str | None]:
+  """(local workdir, checkpoint dir or None for WORKDIR/checkpoints).
+
+  A remote --workdir (gs://..., any "scheme://") keeps what orbax writes, the checkpoints, at
+  WORKDIR/checkpoints (unless train.checkpoint_dir says otherwise); metrics, plots and the HF
+  export are local files, written under runs/<name>."""
+  if "://" not in workdir:
+    return os.path.abspath(workdir), checkpoint_dir or None
+  return (os.path.abspath(os.path.join("runs", name)),
+          checkpoint_dir or f"{workdir.rstrip('/')}/{checkpoint.CHECKPOINTS_DIR}")
+
+
 def initialize_distributed(mesh_cfg) -> None:
   """`jax.distributed.initialize` when the config asks for it (`mesh.initialize_distributed`, or a
   `mesh.coordinator_address`), before anything touches a device. On TPU VMs every argument is
@@ -628,12 +640,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   from tqdm import tqdm
   # tqdm.write prints above the progress bar instead of onto its line.
   say = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
-  if "://" in workdir:
-    raise ConfigError(
-        f"--workdir {workdir}: the workdir holds metrics, plots and the HF export, written as "
-        "local files; keep --workdir local and put the checkpoints on remote storage with "
-        f"--config.train.checkpoint_dir={workdir.rstrip('/')}/checkpoints")
-  workdir = os.path.abspath(workdir)
+  remote = workdir
+  workdir, checkpoint_dir = split_workdir(workdir, str(t.checkpoint_dir or ""),
+                                          str(cfg.get("name") or "run"))
+  if workdir != remote:
+    say(f"[train] --workdir {remote} is remote storage: checkpoints go to {checkpoint_dir} "
+        f"(orbax), metrics, plots and the HF export to the local {workdir}")
   num_steps, k_steps = int(t.num_steps), jcfg.num_steps
 
   # --- data
@@ -659,7 +671,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   if is_main:
     os.makedirs(workdir, exist_ok=True)
   manager = checkpoint.open_manager(workdir, max_to_keep=int(t.keep_checkpoints),
-                                    directory=str(t.checkpoint_dir or "") or None)
+                                    directory=checkpoint_dir)
   start = manager.latest_step()
   rng = jax.random.PRNGKey(int(t.seed))
   with sharding.use_mesh(mesh, rules):

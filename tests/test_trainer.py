@@ -150,7 +150,7 @@ def test_checkpoint_dir_outlives_the_workdir(assets, tmp_path):
   """train.checkpoint_dir (gs://... on Cloud TPU) holds the checkpoints apart from the workdir: a
   preempted VM's replacement, starting from an empty workdir with the same checkpoint_dir,
   resumes there, rebuilds the workdir's pair files and exports; the losses are the straight run's.
-  A remote --workdir is refused with the flag to use instead."""
+  A remote --workdir keeps the checkpoints there and the other files in a local runs/<name>."""
   ckpt = tmp_path / "bucket" / "checkpoints"
   cfg = small_config(assets, save_every=3, eval_prompts=0, checkpoint_dir=str(ckpt))
   first = trainer.run(cfg, str(tmp_path / "vm1"), stop_after=2)
@@ -164,8 +164,10 @@ def test_checkpoint_dir_outlives_the_workdir(assets, tmp_path):
                          str(tmp_path / "straight"))
   a = _train_records(str(tmp_path / "straight"))
   assert _train_records(str(tmp_path / "vm1")) + _train_records(str(tmp_path / "vm2")) == a
-  with pytest.raises(trainer.ConfigError, match="checkpoint_dir=gs://bucket/run/checkpoints"):
-    trainer.run(cfg, "gs://bucket/run")
+  local = os.path.abspath(os.path.join("runs", "tiny"))
+  assert trainer.split_workdir("gs://b/run/", "", "tiny") == (local, "gs://b/run/checkpoints")
+  assert trainer.split_workdir("gs://b/run", "gs://c/ck", "tiny") == (local, "gs://c/ck")
+  assert trainer.split_workdir(str(tmp_path), "", "tiny") == (str(tmp_path), None)
 
 
 def _opt_state(workdir, step):
