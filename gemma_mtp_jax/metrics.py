@@ -147,11 +147,7 @@ def plot(workdir: str, records: list[dict] | None = None) -> list[str]:
   ax.set_xlabel("step")
   ax.set_ylabel("cross-entropy (nats)")
   ax.set_title("losses")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  paths.append(os.path.join(out_dir, "losses.png"))
-  fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  paths.append(_save(plt, fig, ax, os.path.join(out_dir, "losses.png")))
 
   # Per-step acceptance: P(accepted >= k) at the last eval, greedy continuations and data labels,
   # next to each draft step's top-1 accuracy.
@@ -168,11 +164,7 @@ def plot(workdir: str, records: list[dict] | None = None) -> list[str]:
     ax.set_title(f"per-step acceptance at step {last['step']}")
   ax.set_xlabel("draft step k")
   ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
-  paths.append(os.path.join(out_dir, "acceptance.png"))
-  fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
-  plt.close(fig)
+  paths.append(_save(plt, fig, ax, os.path.join(out_dir, "acceptance.png")))
 
   # Accepted length (tokens per target forward) over training.
   fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -189,9 +181,14 @@ def plot(workdir: str, records: list[dict] | None = None) -> list[str]:
   ax.set_xlabel("step")
   ax.set_ylabel("tokens per target forward")
   ax.set_title("accepted length")
+  paths.append(_save(plt, fig, ax, os.path.join(out_dir, "accepted_length.png")))
+  return paths
+
+
+def _save(plt, fig, ax, path: str) -> str:
+  """Grid, legend, PNG at `path`; closes the figure and returns the path."""
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  paths.append(os.path.join(out_dir, "accepted_length.png"))
-  fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+  fig.savefig(path, dpi=100, bbox_inches="tight")
   plt.close(fig)
-  return paths
+  return path

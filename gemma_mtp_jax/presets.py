@@ -135,13 +135,8 @@ def train_fields(**overrides: Any) -> dict[str, Any]:
       hf_check=False,  # measure HF assisted generation's acceptance with the export (needs torch)
       compilation_cache_dir="",  # jax's persistent compilation cache ("": off); resumes skip compiles
   )
-  unknown = set(overrides) - set(out)
-  if unknown:
-    # Other train keys are welcome, but only once they are added here with a default.
-    k = sorted(unknown)[0]
-    raise ConfigError(f"unknown train key '{k}'{_closest(k, sorted(out))}")
-  out.update(overrides)
-  return out
+  # Other train keys are welcome, but only once they are added here with a default.
+  return _overridden("train", out, overrides)
 
 
 def mesh_fields(**overrides: Any) -> dict[str, Any]:
@@ -160,12 +155,17 @@ def mesh_fields(**overrides: Any) -> dict[str, Any]:
       num_processes=0,
       process_id=-1,
   )
-  unknown = set(overrides) - set(out)
+  return _overridden("mesh", out, overrides)
+
+
+def _overridden(section: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+  """`defaults` updated with `overrides`; a key that is not a default is an error naming the
+  closest ones."""
+  unknown = set(overrides) - set(defaults)
   if unknown:
     k = sorted(unknown)[0]
-    raise ConfigError(f"unknown mesh key '{k}'{_closest(k, sorted(out))}")
-  out.update(overrides)
-  return out
+    raise ConfigError(f"unknown {section} key '{k}'{_closest(k, sorted(defaults))}")
+  return {**defaults, **overrides}
 
 
 def make_config(*, name: str, model: dict, drafter: dict | None, hf_base: str | None,

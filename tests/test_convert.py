@@ -27,6 +27,7 @@ import safetensors.numpy
 import torch
 import transformers
 
+from gemma_mtp_jax import bench_joint
 from gemma_mtp_jax import checkpoint
 from gemma_mtp_jax import tokenizer as tokenizer_lib
 from gemma_mtp_jax.convert import __main__ as cli
@@ -42,16 +43,9 @@ TOKENS = torch.tensor([[2, 17, 60, 121, 9, 250, 33, 7], [2, 5, 5, 380, 41, 12, 9
 # ------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module", autouse=True)
 def _assistant_kv_sharing():
-  """transformers 5.23's `kv_sharing_modes` raises when every layer is KV-shared, which is the
-  assistant's case; report them all as "reuse" (what the assistant does) for this module."""
-  orig = transformers.Gemma4TextConfig.kv_sharing_modes
-
-  def modes(self):
-    n = self.num_hidden_layers
-    return ["reuse"] * n if self.num_kv_shared_layers == n else orig.fget(self)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(modes))
+  """transformers 5.23's `kv_sharing_modes` raises when every layer is KV-shared (the assistant's
+  case); `bench_joint.hf_assistant_patch` reports them all as "reuse" for this module."""
+  with bench_joint.hf_assistant_patch():
     yield
 
 

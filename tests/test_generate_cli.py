@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from gemma_mtp_jax import bench_joint
 from gemma_mtp_jax import checkpoint
 from gemma_mtp_jax import generate as cli
 from gemma_mtp_jax import speculative
@@ -27,15 +28,9 @@ KEYS = {"tokens", "text", "target_forwards", "draft_rounds", "drafted", "accepte
 
 @pytest.fixture(scope="module", autouse=True)
 def _assistant_kv_sharing():
-  """transformers 5.23's `kv_sharing_modes` raises when every layer is KV-shared (the assistant)."""
-  orig = transformers.Gemma4TextConfig.kv_sharing_modes
-
-  def modes(self):
-    n = self.num_hidden_layers
-    return ["reuse"] * n if self.num_kv_shared_layers == n else orig.fget(self)
-
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(transformers.Gemma4TextConfig, "kv_sharing_modes", property(modes))
+  """transformers 5.23's `kv_sharing_modes` raises when every layer is KV-shared (the assistant's
+  case); `bench_joint.hf_assistant_patch` reports them all as "reuse" for this module."""
+  with bench_joint.hf_assistant_patch():
     yield
 
 
