@@ -29,6 +29,7 @@ STEPS = 4
 SCRIPT = textwrap.dedent(r"""
   import json, sys
   import jax
+  jax.config.update("jax_disable_most_optimizations", True)  # equivalence, not speed
   from gemma_mtp_jax import trainer
   from tests.test_trainer import small_config
 
