@@ -21,7 +21,7 @@ The `train` numbers are placeholders, not a published recipe; batch_size fits v5
 in the AOT memory plan (README).
 """
 
-from gemma_mtp_jax import config as mc
+from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax import presets
 
 

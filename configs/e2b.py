@@ -15,7 +15,7 @@ Unconfirmed: nothing architectural. The `train` numbers are placeholders, not a 
 batch_size fits v5e-8 (one 4096-token row per chip) in the AOT memory plan (README).
 """
 
-from gemma_mtp_jax import config as mc
+from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax import presets
 
 

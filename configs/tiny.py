@@ -18,8 +18,8 @@ random init, jointly, on the local corpus, 600 steps of 8 x 128 tokens, on a 2-c
 minutes with eval, export and the HF check. See the comments there for lambda and the step size.
 """
 
-from gemma_mtp_jax import config as mc
-from gemma_mtp_jax import data
+from gemma_mtp_jax.model import config as mc
+from gemma_mtp_jax.data import pipeline as data
 from gemma_mtp_jax import presets
 
 VOCAB = 1024  # the SentencePiece vocab trained on the local corpus (data.tiny_vocab_size)

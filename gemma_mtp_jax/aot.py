@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import joint
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax import sharding
-from gemma_mtp_jax import trainer
+from gemma_mtp_jax.training import loop as trainer
 
 # name -> (jax topology string, HBM bytes per chip, peak bf16 FLOP/s per chip).
 # v5e-N counts chips; v4/v5p-N count TensorCores (2 per chip), as Cloud TPU names them.

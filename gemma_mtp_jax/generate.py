@@ -64,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _ids(text: str, flag: str) -> list[int]:
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.decoding import speculative
   try:
     return [int(t) for t in text.replace(" ", "").split(",") if t]
   except ValueError:
@@ -76,9 +76,9 @@ def _ids(text: str, flag: str) -> list[int]:
 def _configs_of(path: str):
   """(base ModelConfig, DrafterConfig or None) of a model dir from its JSON files only, or None
   when they cannot be read without loading weights (hub ids)."""
-  from gemma_mtp_jax import checkpoint
-  from gemma_mtp_jax import config as config_lib
-  from gemma_mtp_jax.convert import io
+  from gemma_mtp_jax.checkpoint import pair as checkpoint
+  from gemma_mtp_jax.model import config as config_lib
+  from gemma_mtp_jax.checkpoint import safetensors_io as io
 
   if not os.path.isdir(path):
     return None
@@ -97,8 +97,8 @@ def _configs_of(path: str):
 def check_fit(base: str, drafter: str | None) -> None:
   """Refuses a drafter that does not fit the base from the config files alone (before any weights
   are read); `load_pair` checks again for sources this cannot read."""
-  from gemma_mtp_jax import config as config_lib
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.model import config as config_lib
+  from gemma_mtp_jax.decoding import speculative
 
   if drafter is None:
     return
@@ -121,9 +121,9 @@ def load(base: str, drafter: str | None = None, step: int | None = None, dtype: 
          plain: bool = False) -> dict:
   """Loads a pair for decoding: {"base_cfg", "params", "drafter_cfg", "drafter_vars", "tokenizer",
   "pair"} with configs and params in decoding layout (`speculative.decode_params`)."""
-  from gemma_mtp_jax import checkpoint
-  from gemma_mtp_jax import speculative
-  from gemma_mtp_jax import tokenizer as tokenizer_lib
+  from gemma_mtp_jax.checkpoint import pair as checkpoint
+  from gemma_mtp_jax.decoding import speculative
+  from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 
   check_fit(base, None if plain else drafter)
   pair = checkpoint.load_pair(base, drafter=None if plain else drafter, step=step, dtype=dtype)
@@ -170,7 +170,7 @@ def default_query_position(loaded: dict) -> str:
 
 def prompt_ids(loaded: dict, prompt: str, chat: bool) -> list[int]:
   """Token ids of a text prompt with the pair's tokenizer (as a chat user turn with `chat`)."""
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.decoding import speculative
 
   tok = loaded["tokenizer"]
   if tok is None:
@@ -187,7 +187,7 @@ def prompt_ids(loaded: dict, prompt: str, chat: bool) -> list[int]:
 def plain_decode(params, cfg, prompts: Sequence[Sequence[int]], **kw):
   """Plain (non-speculative) decoding of the base alone: `speculative.generate` with no drafter,
   the same KV cache and loop (one base forward per token)."""
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.decoding import speculative
   return speculative.generate(params, cfg, prompts, **kw)
 
 
@@ -196,7 +196,7 @@ def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
              top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
              query_position: str | None = None) -> dict[str, Any]:
   """Generates from one prompt; returns the CLI's JSON object (see the module docstring)."""
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.decoding import speculative
 
   sampling = speculative.Sampling(temperature, top_k, top_p)
   stop = default_stop_ids(loaded) if stop_ids is None else list(stop_ids)
@@ -219,7 +219,7 @@ def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Runs parsed flags; returns the JSON object."""
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.decoding import speculative
 
   if not args.plain and args.num_draft_tokens < 1:
     raise speculative.GenerateError(f"--num-draft-tokens (K) must be >= 1, got "
@@ -240,9 +240,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv=None) -> int:
   """CLI entry point; returns the exit status (2 on bad input, with the reason on stderr)."""
   args = _parser().parse_args(argv)
-  from gemma_mtp_jax import config as config_lib
-  from gemma_mtp_jax import speculative
-  from gemma_mtp_jax.convert.names import ConversionError
+  from gemma_mtp_jax.model import config as config_lib
+  from gemma_mtp_jax.decoding import speculative
+  from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 
   try:
     out = run(args)

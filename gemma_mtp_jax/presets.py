@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from gemma_mtp_jax.config import (
+from gemma_mtp_jax.model.config import (
     ConfigError,
     DrafterConfig,
     ModelConfig,
@@ -185,7 +185,7 @@ def make_config(*, name: str, model: dict, drafter: dict | None, hf_base: str | 
   cfg.drafter = drafter
   cfg.train = train
   if data is None:
-    from gemma_mtp_jax import data as data_lib  # datasets: imported only when a preset is built
+    from gemma_mtp_jax.data import pipeline as data_lib  # datasets: imported only when a preset is built
 
     data = data_lib.default_data_config() if hf_base is None else data_lib.tulu_magicoder_data_config()
     if hf_base is not None:

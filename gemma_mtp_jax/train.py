@@ -16,7 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from gemma_mtp_jax import trainer
+from gemma_mtp_jax.training import loop as trainer
 
 
 def _fail(error: BaseException) -> None:

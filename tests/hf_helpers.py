@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import transformers
 
-from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax.model import config as config_lib
 
 S, F = config_lib.SLIDING, config_lib.FULL
 

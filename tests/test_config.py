@@ -11,9 +11,9 @@ import json
 import pytest
 import transformers
 
-from gemma_mtp_jax import config as mc
+from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax import presets
-from gemma_mtp_jax.config import ConfigError, DrafterConfig, ModelConfig
+from gemma_mtp_jax.model.config import ConfigError, DrafterConfig, ModelConfig
 
 PRESETS = ("tiny", "e2b", "e4b", "26b_a4b", "31b")
 # Fields that are ours only (numerics/compilation); HF configs do not carry them.

@@ -27,11 +27,11 @@ import safetensors.numpy
 import torch
 import transformers
 
-from gemma_mtp_jax import bench_joint
-from gemma_mtp_jax import checkpoint
-from gemma_mtp_jax import tokenizer as tokenizer_lib
-from gemma_mtp_jax.convert import __main__ as cli
-from gemma_mtp_jax.convert import io
+from benchmarks import joint as bench_joint
+from gemma_mtp_jax.checkpoint import pair as checkpoint
+from gemma_mtp_jax.data import tokenizer as tokenizer_lib
+from gemma_mtp_jax import convert as cli
+from gemma_mtp_jax.checkpoint import safetensors_io as io
 from tests import hf_helpers
 
 S, F = hf_helpers.S, hf_helpers.F
@@ -272,9 +272,9 @@ def test_from_scratch_pair_exports_configs_torch_runs(tmp_path):
   """No source HF dir (a pair initialised in JAX): the export generates config.json and
   generation_config.json from the JAX configs, and torch computes what JAX computes."""
   import flax.linen as nn
-  from gemma_mtp_jax import config as config_lib
-  from gemma_mtp_jax import drafter as drafter_lib
-  from gemma_mtp_jax import transformer
+  from gemma_mtp_jax.model import config as config_lib
+  from gemma_mtp_jax.model import drafter as drafter_lib
+  from gemma_mtp_jax.model import transformer
 
   cfg = config_lib.ModelConfig.from_hf_config(hf_helpers.hf_text_config(
       "e_style", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB).to_dict())
@@ -434,7 +434,8 @@ def test_killed_write_leaves_previous_output_intact(src, tmp_path, sig):
   # The child writes one shard, says so, and hangs until it is killed mid-checkpoint.
   child = textwrap.dedent(f"""
       import sys, time
-      from gemma_mtp_jax.convert import io, __main__ as cli
+      from gemma_mtp_jax.checkpoint import safetensors_io as io
+      from gemma_mtp_jax import convert as cli
       real = io._write_shard
       def slow(tensors, path, metadata):
         real(tensors, path, metadata)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import transformers
 
-from gemma_mtp_jax import data
-from gemma_mtp_jax import tokenizer as tokenizer_lib
+from gemma_mtp_jax.data import pipeline as data
+from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 
 datasets.disable_progress_bars()
 

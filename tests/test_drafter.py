@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_mtp_jax import bench_joint
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import drafter
-from gemma_mtp_jax import joint
-from gemma_mtp_jax import kv_cache
-from gemma_mtp_jax import transformer
-from gemma_mtp_jax.convert import base as convert_base
-from gemma_mtp_jax.convert import drafter as convert_drafter
-from gemma_mtp_jax.convert import names
+from benchmarks import joint as bench_joint
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import drafter
+from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.model import kv_cache
+from gemma_mtp_jax.model import transformer
+from gemma_mtp_jax.checkpoint import hf_base as convert_base
+from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
+from gemma_mtp_jax.checkpoint import hf_names as names
 from tests import hf_helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")

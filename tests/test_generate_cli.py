@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers
 
-from gemma_mtp_jax import bench_joint
-from gemma_mtp_jax import checkpoint
+from benchmarks import joint as bench_joint
+from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax import generate as cli
-from gemma_mtp_jax import speculative
-from gemma_mtp_jax import tokenizer as tokenizer_lib
-from gemma_mtp_jax.convert import io
+from gemma_mtp_jax.decoding import speculative
+from gemma_mtp_jax.data import tokenizer as tokenizer_lib
+from gemma_mtp_jax.checkpoint import safetensors_io as io
 from tests import hf_helpers
 
 S, F = hf_helpers.S, hf_helpers.F

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import joint
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.training import objective as joint
 from tests.test_drafter import jit_base, jit_draft, random_params, tiny_configs
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -9,12 +9,12 @@ import numpy as np
 import optax
 import pytest
 
-from gemma_mtp_jax import bench_joint
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import joint
-from gemma_mtp_jax import losses
-from gemma_mtp_jax.convert import base as convert_base
-from gemma_mtp_jax.convert import drafter as convert_drafter
+from benchmarks import joint as bench_joint
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training import losses
+from gemma_mtp_jax.checkpoint import hf_base as convert_base
+from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
 from tests import hf_helpers
 from tests.test_drafter import _hf_pair, random_params, tiny_configs
 

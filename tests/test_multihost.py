@@ -20,7 +20,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from gemma_mtp_jax import metrics
+from gemma_mtp_jax.training import metrics
 from tests import test_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(r"""
   import json, sys
   import jax
   jax.config.update("jax_disable_most_optimizations", True)  # equivalence, not speed
-  from gemma_mtp_jax import trainer
+  from gemma_mtp_jax.training import loop as trainer
   from tests.test_trainer import small_config
 
   assets, runs, mesh, extra = (json.loads(a) for a in sys.argv[1:5])

@@ -17,7 +17,10 @@ SCRIPT = textwrap.dedent(r"""
   import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
   jax.config.update("jax_default_matmul_precision", "highest")
   jax.config.update("jax_disable_most_optimizations", True)  # equivalence, not speed
-  from gemma_mtp_jax import drafter, joint, sharding, transformer
+  from gemma_mtp_jax.model import drafter
+  from gemma_mtp_jax.training import objective as joint
+  from gemma_mtp_jax import sharding
+  from gemma_mtp_jax.model import transformer
   from tests import test_drafter
 
   def run(variant, meshes):

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from gemma_mtp_jax import bench_decode
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import drafter as drafter_lib
-from gemma_mtp_jax import speculative as spec
-from gemma_mtp_jax import transformer
-from gemma_mtp_jax.convert import base as convert_base
+from benchmarks import decode as bench_decode
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import drafter as drafter_lib
+from gemma_mtp_jax.decoding import speculative as spec
+from gemma_mtp_jax.model import transformer
+from gemma_mtp_jax.checkpoint import hf_base as convert_base
 from tests import hf_helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")

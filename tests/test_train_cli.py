@@ -14,7 +14,7 @@ import time
 import pytest
 
 from gemma_mtp_jax import presets
-from gemma_mtp_jax import trainer
+from gemma_mtp_jax.training import loop as trainer
 from tests import test_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

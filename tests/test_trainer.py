@@ -22,15 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mtp_jax import checkpoint
-from gemma_mtp_jax import config as mc
-from gemma_mtp_jax import data
-from gemma_mtp_jax import eval as eval_lib
-from gemma_mtp_jax import joint
-from gemma_mtp_jax import metrics
+from gemma_mtp_jax.checkpoint import pair as checkpoint
+from gemma_mtp_jax.model import config as mc
+from gemma_mtp_jax.data import pipeline as data
+from gemma_mtp_jax.training import evaluate as eval_lib
+from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training import metrics
 from gemma_mtp_jax import presets
-from gemma_mtp_jax import tokenizer as tokenizer_lib
-from gemma_mtp_jax import trainer
+from gemma_mtp_jax.data import tokenizer as tokenizer_lib
+from gemma_mtp_jax.training import loop as trainer
 
 VOCAB = 384  # 264 special / byte pieces + merges; divisible by the drafter's 16 centroids
 S, F = mc.SLIDING, mc.FULL
@@ -344,7 +344,7 @@ def test_records_plots_export_and_hf_check(assets, tmp_path):
   assert abs(fixed["hf_fixed/tokens_per_round"] / hf["trainer/tokens_per_round"] - 1) <= 0.10
   import torch
   import transformers
-  from gemma_mtp_jax import bench_joint
+  from benchmarks import joint as bench_joint
   with bench_joint.hf_assistant_patch():
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "base")
     drafter = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "drafter")

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import kv_cache
-from gemma_mtp_jax import transformer
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import kv_cache
+from gemma_mtp_jax.model import transformer
 from tests import hf_helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -7,10 +7,10 @@ import pytest
 import torch
 import transformers
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import transformer
-from gemma_mtp_jax.convert import base as convert_base
-from gemma_mtp_jax.convert import names
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import transformer
+from gemma_mtp_jax.checkpoint import hf_base as convert_base
+from gemma_mtp_jax.checkpoint import hf_names as names
 from tests import hf_helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")

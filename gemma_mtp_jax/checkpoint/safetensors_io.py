@@ -34,7 +34,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from gemma_mtp_jax.convert.names import ConversionError
+from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 
 log = logging.getLogger("gemma_mtp_jax.convert")
 

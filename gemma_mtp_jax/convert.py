@@ -65,7 +65,7 @@ def _raise_on_sigterm(signum, frame):
 
 def run(args: argparse.Namespace) -> str:
   """Runs a parsed command; returns the output path."""
-  from gemma_mtp_jax import checkpoint
+  from gemma_mtp_jax.checkpoint import pair as checkpoint
 
   if args.command == "hf-to-jax":
     return checkpoint.hf_to_jax(args.base, args.out, drafter=args.drafter, dtype=args.dtype,
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
   logger.setLevel(logging.INFO)
   logger.addHandler(handler)
   propagate, logger.propagate = logger.propagate, False  # no second copy via a root handler
-  from gemma_mtp_jax import config as config_lib
-  from gemma_mtp_jax.convert.names import ConversionError
+  from gemma_mtp_jax.model import config as config_lib
+  from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 
   main_thread = threading.current_thread() is threading.main_thread()
   previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if main_thread else None

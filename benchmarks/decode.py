@@ -1,6 +1,6 @@
 """Decode benchmark: plain vs speculative JAX decoding and HF torch assisted generation.
 
-  python -m gemma_mtp_jax.benchmark decode [--workdir runs/tiny] [--batch 1,4] [--k 1,2,3,4,6,8]
+  python -m benchmarks decode [--workdir runs/tiny] [--batch 1,4] [--k 1,2,3,4,6,8]
       [--temperature 0,1] [--max-new-tokens 128] [--prompts 4] [--repeats 3] [--no-random] [--no-hf]
       [--out DIR]
 
@@ -53,7 +53,7 @@ def _floats(s: str) -> list[float]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m gemma_mtp_jax.benchmark decode",
+  p = argparse.ArgumentParser(prog="python -m benchmarks decode",
                               description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/tiny", help="train workdir of the trained pair")
@@ -110,10 +110,10 @@ def random_pair(preset: str, seed: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gemma_mtp_jax import drafter as drafter_lib
+  from gemma_mtp_jax.model import drafter as drafter_lib
   from gemma_mtp_jax import presets
-  from gemma_mtp_jax import speculative
-  from gemma_mtp_jax import transformer
+  from gemma_mtp_jax.decoding import speculative
+  from gemma_mtp_jax.model import transformer
 
   base_cfg, dcfg = presets.model_configs(presets.load_config(preset))
   params = fill_random(nn.unbox(jax.eval_shape(lambda r: transformer.init_params(base_cfg, r),
@@ -142,7 +142,7 @@ def trained_pair(workdir: str) -> dict:
 def heldout_prompts(tokenizer, n: int, max_len: int) -> list[list[int]]:
   """The first `n` held-out chat prompts (the default run's eval split) of at most `max_len`
   tokens: each example's tokens up to its first model-turn token, as the trainer's eval uses."""
-  from gemma_mtp_jax import data
+  from gemma_mtp_jax.data import pipeline as data
 
   dcfg = data.default_data_config()
   out = []
@@ -169,7 +169,7 @@ def random_prompts(vocab: int, n: int, max_len: int, seed: int = 0) -> list[list
 
 # ------------------------------------------------------------------------------ JAX timings
 def _generate(pair: dict, prompts, k: int, n: int, temperature: float, bucket: int, seed: int = 0):
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.decoding import speculative
   kw = dict(max_new_tokens=n, sampling=speculative.Sampling(temperature), seed=seed,
             prompt_bucket=bucket)
   if k:
@@ -219,10 +219,10 @@ def component_times(pair: dict, batch: int, ks: Sequence[int], prompt_len: int, 
   import jax
   import jax.numpy as jnp
 
-  from gemma_mtp_jax import drafter as drafter_lib
-  from gemma_mtp_jax import kv_cache
-  from gemma_mtp_jax import speculative
-  from gemma_mtp_jax import transformer
+  from gemma_mtp_jax.model import drafter as drafter_lib
+  from gemma_mtp_jax.model import kv_cache
+  from gemma_mtp_jax.decoding import speculative
+  from gemma_mtp_jax.model import transformer
 
   cfg, params = pair["base_cfg"], pair["params"]
   dcfg, dvars = pair["drafter_cfg"], pair["drafter_vars"]
@@ -289,7 +289,7 @@ def component_times(pair: dict, batch: int, ks: Sequence[int], prompt_len: int, 
 def export_for_hf(pair: dict, hf_dir: str | None) -> str:
   """An HF export (base/, drafter/) of the pair: `hf_dir` if it holds one, else written to a temp
   dir with `checkpoint.export_hf`."""
-  from gemma_mtp_jax import checkpoint
+  from gemma_mtp_jax.checkpoint import pair as checkpoint
 
   if hf_dir and all(os.path.isfile(os.path.join(hf_dir, m, "config.json"))
                     for m in ("base", "drafter")):
@@ -308,7 +308,7 @@ class HF:
     import torch
     import transformers
 
-    from gemma_mtp_jax import bench_joint
+    from benchmarks import joint as bench_joint
 
     if threads:
       torch.set_num_threads(threads)
@@ -419,7 +419,7 @@ def bench_decode(argv: Sequence[str] | None = None) -> dict:
       os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
   import jax
 
-  from gemma_mtp_jax import speculative
+  from gemma_mtp_jax.decoding import speculative
 
   pairs = []
   if not a.no_trained:

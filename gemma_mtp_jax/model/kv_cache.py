@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax.model import config as config_lib
 
 Array = jax.Array
 

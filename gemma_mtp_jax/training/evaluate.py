@@ -39,12 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import joint
-from gemma_mtp_jax import kv_cache as kv_cache_lib
-from gemma_mtp_jax import layers
-from gemma_mtp_jax import losses
-from gemma_mtp_jax import transformer
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.model import kv_cache as kv_cache_lib
+from gemma_mtp_jax.model import layers
+from gemma_mtp_jax.training import losses
+from gemma_mtp_jax.model import transformer
 
 Array = jax.Array
 
@@ -441,7 +441,7 @@ def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray]
   import torch
   import transformers
 
-  from gemma_mtp_jax import bench_joint  # transformers 5.23 cannot build an assistant without it
+  from benchmarks import joint as bench_joint  # transformers 5.23 cannot build an assistant without it
 
   with bench_joint.hf_assistant_patch():
     torch.manual_seed(0)

@@ -38,11 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax.convert import base as convert_base
-from gemma_mtp_jax.convert import drafter as convert_drafter
-from gemma_mtp_jax.convert import io
-from gemma_mtp_jax.convert.names import ConversionError
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.checkpoint import hf_base as convert_base
+from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
+from gemma_mtp_jax.checkpoint import safetensors_io as io
+from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 
 log = logging.getLogger("gemma_mtp_jax.convert")
 
@@ -544,7 +544,7 @@ def write_pair_files(dst: str, pair: Pair, max_shard_size=io.DEFAULT_MAX_SHARD_S
 def init_workdir(workdir: str, pair: Pair, max_shard_size=io.DEFAULT_MAX_SHARD_SIZE) -> str:
   """Makes `workdir` a train workdir for `pair` (pair.json, tokenizer/, hf_extra/) unless it is one
   already (a resumed run keeps its files). Returns the absolute path."""
-  from gemma_mtp_jax import tokenizer as tokenizer_lib  # atomic_dir: files moved in, marker last
+  from gemma_mtp_jax.data import tokenizer as tokenizer_lib  # atomic_dir: files moved in, marker last
 
   workdir = os.path.abspath(workdir)
   if not os.path.isfile(os.path.join(workdir, PAIR_JSON)):
@@ -669,7 +669,7 @@ def _hf_extra(pair: Pair, model: str) -> dict:
 
 def _export_base(pair: Pair, out: str, max_shard_size, dtype) -> None:
   cfg, info = pair.base_cfg, _hf_extra(pair, "base")
-  from gemma_mtp_jax import transformer  # the scan <-> loop layout helpers
+  from gemma_mtp_jax.model import transformer  # the scan <-> loop layout helpers
 
   params = pair.params["base"]
   if any(k.startswith("scan_") for k in params):

@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gemma_mtp_jax import kv_cache
-from gemma_mtp_jax import layers
+from gemma_mtp_jax.model import kv_cache
+from gemma_mtp_jax.model import layers
 
 Array = jax.Array
 NEG_INF = -2.3819763e38  # large finite negative (as gm/MaxText); softmax of an all-masked row is uniform

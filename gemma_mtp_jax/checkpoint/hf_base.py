@@ -12,8 +12,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax.convert import names
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.checkpoint import hf_names as names
 
 CAUSAL_PREFIX = "model."
 MULTIMODAL_PREFIX = "model.language_model."

@@ -47,16 +47,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from gemma_mtp_jax import checkpoint
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import data as data_lib
-from gemma_mtp_jax import drafter as drafter_lib
-from gemma_mtp_jax import eval as eval_lib
-from gemma_mtp_jax import joint
-from gemma_mtp_jax import metrics as metrics_lib
+from gemma_mtp_jax.checkpoint import pair as checkpoint
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.data import pipeline as data_lib
+from gemma_mtp_jax.model import drafter as drafter_lib
+from gemma_mtp_jax.training import evaluate as eval_lib
+from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training import metrics as metrics_lib
 from gemma_mtp_jax import presets
 from gemma_mtp_jax import sharding
-from gemma_mtp_jax import transformer
+from gemma_mtp_jax.model import transformer
 
 
 ConfigError = config_lib.ConfigError
@@ -877,7 +877,7 @@ def _hf_message(hf: dict, seconds: float) -> str:
 
 def _tokenizer_to_drafter(export_dir: str) -> None:
   """The base's tokenizer files beside the drafter too, so each HF dir loads on its own."""
-  from gemma_mtp_jax.convert import io as convert_io
+  from gemma_mtp_jax.checkpoint import safetensors_io as convert_io
   base, drafter = os.path.join(export_dir, "base"), os.path.join(export_dir, "drafter")
   if os.path.isdir(drafter):
     names = [n for n in convert_io.aux_files(base) if "token" in n or n.endswith(".jinja")]

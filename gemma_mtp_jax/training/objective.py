@@ -46,11 +46,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import drafter as drafter_lib
-from gemma_mtp_jax import layers
-from gemma_mtp_jax import losses
-from gemma_mtp_jax import transformer
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import drafter as drafter_lib
+from gemma_mtp_jax.model import layers
+from gemma_mtp_jax.training import losses
+from gemma_mtp_jax.model import transformer
 
 Array = jax.Array
 Batch = Mapping[str, Array]

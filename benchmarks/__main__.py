@@ -1,11 +1,11 @@
 """Side-by-side benchmarks; every figure is a ratio measured in the same run.
 
-  python -m gemma_mtp_jax.benchmark model --config=configs/tiny.py
+  python -m benchmarks model --config=configs/tiny.py
       Base forward tokens/s: JAX (jit) vs HF torch on the same random weights and tokens, and the
       number of JAX compilations per input shape (must be 1).
-  python -m gemma_mtp_jax.benchmark joint ...    (see gemma_mtp_jax/bench_joint.py)
-  python -m gemma_mtp_jax.benchmark convert ...  (see gemma_mtp_jax/bench_convert.py)
-  python -m gemma_mtp_jax.benchmark decode ...   (see gemma_mtp_jax/bench_decode.py)
+  python -m benchmarks joint ...    (see benchmarks/joint.py)
+  python -m benchmarks convert ...  (see benchmarks/convert.py)
+  python -m benchmarks decode ...   (see benchmarks/decode.py)
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def bench_model(argv) -> dict:
   import transformers
 
   from gemma_mtp_jax import presets
-  from gemma_mtp_jax import transformer
-  from gemma_mtp_jax.convert import base as convert_base
+  from gemma_mtp_jax.model import transformer
+  from gemma_mtp_jax.checkpoint import hf_base as convert_base
 
   if a.threads:
     torch.set_num_threads(a.threads)
@@ -107,22 +107,22 @@ def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   commands = {"model": bench_model}
   try:
-    from gemma_mtp_jax import bench_joint
+    from benchmarks import joint as bench_joint
     commands["joint"] = bench_joint.bench_joint
   except ImportError:
     pass
   try:
-    from gemma_mtp_jax import bench_convert
+    from benchmarks import convert as bench_convert
     commands["convert"] = bench_convert.bench_convert
   except ImportError:
     pass
   try:
-    from gemma_mtp_jax import bench_decode
+    from benchmarks import decode as bench_decode
     commands["decode"] = bench_decode.bench_decode
   except ImportError:
     pass
   if not argv or argv[0] not in commands:
-    print(f"usage: python -m gemma_mtp_jax.benchmark {{{','.join(commands)}}} [flags]",
+    print(f"usage: python -m benchmarks {{{','.join(commands)}}} [flags]",
           file=sys.stderr)
     return 2
   commands[argv[0]](argv[1:])

@@ -52,10 +52,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import drafter as drafter_lib
-from gemma_mtp_jax import kv_cache as kv_cache_lib
-from gemma_mtp_jax import transformer
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import drafter as drafter_lib
+from gemma_mtp_jax.model import kv_cache as kv_cache_lib
+from gemma_mtp_jax.model import transformer
 
 Array = jax.Array
 

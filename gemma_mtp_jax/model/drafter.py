@@ -45,10 +45,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma_mtp_jax import attention
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import layers
-from gemma_mtp_jax import transformer
+from gemma_mtp_jax.model import attention
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import layers
+from gemma_mtp_jax.model import transformer
 
 Array = jax.Array
 QUERY_POSITIONS = ("next", "anchor")

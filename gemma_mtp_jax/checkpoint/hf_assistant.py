@@ -19,8 +19,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax.convert import names
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.checkpoint import hf_names as names
 
 LM_HEAD = "lm_head.weight"
 TOKEN_ORDERING = "masked_embedding.token_ordering"

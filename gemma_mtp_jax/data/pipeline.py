@@ -47,7 +47,7 @@ import datasets
 import ml_collections
 import numpy as np
 
-from gemma_mtp_jax.tokenizer import (BOS, TURN_CLOSE, TURN_OPEN, atomic_dir, build_tiny_tokenizer,
+from gemma_mtp_jax.data.tokenizer import (BOS, TURN_CLOSE, TURN_OPEN, atomic_dir, build_tiny_tokenizer,
                                      load_tokenizer)
 
 Batch = dict[str, np.ndarray]

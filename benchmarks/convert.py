@@ -1,6 +1,6 @@
 """Peak host memory of hf-to-jax (streaming) vs a naive "load everything, then convert" baseline.
 
-  python -m gemma_mtp_jax.benchmark convert [--size-mb 400] [--shard-mb 100] [--json]
+  python -m benchmarks convert [--size-mb 400] [--shard-mb 100] [--json]
 
 Writes a random bfloat16 HF checkpoint of a mid-size Gemma 4 text config (sharded, with
 index.json) to a temp dir, then runs each conversion in a fresh child process and reads its peak
@@ -29,8 +29,10 @@ _PRELUDE = """
 import json, os, resource, sys, time
 import psutil
 import jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp, safetensors.numpy
-from gemma_mtp_jax import checkpoint, config as config_lib
-from gemma_mtp_jax.convert import base as convert_base, io
+from gemma_mtp_jax.checkpoint import pair as checkpoint
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.checkpoint import hf_base as convert_base
+from gemma_mtp_jax.checkpoint import safetensors_io as io
 src, out = sys.argv[1], sys.argv[2]
 rss0 = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
@@ -70,8 +72,8 @@ print(json.dumps({"rss_after_imports": rss0, "peak_rss": peak, "seconds": dt,
 def mid_size_config(target_bytes: int):
   """A Gemma 4 text config (1024 wide, 5:1 sliding/global) with as many layers as fit the target
   size in bfloat16."""
-  from gemma_mtp_jax import config as config_lib
-  from gemma_mtp_jax.convert import names
+  from gemma_mtp_jax.model import config as config_lib
+  from gemma_mtp_jax.checkpoint import hf_names as names
 
   def make(n):
     return config_lib.ModelConfig(
@@ -90,8 +92,8 @@ def mid_size_config(target_bytes: int):
 
 def write_random_checkpoint(cfg, out_dir: str, shard_size: str, seed: int = 0) -> int:
   """Random bfloat16 HF checkpoint of `cfg` (generated one tensor at a time); returns its bytes."""
-  from gemma_mtp_jax.convert import io
-  from gemma_mtp_jax.convert import names
+  from gemma_mtp_jax.checkpoint import safetensors_io as io
+  from gemma_mtp_jax.checkpoint import hf_names as names
 
   prefix = "model."
   entries = {prefix + names.fused_name(e.hf): e.hf_shape for e in names.base_entries(cfg)}

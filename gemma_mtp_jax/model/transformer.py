@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mtp_jax import attention
-from gemma_mtp_jax import config as config_lib
-from gemma_mtp_jax import kv_cache as kv_cache_lib
-from gemma_mtp_jax import layers
+from gemma_mtp_jax.model import attention
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import kv_cache as kv_cache_lib
+from gemma_mtp_jax.model import layers
 
 Array = jax.Array
 

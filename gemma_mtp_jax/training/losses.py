@@ -13,7 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from gemma_mtp_jax import layers
+from gemma_mtp_jax.model import layers
 
 Array = jax.Array
 

@@ -7,7 +7,7 @@ backward and AdamW. `hf_assistant_patch` (also used by the tests) works around t
 whose `Gemma4TextConfig.kv_sharing_modes` raises for a config whose every layer is KV-shared (all
 assistants).
 
-    python -m gemma_mtp_jax.bench_joint [--preset tiny] [--batch 2] [--seq 64] [--steps 20]
+    python -m benchmarks joint [--preset tiny] [--batch 2] [--seq 64] [--steps 20]
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def bench_jax(base_cfg, dcfg, jcfg, batches, lr=1e-4):
   import jax
   import numpy as np
   import optax
-  from gemma_mtp_jax import joint
+  from gemma_mtp_jax.training import objective as joint
 
   tx = optax.adamw(lr)
   params, buffers = joint.init_params(base_cfg, dcfg, jax.random.PRNGKey(0))
@@ -195,7 +195,7 @@ def bench_joint(argv: Sequence[str] | None = None) -> int:
   """Prints JAX vs HF-torch joint train-step throughput and the JAX compile count."""
   args = _args(argv)
   import jax
-  from gemma_mtp_jax import joint
+  from gemma_mtp_jax.training import objective as joint
   from gemma_mtp_jax import presets
   cfg = presets.load_config(args.preset)
   base_cfg, dcfg = presets.model_configs(cfg)

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-from gemma_mtp_jax import config as config_lib
+from gemma_mtp_jax.model import config as config_lib
 
 Path = tuple[str, ...]
 

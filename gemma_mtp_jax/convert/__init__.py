@@ -1,1 +1,0 @@
-"""Converters between HF Gemma 4 safetensors and gemma_mtp_jax Flax params."""
