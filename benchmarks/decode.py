@@ -308,17 +308,17 @@ class HF:
     import torch
     import transformers
 
-    from benchmarks import joint as bench_joint
+    from gemma_mtp_jax import hf_torch
 
     if threads:
       torch.set_num_threads(threads)
     self.torch = torch
     self.base = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.join(hf_dir, "base"), dtype=torch.float32).eval()
-    with bench_joint.hf_assistant_patch():
+    with hf_torch.hf_assistant_patch():
       self.assistant = transformers.AutoModelForCausalLM.from_pretrained(
           os.path.join(hf_dir, "drafter"), dtype=torch.float32).eval()
-    self.patch = bench_joint.hf_assistant_patch
+    self.patch = hf_torch.hf_assistant_patch
 
   def _run(self, ids, mask, n: int, k: int, temperature: float, seed: int) -> float:
     torch = self.torch

@@ -3,9 +3,7 @@
 The torch side is written here, since HF has no joint trainer: the base forward returning its shared
 (store-layer) K/V states and final hidden, then the K-step assistant loop over every anchor row with
 the same teacher-forced inputs, masks and query positions as `joint.joint_forward`, the same losses,
-backward and AdamW. `hf_assistant_patch` (also used by the tests) works around transformers 5.23,
-whose `Gemma4TextConfig.kv_sharing_modes` raises for a config whose every layer is KV-shared (all
-assistants).
+backward and AdamW (`gemma_mtp_jax.hf_torch.torch_composite_loss`).
 
     python -m benchmarks joint [--preset tiny] [--batch 2] [--seq 64] [--steps 20]
 """
@@ -18,36 +16,7 @@ import dataclasses
 import time
 from typing import Sequence
 
-
-@contextlib.contextmanager
-def hf_assistant_patch():
-  """Lets transformers 5.23 build Gemma 4 assistants (all layers KV-shared); restores on exit."""
-  from transformers.models.gemma4 import configuration_gemma4 as c4
-  original = c4.Gemma4TextConfig.kv_sharing_modes
-
-  def kv_sharing_modes(self):
-    if self.num_kv_shared_layers and self.num_kv_shared_layers == self.num_hidden_layers:
-      return ["reuse"] * self.num_hidden_layers
-    return original.fget(self)
-
-  c4.Gemma4TextConfig.kv_sharing_modes = property(kv_sharing_modes)
-  try:
-    yield
-  finally:
-    c4.Gemma4TextConfig.kv_sharing_modes = original
-
-
-def hf_assistant(assistant_config: dict, seed: int = 0, attn_implementation: str = "eager"):
-  """A Gemma4AssistantForCausalLM (float32, eval) from a `DrafterConfig.to_hf_config()`-style dict."""
-  import torch
-  import transformers
-  with hf_assistant_patch():
-    cfg = transformers.Gemma4AssistantConfig(**assistant_config)
-    cfg._attn_implementation = attn_implementation
-    cfg.text_config._attn_implementation = attn_implementation
-    torch.manual_seed(seed)
-    model = transformers.Gemma4AssistantForCausalLM(cfg).eval().float()
-  return model
+from gemma_mtp_jax.hf_torch import hf_assistant, hf_assistant_patch, torch_composite_loss
 
 
 def _args(argv):
@@ -96,69 +65,6 @@ def bench_jax(base_cfg, dcfg, jcfg, batches, lr=1e-4):
   return dt, len(traces)
 
 
-def torch_composite_loss(target, assistant, tokens, loss_mask, jcfg, dcfg):
-  """The joint loss in HF torch, the way `joint.loss_fn` defines it (packing-free batch)."""
-  import torch
-  import torch.nn.functional as F
-  b, t = tokens.shape
-  k_steps = jcfg.num_steps
-  pos = torch.arange(t).expand(b, t)
-  out = target(input_ids=tokens, position_ids=pos, output_hidden_states=True,
-               return_shared_kv_states=True, use_cache=False)
-  shared = out.shared_kv_states
-  h = out.hidden_states[-1]
-  embed = target.get_input_embeddings()
-  if not jcfg.drafter_grads_to_base:
-    shared = {k: (v[0].detach(), v[1].detach()) for k, v in shared.items()}
-    h = h.detach()
-
-  def ce(logits, j):  # row i predicts x_{i+j}
-    n = t - j
-    labels = tokens[:, j:]
-    mask = loss_mask[:, j:].float()
-    nll = F.cross_entropy(logits[:, :n].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                          reduction="none").view(b, n)
-    return (nll * mask).sum() / mask.sum().clamp(min=1)
-
-  loss = ce(out.logits, 1)
-  # Row i may read base K/V at positions <= i (sliding: i - W .. i), as at inference.
-  q = torch.arange(t)[:, None]
-  s = torch.arange(t)[None, :]
-  window = dcfg.text.sliding_window
-  neg = torch.finfo(torch.float32).min
-  masks = {
-      "full_attention": torch.where(s <= q, 0.0, neg)[None, None].expand(b, 1, t, t),
-      "sliding_attention": torch.where((s <= q) & (s >= q - window), 0.0, neg)[None, None]
-                           .expand(b, 1, t, t),
-  }
-  q_pos = pos + (1 if jcfg.draft_query_position == "next" else 0)
-  ordering = assistant.masked_embedding.token_ordering if dcfg.use_ordered_embeddings else None
-  if ordering is not None:
-    per = dcfg.text.vocab_size // dcfg.num_centroids
-    cluster = torch.empty_like(ordering)
-    cluster[ordering] = torch.arange(ordering.numel()) // per
-  weights = jcfg.step_weights or (1.0,) * k_steps
-  for k in range(k_steps):  # the HF-style K-step assistant loop, all anchor rows at once
-    tok = torch.nn.functional.pad(tokens[:, k + 1:], (0, k + 1))
-    x = assistant.pre_projection(torch.cat([embed(tok), h], dim=-1))
-    # output_hidden_states: transformers 5.23 otherwise slices its (absent) per-layer inputs for
-    # T > 1 queries in `_maybe_slice_kv_shared_inputs` and fails.
-    hid = assistant.model(inputs_embeds=x, attention_mask=masks, position_ids=q_pos,
-                          shared_kv_states=shared, use_cache=False,
-                          output_hidden_states=True).last_hidden_state
-    step_loss = ce(assistant.lm_head(hid), k + 2)
-    if ordering is not None and jcfg.centroid_loss_weight:
-      cent = assistant.masked_embedding.centroids(hid)
-      n = t - k - 2
-      mask = loss_mask[:, k + 2:].float()
-      c_nll = F.cross_entropy(cent[:, :n].reshape(-1, cent.shape[-1]),
-                              cluster[tokens[:, k + 2:]].reshape(-1), reduction="none").view(b, n)
-      step_loss = step_loss + jcfg.centroid_loss_weight * (c_nll * mask).sum() / mask.sum()
-    loss = loss + jcfg.drafter_loss_weight * weights[k] * step_loss
-    h = assistant.post_projection(hid)
-  return loss
-
-
 def bench_torch(base_cfg, dcfg, jcfg, batches, lr=1e-4):
   """Seconds per step of the same composite train step in HF torch (eager, float32, sdpa)."""
   import torch
@@ -203,10 +109,10 @@ def bench_joint(argv: Sequence[str] | None = None) -> int:
     raise SystemExit(f"preset {args.preset!r} has no drafter")
   jcfg = joint.JointConfig.from_train_config(cfg.train)
   if args.draft_steps:
-    jcfg = dataclasses.replace(jcfg, num_steps=args.draft_steps, step_weights=None)
+    jcfg = dataclasses.replace(jcfg, num_draft_steps=args.draft_steps, step_weights=None)
   batches = _batches(args.steps, args.batch, args.seq, base_cfg.vocab_size)
   tokens = args.batch * args.seq
-  print(f"joint train step: preset {cfg.name}, B={args.batch} T={args.seq} K={jcfg.num_steps} "
+  print(f"joint train step: preset {cfg.name}, B={args.batch} T={args.seq} K={jcfg.num_draft_steps} "
         f"({tokens} tokens/step), {args.steps} timed steps, backend {jax.default_backend()}")
   jax_dt, compiles = bench_jax(base_cfg, dcfg, jcfg, batches)
   print(f"  jax (jit):  {tokens / jax_dt:9.1f} tokens/s  ({1e3 * jax_dt:8.1f} ms/step)  "

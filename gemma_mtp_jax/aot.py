@@ -166,7 +166,7 @@ def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
            - mem.alias_size_in_bytes)
   mode = "drafter_only" if jcfg.freeze_base else "joint"
-  per_token = model_flops_per_token(base_cfg, dcfg, seq, jcfg.num_steps, not jcfg.freeze_base)
+  per_token = model_flops_per_token(base_cfg, dcfg, seq, jcfg.num_draft_steps, not jcfg.freeze_base)
   mflops = per_token * batch * seq
   return Plan(
       config=str(cfg.get("name", "?")), topology=topology,

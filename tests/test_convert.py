@@ -27,7 +27,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from benchmarks import joint as bench_joint
+from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 from gemma_mtp_jax import convert as cli
@@ -44,8 +44,8 @@ TOKENS = torch.tensor([[2, 17, 60, 121, 9, 250, 33, 7], [2, 5, 5, 380, 41, 12, 9
 @pytest.fixture(scope="module", autouse=True)
 def _assistant_kv_sharing():
   """transformers 5.23's `kv_sharing_modes` raises when every layer is KV-shared (the assistant's
-  case); `bench_joint.hf_assistant_patch` reports them all as "reuse" for this module."""
-  with bench_joint.hf_assistant_patch():
+  case); `hf_torch.hf_assistant_patch` reports them all as "reuse" for this module."""
+  with hf_torch.hf_assistant_patch():
     yield
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import joint as bench_joint
+from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter
 from gemma_mtp_jax.training import objective as joint
@@ -84,7 +84,7 @@ def jit_base(cfg):
 
 
 jit_draft = jax.jit(drafter.draft, static_argnames=(
-    "cfg", "num_steps", "sample_fn", "query_position", "dense_head", "logit_softcap"))
+    "cfg", "num_draft_steps", "sample_fn", "query_position", "dense_head", "logit_softcap"))
 
 
 # ------------------------------------------------------------------------------ HF parity
@@ -95,7 +95,7 @@ def _hf_pair(ordered: bool, k: int):
               num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=32,
               layer_types=[S, S, S, F], sliding_window=4, hidden_size_per_layer_input=0,
               vocab_size_per_layer_input=0, num_kv_shared_layers=4)
-  assistant = bench_joint.hf_assistant(dict(
+  assistant = hf_torch.hf_assistant(dict(
       text_config=text, backbone_hidden_size=64, use_ordered_embeddings=ordered, num_centroids=16,
       centroid_intermediate_top_k=4), seed=1)
   hf_helpers.randomize_(assistant, seed=5)
@@ -134,7 +134,7 @@ def test_first_round_drafts_equal_hf(ordered, monkeypatch):
 
   base = config_lib.ModelConfig.from_hf_config(target.config.to_dict())
   base_params = convert_base.state_dict_to_params(base, hf_helpers.numpy_state(target))
-  with bench_joint.hf_assistant_patch():
+  with hf_torch.hf_assistant_patch():
     dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
   dcfg.check_fits(base)
   assert dcfg.use_ordered_embeddings == ordered and dcfg.text.final_logit_softcap is None
@@ -146,7 +146,7 @@ def test_first_round_drafts_equal_hf(ordered, monkeypatch):
   x_p = jnp.argmax(out.logits[:, -1], axis=-1)
   assert int(x_p[0]) == hf_ids[0, p]  # the base's own token, which the first draft step consumes
   d = jit_draft(variables, dcfg, base_params["embedding"], out.store_kv, out.hidden[:, -1], x_p,
-                jnp.array([p - 1]), num_steps=k)
+                jnp.array([p - 1]), num_draft_steps=k)
   np.testing.assert_array_equal(np.asarray(d.tokens), hf_ids[:, p + 1:])
   err = np.abs(np.asarray(d.logits) - hf_logits).max()
   print(f"max |logit error| vs HF ({'ordered' if ordered else 'plain'}): {err:.2e}")
@@ -157,7 +157,7 @@ def test_first_round_drafts_equal_hf(ordered, monkeypatch):
   if not ordered:
     return
   anchor = jit_draft(variables, dcfg, base_params["embedding"], out.store_kv, out.hidden[:, -1], x_p,
-                     jnp.array([p - 1]), num_steps=k, query_position="anchor")
+                     jnp.array([p - 1]), num_draft_steps=k, query_position="anchor")
   assert np.abs(np.asarray(anchor.logits) - hf_logits).max() > 1e-2
 
 
@@ -167,7 +167,7 @@ def test_sliding_window_bound_matches_hf_mask(pad):
   computed from slot positions, keeps the same slots (with left padding too)."""
   import transformers
   s, w = 11, 4
-  with bench_joint.hf_assistant_patch():
+  with hf_torch.hf_assistant_patch():
     hf_cfg = transformers.Gemma4AssistantConfig(
         text_config=dict(vocab_size=64, hidden_size=16, num_hidden_layers=2,
                          layer_types=[S, F], sliding_window=w, hidden_size_per_layer_input=0,
@@ -201,7 +201,7 @@ def test_convert_round_trip_is_bit_exact():
   _, assistant = _hf_pair(True, 2)
   state = hf_helpers.numpy_state(assistant)
   assert state[convert_drafter.TOKEN_ORDERING].dtype == np.int64
-  with bench_joint.hf_assistant_patch():
+  with hf_torch.hf_assistant_patch():
     dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
   variables = convert_drafter.state_dict_to_variables(dcfg, state)
   assert variables["buffers"]["token_ordering"].dtype == np.int32
@@ -219,7 +219,7 @@ def test_convert_round_trip_is_bit_exact():
 def test_bad_assistant_checkpoints_name_the_tensor():
   _, assistant = _hf_pair(True, 2)
   state = hf_helpers.numpy_state(assistant)
-  with bench_joint.hf_assistant_patch():
+  with hf_torch.hf_assistant_patch():
     dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
   bad = dict(state)
   del bad[convert_drafter.TOKEN_ORDERING]
@@ -262,14 +262,14 @@ def test_draft_from_cache_with_stale_slots_equals_no_cache():
   h = out.hidden[rows, jnp.asarray(accepted - 1)]
   nxt = jnp.argmax(out.logits[rows, jnp.asarray(accepted - 1)], axis=-1)
   got = jit_draft(variables, dcfg, params["base"]["embedding"], out.store_kv, h, nxt, last,
-                  num_steps=k)
+                  num_draft_steps=k)
 
   # Reference: no cache, each row's verified prefix only (later slots are padding, never attended;
   # the same slot count keeps one compile of the draft).
   valid = jnp.arange(slots)[None, :] <= last[:, None]
   ref = jit_base(base)(params["base"], jnp.asarray(tokens), pos, valid)
   want = jit_draft(variables, dcfg, params["base"]["embedding"], ref.store_kv, ref.hidden[rows, last],
-                   nxt, last, num_steps=k)
+                   nxt, last, num_draft_steps=k)
   np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
   # Cache and no-cache base K/V differ by float32 rounding (~1e-6), which the drafter amplifies.
   np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), atol=1e-4)
@@ -296,7 +296,7 @@ def test_draft_compiles_once_and_samples_through_sample_fn():
   # A sampler gets each step's logits and a fresh key; its tokens are what the next step consumes
   # (near-zero temperature: the greedy drafts again).
   sampled = jit_draft(variables, dcfg, params["base"]["embedding"], out.store_kv,
-                      out.hidden[:, 5], tokens[:, 6], jnp.asarray([5]), num_steps=3,
+                      out.hidden[:, 5], tokens[:, 6], jnp.asarray([5]), num_draft_steps=3,
                       sample_fn=lambda l, key: jax.random.categorical(key, l / 1e-4),
                       rng=jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.asarray(sampled.tokens), np.asarray(greedy.tokens))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from benchmarks import joint as bench_joint
+from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax import generate as cli
 from gemma_mtp_jax.decoding import speculative
@@ -29,8 +29,8 @@ KEYS = {"tokens", "text", "target_forwards", "draft_rounds", "drafted", "accepte
 @pytest.fixture(scope="module", autouse=True)
 def _assistant_kv_sharing():
   """transformers 5.23's `kv_sharing_modes` raises when every layer is KV-shared (the assistant's
-  case); `bench_joint.hf_assistant_patch` reports them all as "reuse" for this module."""
-  with bench_joint.hf_assistant_patch():
+  case); `hf_torch.hf_assistant_patch` reports them all as "reuse" for this module."""
+  with hf_torch.hf_assistant_patch():
     yield
 
 

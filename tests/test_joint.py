@@ -39,7 +39,7 @@ def test_training_forward_equals_draft_api(query_position):
   b, t_len, k_steps = 2, 10, 3
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, base.vocab_size, (b, t_len))
-  jcfg = joint.JointConfig(num_steps=k_steps, draft_query_position=query_position)
+  jcfg = joint.JointConfig(num_draft_steps=k_steps, draft_query_position=query_position)
   train_KBTV = np.asarray(_forward(params, buffers, {"tokens": jnp.asarray(tokens)}, base, dcfg,
                                    jcfg).steps)
   assert train_KBTV.shape == (k_steps, b, t_len, base.vocab_size)
@@ -56,7 +56,7 @@ def test_training_forward_equals_draft_api(query_position):
     out = jit_base(base)(params["base"], jnp.asarray(seen), pos)
     args = (variables, dcfg, params["base"]["embedding"], out.store_kv, out.hidden[:, t],
             jnp.asarray(tokens[:, t + 1]))
-    kw = dict(num_steps=k_steps, query_position=query_position, dense_head=True,
+    kw = dict(num_draft_steps=k_steps, query_position=query_position, dense_head=True,
               teacher_tokens_BK=jnp.asarray(padded[:, t + 2:t + 2 + k_steps]))
     draft_BKV = np.asarray(jit_draft(*args, jnp.full((b,), t), **kw).logits)
     for k in range(k_steps):
@@ -80,7 +80,7 @@ def test_targets_mask_end_padding_documents_and_non_assistant_tokens():
   tokens = jnp.asarray([[10, 11, 12, 13, 14, 15, 16, 17]])
   seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]])  # two documents, then padding
   lm = jnp.asarray([[0, 1, 1, 0, 1, 0, 1, 1]], bool)  # token 15 is not an assistant token
-  targets = joint.Targets.build(tokens, seg, seg != 0, lm, num_steps=2)
+  targets = joint.Targets.build(tokens, seg, seg != 0, lm, num_draft_steps=2)
   lab1, m1 = targets.at(1)
   np.testing.assert_array_equal(lab1[0], [11, 12, 13, 14, 15, 16, 17, 0])
   np.testing.assert_array_equal(m1[0], [1, 1, 0, 1, 0, 1, 0, 0])
@@ -95,7 +95,7 @@ def test_packed_documents_are_independent():
   params, buffers = random_params(base, dcfg, seed=1)
   rng = np.random.default_rng(1)
   a, c = rng.integers(3, base.vocab_size, 4), rng.integers(3, base.vocab_size, 6)
-  jcfg = joint.JointConfig(num_steps=2)
+  jcfg = joint.JointConfig(num_draft_steps=2)
   packed = {"tokens": jnp.asarray(np.concatenate([a, c])[None]),
             "segment_ids": jnp.asarray([[1] * 4 + [2] * 6]),
             "positions": jnp.asarray(np.concatenate([np.arange(4), np.arange(6)])[None])}
@@ -119,7 +119,7 @@ def test_remat_equals_no_remat_with_kv_sharing(fast_compile):
   params, buffers = random_params(base, dcfg, seed=2, amp=0.6)
   rng = np.random.default_rng(2)
   batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 8)))}
-  jcfg = joint.JointConfig(num_steps=2, drafter_loss_weight=0.5)
+  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.5)
 
   def grads(b_cfg, d_cfg):
     fn = jax.jit(jax.grad(lambda p: joint.loss_fn(p, buffers, batch, b_cfg, d_cfg, jcfg)[0]))
@@ -141,12 +141,12 @@ def test_joint_config_from_preset_train_section():
   jcfg = joint.JointConfig.from_train_config(dict(
       num_draft_steps=3, drafter_loss_weight=0.1, freeze_base=True, share_embedding_with_base=False,
       draft_query_position="anchor", seq_len=256, learning_rate=1e-3))
-  assert (jcfg.num_steps, jcfg.drafter_loss_weight, jcfg.freeze_base) == (3, 0.1, True)
+  assert (jcfg.num_draft_steps, jcfg.drafter_loss_weight, jcfg.freeze_base) == (3, 0.1, True)
   assert not jcfg.share_embedding_with_base and jcfg.draft_query_position == "anchor"
   with pytest.raises(config_lib.ConfigError, match="draft_query_position"):
     joint.JointConfig(draft_query_position="middle")
   with pytest.raises(config_lib.ConfigError, match="step_weights"):
-    joint.JointConfig(num_steps=2, step_weights=(1.0,))
+    joint.JointConfig(num_draft_steps=2, step_weights=(1.0,))
 
 
 def test_chunked_attention_equals_full_attention(fast_compile):
@@ -161,7 +161,7 @@ def test_chunked_attention_equals_full_attention(fast_compile):
            "segment_ids": jnp.asarray([[1] * 13 + [2] * 9, [1] * 20 + [0] * 2]),
            "positions": jnp.asarray([list(range(13)) + list(range(9)),
                                      list(range(20)) + [0, 0]])}
-  jcfg = joint.JointConfig(num_steps=3, drafter_loss_weight=0.5)
+  jcfg = joint.JointConfig(num_draft_steps=3, drafter_loss_weight=0.5)
 
   def value_and_grads(chunk):
     b = base.replace(attention_chunk_size=chunk)

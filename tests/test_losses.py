@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from benchmarks import joint as bench_joint
+from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax.training import losses
@@ -92,7 +92,7 @@ def test_loss_fn_is_mean_over_valid_targets():
   batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
            "positions": jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 0]]),
            "loss_mask": jnp.asarray(lm)}
-  jcfg = joint.JointConfig(num_steps=2, drafter_loss_weight=0.3, step_weights=(1.0, 0.5))
+  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.3, step_weights=(1.0, 0.5))
   loss, metrics = jax.jit(lambda p: joint.loss_fn(p, buffers, batch, base, dcfg, jcfg))(params)
   out = jax.jit(lambda p: joint.joint_forward(p, buffers, batch, base, dcfg, jcfg))(params)
 
@@ -119,7 +119,7 @@ def test_loss_fn_is_mean_over_valid_targets():
 def test_frozen_base_gets_no_update_and_no_optimizer_state(fast_compile):
   base, dcfg = tiny_configs(ordered=True, small=True)
   params, buffers = random_params(base, dcfg, seed=1)
-  jcfg = joint.JointConfig(num_steps=2, freeze_base=True)
+  jcfg = joint.JointConfig(num_draft_steps=2, freeze_base=True)
   tx = optax.adam(1e-2)
   state = joint.init_train_state(params, tx, jcfg)
   n_drafter = sum(x.size for x in jax.tree.leaves(params["drafter"]))
@@ -154,7 +154,7 @@ def test_shared_embedding_gets_gradient_from_both_losses(share, fast_compile):
   base, dcfg = tiny_configs(ordered=True, small=True)
   params, buffers = random_params(base, dcfg, seed=2)
   batch = {"tokens": jnp.asarray(np.random.default_rng(2).integers(3, base.vocab_size, (2, 8)))}
-  jcfg = joint.JointConfig(num_steps=2, drafter_loss_weight=1.0, share_embedding_with_base=share,
+  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=1.0, share_embedding_with_base=share,
                            drafter_grads_to_base=False, centroid_loss_weight=0.0)
 
   def parts(p):
@@ -183,7 +183,7 @@ def test_loss_fn_equals_hf_torch_composite():
   target, assistant = _hf_pair(True, 2)
   base = config_lib.ModelConfig.from_hf_config(target.config.to_dict())
   params = {"base": convert_base.state_dict_to_params(base, hf_helpers.numpy_state(target))}
-  with bench_joint.hf_assistant_patch():
+  with hf_torch.hf_assistant_patch():
     dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
   variables = convert_drafter.state_dict_to_variables(dcfg, hf_helpers.numpy_state(assistant))
   params["drafter"] = variables["params"]
@@ -191,10 +191,10 @@ def test_loss_fn_equals_hf_torch_composite():
   rng = np.random.default_rng(4)
   tokens = rng.integers(3, base.vocab_size, (2, 12))
   lm = rng.random((2, 12)) > 0.2
-  jcfg = joint.JointConfig(num_steps=2, drafter_loss_weight=0.5, step_weights=(1.0, 0.7),
+  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.5, step_weights=(1.0, 0.7),
                            centroid_loss_weight=0.3)
-  with torch.no_grad(), bench_joint.hf_assistant_patch():
-    want = float(bench_joint.torch_composite_loss(target, assistant, torch.tensor(tokens),
+  with torch.no_grad(), hf_torch.hf_assistant_patch():
+    want = float(hf_torch.torch_composite_loss(target, assistant, torch.tensor(tokens),
                                                   torch.tensor(lm), jcfg, dcfg))
   batch = {"tokens": jnp.asarray(tokens), "loss_mask": jnp.asarray(lm)}
   got, metrics = jax.jit(lambda p, b: joint.loss_fn(p, variables["buffers"], b, base, dcfg,
@@ -211,7 +211,7 @@ def test_chunked_head_loss_equals_full_logits(fast_compile):
   rng = np.random.default_rng(1)
   batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 9))),
            "segment_ids": jnp.asarray([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2])}
-  full = joint.JointConfig(num_steps=2, drafter_loss_weight=0.5)
+  full = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.5)
   chunked = dataclasses.replace(full, loss_chunk_size=4)  # 9 rows: 3 chunks, the last padded
 
   def grads(jcfg):

@@ -27,7 +27,7 @@ SCRIPT = textwrap.dedent(r"""
     over = dict(enable_moe=True, num_experts=8, top_k_experts=2, moe_hidden_dim=16) \
         if variant == "moe" else {}
     base_cfg, dcfg = test_drafter.tiny_configs(ordered=True, window=3, small=True, **over)
-    jcfg = joint.JointConfig(num_steps=3, drafter_loss_weight=0.5)
+    jcfg = joint.JointConfig(num_draft_steps=3, drafter_loss_weight=0.5)
     def boxed(r):  # boxed params (logical axes) + the drafter's buffers
       rb, rd = jax.random.split(r)
       v = drafter.init_variables(dcfg, rd)

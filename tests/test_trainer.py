@@ -344,8 +344,8 @@ def test_records_plots_export_and_hf_check(assets, tmp_path):
   assert abs(fixed["hf_fixed/tokens_per_round"] / hf["trainer/tokens_per_round"] - 1) <= 0.10
   import torch
   import transformers
-  from benchmarks import joint as bench_joint
-  with bench_joint.hf_assistant_patch():
+  from gemma_mtp_jax import hf_torch
+  with hf_torch.hf_assistant_patch():
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "base")
     drafter = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "drafter")
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf" / "drafter")  # copied too

@@ -184,13 +184,13 @@ class DrafterProposer:
   cfg: config_lib.DrafterConfig
   query_position: str = "next"
 
-  def __call__(self, aux, base_params, base_cfg, state: DecodeState, num_steps: int,
+  def __call__(self, aux, base_params, base_cfg, state: DecodeState, num_draft_steps: int,
                sampling: Sampling, rng: Array):
     sample_fn = (drafter_lib.greedy if sampling.greedy
                  else lambda logits_BV, key: choose(logits_BV, sampling, key))
     out = drafter_lib.draft(
         aux["drafter"], self.cfg, base_params["embedding"], store_kv_of(base_cfg, state.cache),
-        state.hidden_BM, state.token_B, state.last_pos_B, num_steps, sample_fn,
+        state.hidden_BM, state.token_B, state.last_pos_B, num_draft_steps, sample_fn,
         query_position=self.query_position, rng=None if sampling.greedy else rng)
     logq_BKV = None if sampling.greedy else log_probs(out.logits, sampling)
     return out.tokens, logq_BKV

@@ -1,0 +1,21 @@
+"""The Gemma 4 model family in Flax Linen: configs, layers, attention, KV cache, base decoder, drafter.
+
+Shape letters. Every array whose shape matters carries its dims as a suffix (`x_BTD`, `logits_BTV`);
+a letter means the same thing in every module of the package:
+
+  B  batch rows                           T  positions of a row (queries)
+  S  key/value positions (cache slots)    D  width of the module at hand (embed_dim)
+  M  the base's width, seen by the drafter (backbone_hidden_size)
+  F  MLP hidden width                     E  experts
+  V  vocabulary                           C  centroids of the ordered-embedding head
+  L  layers                               P  per-layer-embedding (PLE) width
+  N  query heads                          K  key/value heads
+  G  query heads per K/V head             H  head dim
+  A  draft steps (the "K" of speculative decoding in prose and flags: drafts proposed per round)
+  J  verify positions of a round (A + 1)  R  decode rounds
+  O  output (new) tokens                  Q  prompt tokens
+  U  positions of one chunk (chunked attention / chunked loss)
+
+Modules: `config` (frozen ModelConfig / DrafterConfig, the HF config mapping), `layers`, `attention`,
+`kv_cache`, `transformer` (the base), `drafter` (the assistant), `flops` (the one FLOP model).
+"""

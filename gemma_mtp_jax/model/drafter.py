@@ -234,11 +234,11 @@ def greedy(logits_BV: Array, rng: Array | None = None) -> Array:
 
 def draft(variables: dict, cfg: config_lib.DrafterConfig, base_embedding: Array,
           store_kv: dict[str, transformer.StoreKV], h_BM: Array, token_B: Array, last_pos_B: Array,
-          num_steps: int, sample_fn: Callable[[Array, Any], Array] = greedy, *,
+          num_draft_steps: int, sample_fn: Callable[[Array, Any], Array] = greedy, *,
           query_position: str = "next", teacher_tokens_BK: Array | None = None,
           rng: Array | None = None, dense_head: bool = False,
           logit_softcap: float | None = None) -> DraftOutput:
-  """Drafts `num_steps` tokens per row with a `lax.scan` (one compile for any positions).
+  """Drafts `num_draft_steps` tokens per row with a `lax.scan` (one compile for any positions).
 
   Args:
     variables: drafter variables ({"params": ..., "buffers": ...}).
@@ -261,12 +261,12 @@ def draft(variables: dict, cfg: config_lib.DrafterConfig, base_embedding: Array,
   last_pos_B1 = last_pos_B.astype(jnp.int32)[:, None]
   masks = kv_masks(cfg, store_kv, last_pos_B1)
   q_pos_B1 = query_positions(last_pos_B1, query_position)
-  keys = (jax.random.split(rng, num_steps) if rng is not None
-          else jnp.zeros((num_steps,), jnp.uint32))
+  keys = (jax.random.split(rng, num_draft_steps) if rng is not None
+          else jnp.zeros((num_draft_steps,), jnp.uint32))
   if teacher_tokens_BK is not None:
     forced_KB = jnp.swapaxes(teacher_tokens_BK, 0, 1).astype(jnp.int32)
   else:
-    forced_KB = jnp.zeros((num_steps, token_B.shape[0]), jnp.int32)
+    forced_KB = jnp.zeros((num_draft_steps, token_B.shape[0]), jnp.int32)
 
   def body(carry, xs):
     tok_B, h_BM_ = carry

@@ -30,10 +30,9 @@ Shapes: K draft steps, B rows, T tokens, V vocab, C centroids, P prompt length, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +44,7 @@ from gemma_mtp_jax.model import kv_cache as kv_cache_lib
 from gemma_mtp_jax.model import layers
 from gemma_mtp_jax.training import losses
 from gemma_mtp_jax.model import transformer
+from gemma_mtp_jax.training import distributed
 
 Array = jax.Array
 
@@ -109,7 +109,7 @@ def eval_sums(params: Mapping, buffers: Mapping | None, batch: Mapping[str, Arra
   run chunk by chunk as in training (no [B, T, V] logits).
   Returns (sums dict of float32 arrays, accepted int32 [B, T], anchor bool [B, T]).
   """
-  k_steps = jcfg.num_steps
+  k_steps = jcfg.num_draft_steps
   ordered = dcfg.use_ordered_embeddings
   chunk = jcfg.loss_chunk_size
   # The centroid scores are needed for the masked head HF drafts with; dense logits for the losses.
@@ -381,94 +381,47 @@ def flops_ratio(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig
   return drafter_macs(dcfg, dense_head) / base_macs(base_cfg)
 
 
-def expected_speedup(tokens_per_forward: float, num_steps: int, c: float) -> float:
+def expected_speedup(tokens_per_forward: float, num_draft_steps: int, c: float) -> float:
   """E / (K c + 1): greedy speculative decoding's speedup over plain greedy decoding."""
-  return tokens_per_forward / (num_steps * c + 1.0)
+  return tokens_per_forward / (num_draft_steps * c + 1.0)
 
 
-# ------------------------------------------------------------------------------ HF check
-@contextlib.contextmanager
-def hf_stale_kv_fix():
-  """Drops the stale K/V that transformers 5.23 hands the assistant after a partial acceptance.
+# ------------------------------------------------------------------------------ the trainer's eval
+@dataclasses.dataclass
+class Evaluator:
+  """Held-out eval: the teacher-forced batches, then greedy acceptance on held-out prompts."""
+  eval_fn: Any  # jitted `eval_sums`
+  generate_fn: Any  # jitted `greedy_generate`
+  batch_sharding: Any
+  base_cfg: config_lib.ModelConfig
+  dcfg: config_lib.DrafterConfig
+  jcfg: joint.JointConfig
+  eval_batches: list
+  prompts: list
+  stop_ids: list
+  num_new: int
+  flops_ratio: float
+  rows: int  # the eval batches' shape, reused for the greedy rows when they fit (one compile)
+  length: int
+  last_continuations: list = dataclasses.field(default_factory=list)
 
-  `SinglePositionMultiTokenCandidateGenerator.get_candidates` slices the target's shared K/V to
-  `len(input_ids)`, which counts the bonus token the target has not processed yet: after n < K
-  accepted drafts the full-attention K/V keeps one entry computed from the rejected draft n + 1
-  (at the bonus token's position), and the sliding-window K/V (not sliced at all in effect) keeps
-  all K - n rejected entries. After a full acceptance, and in the first round, there is nothing
-  stale. Inside this context the generator sees the K/V of the verified positions only, which is
-  exactly the drafting the trainer models (and trains for).
-  """
-  from transformers.generation import candidate_generator as cg
-
-  cls = cg.SinglePositionMultiTokenCandidateGenerator
-  original = cls.get_candidates
-
-  def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None,
-                     is_first_iteration=False, n_last_matches=0, **kwargs):
-    kv = getattr(model_outputs, "shared_kv_states", None) if model_outputs is not None else None
-    if kv and not is_first_iteration:
-      full = kv.get(config_lib.FULL) or next(iter(kv.values()))
-      # Verified positions: every token but the bonus one; the full-attention K/V holds them all.
-      stale = full[0].shape[2] - (input_ids.shape[1] - 1)
-      if stale > 0:
-        model_outputs.shared_kv_states = {
-            name: (k[:, :, :k.shape[2] - stale], v[:, :, :v.shape[2] - stale])
-            for name, (k, v) in kv.items()}
-    return original(self, input_ids, model_kwargs=model_kwargs, model_outputs=model_outputs,
-                    is_first_iteration=is_first_iteration, n_last_matches=n_last_matches, **kwargs)
-
-  cls.get_candidates = get_candidates
-  try:
-    yield
-  finally:
-    cls.get_candidates = original
-
-
-def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray], num_new: int,
-                  stop_ids: Sequence[int], num_assistant_tokens: int,
-                  reference: Sequence[np.ndarray] | None = None, fix_stale_kv: bool = False) -> dict:
-  """Tokens per target forward of HF assisted generation with an exported pair (greedy, batch 1).
-
-  `generate(assistant_model=...)` runs one target forward for the prompt (which yields the first
-  token) and then one per drafting round; a forward hook counts them. Tokens per target forward is
-  (new tokens - 1) / (forwards - 1), the prefill left out as `walk_rounds` leaves it out.
-  fix_stale_kv: generate inside `hf_stale_kv_fix` (keys "hf_fixed/..." instead of "hf/...").
-  Returns {"<p>/tokens_per_round", "<p>/rounds", "<p>/new_tokens", "<p>/same_as_trainer"}; the
-  last is the fraction of prompts whose output equals `reference` (the trainer's JAX greedy
-  continuations; greedy speculative decoding must reproduce plain greedy decoding), if given.
-  """
-  import torch
-  import transformers
-
-  from benchmarks import joint as bench_joint  # transformers 5.23 cannot build an assistant without it
-
-  with bench_joint.hf_assistant_patch():
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    assistant = transformers.AutoModelForCausalLM.from_pretrained(drafter_dir,
-                                                                  dtype=torch.float32).eval()
-  assistant.generation_config.num_assistant_tokens = num_assistant_tokens
-  assistant.generation_config.num_assistant_tokens_schedule = "constant"
-  calls = [0]
-  hook = base.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-  rounds = tokens = same_ref = 0
-  kw = dict(do_sample=False, max_new_tokens=num_new, eos_token_id=list(stop_ids),
-            pad_token_id=base.config.pad_token_id, top_k=None, top_p=None, temperature=None)
-  try:
-    with torch.no_grad(), (hf_stale_kv_fix() if fix_stale_kv else contextlib.nullcontext()):
-      for i, prompt in enumerate(prompts):
-        ids = torch.as_tensor(np.asarray(prompt, np.int64))[None]
-        calls[0] = 0
-        out = base.generate(ids, assistant_model=assistant, **kw)
-        rounds += calls[0] - 1
-        tokens += out.shape[1] - ids.shape[1] - 1
-        if reference is not None:
-          same_ref += int(np.array_equal(out[0, ids.shape[1]:].numpy(),
-                                         np.asarray(reference[i], np.int64)))
-  finally:
-    hook.remove()
-  p = "hf_fixed" if fix_stale_kv else "hf"
-  return {f"{p}/tokens_per_round": tokens / max(rounds, 1), f"{p}/rounds": rounds,
-          f"{p}/new_tokens": tokens + len(prompts),
-          f"{p}/same_as_trainer": same_ref / max(len(prompts), 1) if reference is not None else None}
+  def __call__(self, params, buffers) -> tuple[dict, list]:
+    total = None
+    for b in self.eval_batches:
+      sums, _, _ = self.eval_fn(params, buffers, distributed.global_batch(b, self.batch_sharding))
+      sums = jax.tree.map(np.asarray, distributed.to_host(sums))
+      total = sums if total is None else jax.tree.map(np.add, total, sums)
+    out = summarize(total) if total is not None else {}
+    conts = []
+    if self.prompts:
+      g = greedy_acceptance(params, buffers, self.prompts, self.num_new, self.stop_ids,
+                                     self.base_cfg, self.dcfg, self.jcfg,
+                                     generate_fn=self.generate_fn,
+                                     eval_fn=self.eval_fn, batch_size=self.rows,
+                                     length=self.length)
+      out.update(g["metrics"])
+      conts = self.last_continuations = g["continuations"]
+      out["eval/greedy/expected_speedup"] = expected_speedup(
+          out["eval/greedy/tokens_per_round"], self.jcfg.num_draft_steps, self.flops_ratio)
+    out["eval/flops_ratio"] = self.flops_ratio
+    return {k[len("eval/"):]: v for k, v in out.items()}, conts

@@ -56,6 +56,7 @@ from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax.training import metrics as metrics_lib
 from gemma_mtp_jax import presets
 from gemma_mtp_jax import sharding
+from gemma_mtp_jax.training import distributed
 from gemma_mtp_jax.model import transformer
 
 
@@ -118,8 +119,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
     need(int(t[key]) >= 1, key, f"must be >= 1, got {t[key]}")
   need(int(t.batch_size) % int(t.grad_accum_steps) == 0, "grad_accum_steps",
        f"batch_size {t.batch_size} is not divisible by {t.grad_accum_steps} micro-batches")
-  need(int(t.seq_len) > jcfg.num_steps + 1, "seq_len",
-       f"{t.seq_len} leaves no room for {jcfg.num_steps} draft steps")
+  need(int(t.seq_len) > jcfg.num_draft_steps + 1, "seq_len",
+       f"{t.seq_len} leaves no room for {jcfg.num_draft_steps} draft steps")
   need(float(t.learning_rate) >= 0, "learning_rate", "must be >= 0")
   need(0 <= float(t.min_learning_rate_ratio) <= 1, "min_learning_rate_ratio", "must be in [0, 1]")
   need(int(t.eval_every) >= 0, "eval_every", "must be >= 0 (0: only at the end)")
@@ -497,38 +498,6 @@ def split_workdir(workdir: str, checkpoint_dir: str, name: str) -> tuple[str, st
           checkpoint_dir or f"{workdir.rstrip('/')}/{checkpoint.CHECKPOINTS_DIR}")
 
 
-def initialize_distributed(mesh_cfg) -> None:
-  """`jax.distributed.initialize` when the config asks for it (`mesh.initialize_distributed`, or a
-  `mesh.coordinator_address`), before anything touches a device. On TPU VMs every argument is
-  auto-detected; elsewhere they come from the config. CPU processes (JAX_PLATFORMS=cpu, the
-  multi-process tests) exchange their collectives over gloo."""
-  address = str(mesh_cfg.get("coordinator_address") or "")
-  if not (mesh_cfg.get("initialize_distributed") or address):
-    return
-  if jax.distributed.is_initialized():
-    return
-  num, pid = int(mesh_cfg.get("num_processes") or 0), int(mesh_cfg.get("process_id", -1))
-  if address and (num < 1 or not 0 <= pid < num):
-    raise ConfigError(f"mesh.coordinator_address is set: mesh.num_processes ({num}) must be >= 1 "
-                      f"and mesh.process_id ({pid}) in [0, num_processes)")
-  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(address or None, num or None, pid if pid >= 0 else None)
-
-
-def _global_batch(batch: Mapping[str, np.ndarray], shard) -> dict:
-  """This process's rows -> global arrays on the mesh (the batch axis split by the rules)."""
-  return {k: jax.make_array_from_process_local_data(shard, np.asarray(v)) for k, v in batch.items()}
-
-
-def _to_host(tree):
-  """Numpy copy of a (possibly multi-host sharded) tree."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
-
-
 def _stop_ids(tokenizer) -> list[int]:
   """Tokens greedy decoding stops on: end of a model turn and end of text."""
   ids = [data_lib.control_ids(tokenizer)[data_lib.TURN_CLOSE]]
@@ -544,58 +513,6 @@ def _tokenizer_dir(tokenizer) -> str | None:
 
 def _fmt(v: float) -> str:
   return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-@dataclasses.dataclass
-class Evaluator:
-  """Held-out eval: the teacher-forced batches, then greedy acceptance on held-out prompts."""
-  progs: Programs
-  base_cfg: config_lib.ModelConfig
-  dcfg: config_lib.DrafterConfig
-  jcfg: joint.JointConfig
-  eval_batches: list
-  prompts: list
-  stop_ids: list
-  num_new: int
-  flops_ratio: float
-  rows: int  # the eval batches' shape, reused for the greedy rows when they fit (one compile)
-  length: int
-  last_continuations: list = dataclasses.field(default_factory=list)
-
-  def __call__(self, params, buffers) -> tuple[dict, list]:
-    total = None
-    for b in self.eval_batches:
-      sums, _, _ = self.progs.eval_fn(params, buffers, _global_batch(b, self.progs.batch_sh))
-      sums = jax.tree.map(np.asarray, _to_host(sums))
-      total = sums if total is None else jax.tree.map(np.add, total, sums)
-    out = eval_lib.summarize(total) if total is not None else {}
-    conts = []
-    if self.prompts:
-      g = eval_lib.greedy_acceptance(params, buffers, self.prompts, self.num_new, self.stop_ids,
-                                     self.base_cfg, self.dcfg, self.jcfg,
-                                     generate_fn=self.progs.generate_fn,
-                                     eval_fn=self.progs.eval_fn, batch_size=self.rows,
-                                     length=self.length)
-      out.update(g["metrics"])
-      conts = self.last_continuations = g["continuations"]
-      out["eval/greedy/expected_speedup"] = eval_lib.expected_speedup(
-          out["eval/greedy/tokens_per_round"], self.jcfg.num_steps, self.flops_ratio)
-    out["eval/flops_ratio"] = self.flops_ratio
-    return {k[len("eval/"):]: v for k, v in out.items()}, conts
-
-
-def _global_prompts(prompts: list[np.ndarray], max_len: int) -> list[np.ndarray]:
-  """The same prompt list on every process (each process packed different held-out rows)."""
-  if jax.process_count() == 1:
-    return prompts
-  from jax.experimental import multihost_utils
-  arr = np.zeros((len(prompts), max_len), np.int32)
-  lens = np.asarray([len(p) for p in prompts], np.int32)
-  for i, p in enumerate(prompts):
-    arr[i, :len(p)] = p
-  arr = multihost_utils.process_allgather(arr)
-  lens = multihost_utils.process_allgather(lens)
-  return [a[:n] for a, n in zip(arr.reshape(-1, max_len), lens.reshape(-1))]
 
 
 def _restore(manager, step: int, progs: Programs):
@@ -633,7 +550,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   t_start = time.time()
   base_cfg, dcfg, jcfg = validate_config(cfg)
   t = cfg.train
-  initialize_distributed(cfg.mesh)
+  distributed.initialize_distributed(cfg.mesh)
   if t.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(t.compilation_cache_dir))
   is_main = jax.process_index() == 0
@@ -646,7 +563,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   if workdir != remote:
     say(f"[train] --workdir {remote} is remote storage: checkpoints go to {checkpoint_dir} "
         f"(orbax), metrics, plots and the HF export to the local {workdir}")
-  num_steps, k_steps = int(t.num_steps), jcfg.num_steps
+  num_steps, k_steps = int(t.num_steps), jcfg.num_draft_steps
 
   # --- data
   tokenizer = data_lib.tokenizer_from_config(cfg.data)
@@ -656,7 +573,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   train_iter, eval_batches = data_lib.make_datasets(
       cfg.data, tokenizer, seq_len=int(t.seq_len), batch_size=int(t.batch_size), seed=int(t.seed),
       process_index=jax.process_index(), process_count=jax.process_count())
-  prompts = _global_prompts(
+  prompts = distributed.global_prompts(
       eval_lib.prompts_from_batches(eval_batches, int(t.eval_prompts), int(t.eval_max_prompt_len)),
       int(t.eval_max_prompt_len))
 
@@ -710,8 +627,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(cfg.to_json_best_effort(indent=2))
     rows, length = int(t.batch_size) // jax.process_count(), int(t.seq_len)
-    evaluator = Evaluator(progs, base_cfg, dcfg, jcfg, eval_batches, prompts, _stop_ids(tokenizer),
-                          int(t.eval_new_tokens), flops_c, rows, length)
+    evaluator = eval_lib.Evaluator(progs.eval_fn, progs.generate_fn, progs.batch_sh, base_cfg,
+                                   dcfg, jcfg, eval_batches, prompts, _stop_ids(tokenizer),
+                                   int(t.eval_new_tokens), flops_c, rows, length)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=is_main)
     tokens_per_step = int(t.batch_size) * int(t.seq_len)
     n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(progs.trainable_abs))
@@ -783,7 +701,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
     with _StopFlag() as stop:
       try:
         for step in range(start + 1, num_steps + 1):
-          batch = _global_batch(next(train_iter), progs.batch_sh)
+          batch = distributed.global_batch(next(train_iter), progs.batch_sh)
           state, m = progs.step(state, buffers, batch)
           if pending is not None:
             finish(pending)
@@ -828,7 +746,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
                "train_loop_s": train_time}
     export_dir, hf = None, None
     if bool(t.export_hf):
-      host_vars = _to_host(_join_vars(state.params, buffers))
+      host_vars = distributed.to_host(_join_vars(state.params, buffers))
       if is_main:
         export_dir = checkpoint.export_hf(
             _export_pair(workdir, base_cfg, dcfg, host_vars, step),
@@ -867,7 +785,7 @@ def _hf_message(hf: dict, seconds: float) -> str:
     msg += (f" vs {hf['trainer/tokens_per_round']:.3f} reported by the trainer "
             f"({100 * hf['hf/relative_diff']:+.1f}%, within 10%: {hf['hf/within_10pct']})")
   if "hf_fixed/tokens_per_round" in hf:
-    msg += (f"; with the stale-K/V fix (eval.hf_stale_kv_fix): "
+    msg += (f"; with the stale-K/V fix (hf_torch.hf_stale_kv_fix): "
             f"{hf['hf_fixed/tokens_per_round']:.3f} ({100 * hf['hf_fixed/relative_diff']:+.1f}%)")
   if hf.get("hf/same_as_trainer") is not None:
     msg += (f"; HF's output == the trainer's JAX greedy continuation for "
@@ -892,10 +810,10 @@ def _hf_version() -> str:
 def hf_check(export_dir: str, prompts, num_new: int, stop_ids, num_steps: int,
              reported: float | None, reference=None) -> dict | None:
   """HF assisted generation's tokens per target forward with the exported pair, next to what the
-  trainer reported (`eval.hf_acceptance`); None (with a message) if torch is not installed.
+  trainer reported (`hf_torch.hf_acceptance`); None (with a message) if torch is not installed.
 
   If transformers as installed is more than 10% off, generation runs again with
-  `eval.hf_stale_kv_fix` (transformers 5.23 hands the drafter stale K/V after a partial
+  `hf_torch.hf_stale_kv_fix` (transformers 5.23 hands the drafter stale K/V after a partial
   acceptance), which tells a drafting difference from an export or numerics problem.
   `reference`: the trainer's greedy continuations, compared with HF's outputs."""
   try:
@@ -903,11 +821,13 @@ def hf_check(export_dir: str, prompts, num_new: int, stop_ids, num_steps: int,
   except ImportError:
     print("[hf check] skipped: torch is not installed (pip install -e '.[test]')")
     return None
+  from gemma_mtp_jax import hf_torch
+
   dirs = os.path.join(export_dir, "base"), os.path.join(export_dir, "drafter")
-  hf = eval_lib.hf_acceptance(*dirs, prompts, num_new, stop_ids, num_steps, reference=reference)
+  hf = hf_torch.hf_acceptance(*dirs, prompts, num_new, stop_ids, num_steps, reference=reference)
   names = ["hf"]
   if reported and abs(hf["hf/tokens_per_round"] / reported - 1.0) > 0.10:
-    hf.update(eval_lib.hf_acceptance(*dirs, prompts, num_new, stop_ids, num_steps,
+    hf.update(hf_torch.hf_acceptance(*dirs, prompts, num_new, stop_ids, num_steps,
                                      reference=reference, fix_stale_kv=True))
     names.append("hf_fixed")
   if reported:

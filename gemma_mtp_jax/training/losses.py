@@ -60,12 +60,12 @@ def token_stats(logits_BTV: Array, labels_BT: Array, mask_BT: Array, softcap: fl
                     z_sum=jnp.sum(z_BT * m))
 
 
-def step_weights(num_steps: int, weights: Sequence[float] | None) -> jnp.ndarray:
+def step_weights(num_draft_steps: int, weights: Sequence[float] | None) -> jnp.ndarray:
   """Per-step weights w_k as a float32 [K] array (all 1 when None)."""
   if weights is None:
-    return jnp.ones((num_steps,), jnp.float32)
-  if len(weights) != num_steps:
-    raise ValueError(f"drafter step weights have {len(weights)} entries for {num_steps} steps")
+    return jnp.ones((num_draft_steps,), jnp.float32)
+  if len(weights) != num_draft_steps:
+    raise ValueError(f"drafter step weights have {len(weights)} entries for {num_draft_steps} steps")
   return jnp.asarray(weights, jnp.float32)
 
 

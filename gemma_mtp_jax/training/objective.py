@@ -60,7 +60,7 @@ Batch = Mapping[str, Array]
 class JointConfig:
   """Joint-training options (the `train` section of a preset maps onto these, `from_train_config`)."""
 
-  num_steps: int = 4  # K drafter steps per anchor row
+  num_draft_steps: int = 4  # K drafter steps per anchor row
   drafter_loss_weight: float = 0.01  # lambda
   step_weights: tuple[float, ...] | None = None  # w_k, all 1 if None
   draft_query_position: str = "next"  # "next" (HF/MLX) or "anchor" (vLLM/tpu-inference)
@@ -79,33 +79,25 @@ class JointConfig:
   loss_chunk_size: int = 0
 
   def __post_init__(self):
-    if self.num_steps < 1:
-      raise config_lib.ConfigError(f"train.num_draft_steps must be >= 1, got {self.num_steps}")
+    if self.num_draft_steps < 1:
+      raise config_lib.ConfigError(
+          f"train.num_draft_steps must be >= 1, got {self.num_draft_steps}")
     if self.draft_query_position not in drafter_lib.QUERY_POSITIONS:
       raise config_lib.ConfigError(
           f"train.draft_query_position must be one of {drafter_lib.QUERY_POSITIONS}, got "
           f"{self.draft_query_position!r}")
     if self.step_weights is not None:
       object.__setattr__(self, "step_weights", tuple(float(w) for w in self.step_weights))
-      if len(self.step_weights) != self.num_steps:
+      if len(self.step_weights) != self.num_draft_steps:
         raise config_lib.ConfigError(f"train.step_weights has {len(self.step_weights)} entries for "
-                                     f"{self.num_steps} draft steps")
-
-  _TRAIN_KEYS = {"num_draft_steps": "num_steps", "drafter_loss_weight": "drafter_loss_weight",
-                 "drafter_step_weights": "step_weights", "step_weights": "step_weights",
-                 "draft_query_position": "draft_query_position", "freeze_base": "freeze_base",
-                 "share_embedding_with_base": "share_embedding_with_base",
-                 "drafter_grads_to_base": "drafter_grads_to_base", "dense_head": "dense_head",
-                 "centroid_loss_weight": "centroid_loss_weight",
-                 "drafter_logit_softcap": "drafter_logit_softcap", "z_loss_weight": "z_loss_weight",
-                 "loss_chunk_size": "loss_chunk_size"}
+                                     f"{self.num_draft_steps} draft steps")
 
   @classmethod
   def from_train_config(cls, train: Mapping[str, Any]) -> "JointConfig":
     """From a preset's `train` ConfigDict/dict; keys that are not joint options are ignored."""
     train = train.to_dict() if hasattr(train, "to_dict") else dict(train)
-    kw = {field: train[key] for key, field in cls._TRAIN_KEYS.items()
-          if key in train and train[key] is not None}
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in train.items() if k in names and v is not None}
     return cls(**kw)
 
 
@@ -138,8 +130,8 @@ class Targets:
   anchor_seg_BT: Array
 
   @classmethod
-  def build(cls, tokens_BT, seg_BT, valid_BT, lm_BT, num_steps: int) -> "Targets":
-    pad = ((0, 0), (0, num_steps + 1))
+  def build(cls, tokens_BT, seg_BT, valid_BT, lm_BT, num_draft_steps: int) -> "Targets":
+    pad = ((0, 0), (0, num_draft_steps + 1))
     return cls(tokens=jnp.pad(tokens_BT, pad), seg=jnp.pad(seg_BT, pad, constant_values=-1),
                loss_mask=jnp.pad(lm_BT, pad), anchor_ok_BT=valid_BT, anchor_seg_BT=seg_BT)
 
@@ -199,7 +191,7 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
   # One [B, T, S] mask per layer type, the same for every k: the drafter never reads its own drafts.
   masks = drafter_lib.kv_masks(dcfg, store_kv, pos_BT, seg_BT)
   q_pos_BT = drafter_lib.query_positions(pos_BT, jcfg.draft_query_position)
-  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_steps)
+  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_draft_steps)
   model = drafter_lib.Drafter(dcfg)
   variables = drafter_variables(params["drafter"], buffers)
   dt = layers.as_dtype(dcfg.text.dtype)
@@ -224,7 +216,7 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
     # Keep only the carried hidden per step for the backward pass, not each step's [B, T, V] logits
     # (step_fn reduces them inside the body); the step is recomputed, which the drafter makes cheap.
     body = jax.checkpoint(body, prevent_cse=False)
-  _, steps = jax.lax.scan(body, h_BTM.astype(dt), jnp.arange(jcfg.num_steps))
+  _, steps = jax.lax.scan(body, h_BTM.astype(dt), jnp.arange(jcfg.num_draft_steps))
   return JointOutput(base_logits=base_out.logits, base_hidden=base_out.hidden, steps=steps)
 
 
@@ -262,7 +254,7 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
 
   out = joint_forward(params, buffers, batch, base_cfg, dcfg, jcfg, step_fn)
   tokens_BT, _, valid_BT, seg_BT, lm_BT = batch_arrays(batch)
-  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_steps)
+  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_draft_steps)
   labels_BT, mask_BT = targets.at(1)
   if out.base_logits is None:
     head_VD = (params["base"]["embedding"] if base_cfg.tie_word_embeddings
@@ -276,7 +268,7 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
                               z_loss_weight=jcfg.z_loss_weight)
   step_stats, cent_stats = out.steps
   return losses.combine(base, step_stats, jcfg.drafter_loss_weight,
-                        losses.step_weights(jcfg.num_steps, jcfg.step_weights), cent_stats,
+                        losses.step_weights(jcfg.num_draft_steps, jcfg.step_weights), cent_stats,
                         jcfg.centroid_loss_weight)
 
 

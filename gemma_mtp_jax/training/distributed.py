@@ -1,0 +1,63 @@
+"""Processes and devices: `jax.distributed` start-up, and moving host data onto (and off) the mesh.
+
+One process per host; each holds its own rows of a global batch (`global_batch`) and reads whole
+trees back with `to_host`. Single-process runs take the same paths (they are no-ops there).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+from gemma_mtp_jax.model import config as config_lib
+
+ConfigError = config_lib.ConfigError
+
+
+def initialize_distributed(mesh_cfg) -> None:
+  """`jax.distributed.initialize` when the config asks for it (`mesh.initialize_distributed`, or a
+  `mesh.coordinator_address`), before anything touches a device. On TPU VMs every argument is
+  auto-detected; elsewhere they come from the config. CPU processes (JAX_PLATFORMS=cpu, the
+  multi-process tests) exchange their collectives over gloo."""
+  address = str(mesh_cfg.get("coordinator_address") or "")
+  if not (mesh_cfg.get("initialize_distributed") or address):
+    return
+  if jax.distributed.is_initialized():
+    return
+  num, pid = int(mesh_cfg.get("num_processes") or 0), int(mesh_cfg.get("process_id", -1))
+  if address and (num < 1 or not 0 <= pid < num):
+    raise ConfigError(f"mesh.coordinator_address is set: mesh.num_processes ({num}) must be >= 1 "
+                      f"and mesh.process_id ({pid}) in [0, num_processes)")
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(address or None, num or None, pid if pid >= 0 else None)
+
+
+def global_batch(batch: Mapping[str, np.ndarray], shard) -> dict:
+  """This process's rows -> global arrays on the mesh (the batch axis split by the rules)."""
+  return {k: jax.make_array_from_process_local_data(shard, np.asarray(v)) for k, v in batch.items()}
+
+
+def to_host(tree):
+  """Numpy copy of a (possibly multi-host sharded) tree."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
+
+
+def global_prompts(prompts: list[np.ndarray], max_len: int) -> list[np.ndarray]:
+  """The same prompt list on every process (each process packed different held-out rows)."""
+  if jax.process_count() == 1:
+    return prompts
+  from jax.experimental import multihost_utils
+  arr = np.zeros((len(prompts), max_len), np.int32)
+  lens = np.asarray([len(p) for p in prompts], np.int32)
+  for i, p in enumerate(prompts):
+    arr[i, :len(p)] = p
+  arr = multihost_utils.process_allgather(arr)
+  lens = multihost_utils.process_allgather(lens)
+  return [a[:n] for a, n in zip(arr.reshape(-1, max_len), lens.reshape(-1))]
