@@ -425,3 +425,13 @@ class Evaluator:
           out["eval/greedy/tokens_per_round"], self.jcfg.num_draft_steps, self.flops_ratio)
     out["eval/flops_ratio"] = self.flops_ratio
     return {k[len("eval/"):]: v for k, v in out.items()}, conts
+
+
+def make_evaluator(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
+                   jcfg: joint.JointConfig, eval_batches: list, prompts: list, stop_ids: list,
+                   num_new: int, batch_sharding, rows: int, length: int) -> Evaluator:
+  """The trainer's held-out eval: call it with (params, buffers) -> (metrics, continuations)."""
+  return Evaluator(make_eval_step(base_cfg, dcfg, jcfg),
+                   jax.jit(functools.partial(greedy_generate, base_cfg=base_cfg, num_new=num_new)),
+                   batch_sharding, base_cfg, dcfg, jcfg, eval_batches, prompts, stop_ids, num_new,
+                   flops_ratio(base_cfg, dcfg), rows, length)

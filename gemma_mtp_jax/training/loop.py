@@ -369,8 +369,6 @@ class Programs:
   opt_abs: Any
   opt_init: Any  # jitted: trainable params -> optimizer state, on its shardings
   step: Any  # jitted train step: (state, buffers, batch) -> (state, metrics); state donated
-  eval_fn: Any  # jitted `eval.eval_sums`
-  generate_fn: Any  # jitted `eval.greedy_generate`
 
 
 @functools.lru_cache(maxsize=8)
@@ -400,10 +398,7 @@ def programs(base_cfg, dcfg, jcfg, opt: OptimizerConfig, accum_steps: int, embed
       params_abs=params_abs, trainable_abs=trainable_abs,
       opt_abs=_with_shardings(opt_abs, opt_sh),
       opt_init=jax.jit(tx.init, in_shardings=(trainable_sh,), out_shardings=opt_sh),
-      step=step,
-      eval_fn=eval_lib.make_eval_step(base_cfg, dcfg, jcfg),
-      generate_fn=jax.jit(functools.partial(eval_lib.greedy_generate, base_cfg=base_cfg,
-                                            num_new=num_new)))
+      step=step)
 
 
 def _hf_variables(cfg, base_cfg, dcfg, var_shardings) -> tuple[dict, checkpoint.Pair]:
@@ -627,9 +622,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
       with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(cfg.to_json_best_effort(indent=2))
     rows, length = int(t.batch_size) // jax.process_count(), int(t.seq_len)
-    evaluator = eval_lib.Evaluator(progs.eval_fn, progs.generate_fn, progs.batch_sh, base_cfg,
-                                   dcfg, jcfg, eval_batches, prompts, _stop_ids(tokenizer),
-                                   int(t.eval_new_tokens), flops_c, rows, length)
+    evaluator = eval_lib.make_evaluator(base_cfg, dcfg, jcfg, eval_batches, prompts,
+                                        _stop_ids(tokenizer), int(t.eval_new_tokens),
+                                        progs.batch_sh, rows, length)
     writer = metrics_lib.MetricWriter(workdir, resume_step=start, enabled=is_main)
     tokens_per_step = int(t.batch_size) * int(t.seq_len)
     n_trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(progs.trainable_abs))
