@@ -78,13 +78,13 @@ def _configs_of(path: str):
   when they cannot be read without loading weights (hub ids)."""
   from gemma_mtp_jax.checkpoint import pair as checkpoint
   from gemma_mtp_jax.model import config as config_lib
-  from gemma_mtp_jax.checkpoint import safetensors_io as io
+  from gemma_mtp_jax.checkpoint import safetensors_io
 
   if not os.path.isdir(path):
     return None
   kind = checkpoint.detect_kind(path)
   if kind == "hf":
-    hf = io.read_json(os.path.join(path, io.CONFIG_NAME))
+    hf = safetensors_io.read_json(os.path.join(path, safetensors_io.CONFIG_NAME))
     if hf.get("model_type") == "gemma4_assistant":
       return None, config_lib.DrafterConfig.from_hf_config(hf)
     return config_lib.ModelConfig.from_hf_config(hf), None

@@ -2,7 +2,8 @@
 
 Each `Entry` maps one HF tensor to one Flax leaf with an exact, invertible layout change (transpose,
 reshape, or a slice of a fused tensor), so HF -> Flax -> HF is bit-exact. Only names and layouts live
-here; file I/O is in `gemma_mtp_jax.convert.io`.
+here. The per-model tables are `hf_base` (the base) and `hf_assistant` (the drafter); file I/O is
+`safetensors_io`, and `hf_read` / `hf_export` (package `gemma_mtp_jax.checkpoint`) use them all.
 """
 
 from __future__ import annotations
