@@ -633,3 +633,19 @@ def test_tool_scripts_forward_to_the_cli():
     res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert", script), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and flag in res.stdout, res.stderr
+
+
+def test_package_exports_the_public_api_lazily():
+  # `from gemma_mtp_jax import checkpoint` and `checkpoint.pair` name the same objects; importing
+  # the package or a light submodule (hf_names, for ConversionError) loads neither JAX nor orbax.
+  from gemma_mtp_jax.checkpoint import pair
+  for name in checkpoint.__all__:
+    assert getattr(checkpoint, name) is getattr(pair, name), name
+  with pytest.raises(AttributeError, match="no_such_name"):
+    checkpoint.no_such_name
+  code = ("import sys; from gemma_mtp_jax import checkpoint; "
+          "from gemma_mtp_jax.checkpoint import hf_names; "
+          "print(sorted(m for m in ('jax', 'orbax.checkpoint') if m in sys.modules))")
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr

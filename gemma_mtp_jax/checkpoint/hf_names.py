@@ -40,6 +40,7 @@ def _t(x):
 
 
 def copy(hf, path, shape):
+  """An entry stored the same way in both trees (no layout change)."""
   return Entry(hf, path, tuple(shape), _ident, _ident)
 
 
@@ -134,18 +135,21 @@ def base_entries(cfg: config_lib.ModelConfig) -> list[Entry]:
 
 # ------------------------------------------------------------------------------ tree helpers
 def set_path(tree: dict, path: Path, value) -> None:
+  """tree[path[0]][path[1]]... = value, making the dicts on the way."""
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
 
 
 def get_path(tree: Mapping, path: Path):
+  """tree[path[0]][path[1]]..."""
   for k in path:
     tree = tree[k]
   return tree
 
 
 def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
+  """{path: leaf} of a nested dict."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):

@@ -81,6 +81,7 @@ class TensorSpec:
 
 
 def refuse_pickle(path: str) -> None:
+  """Raises the ConversionError for a pickle checkpoint at `path`."""
   raise ConversionError(f"{path}: refusing a pickle checkpoint (unpickling can run arbitrary code); "
                         "only safetensors are read. Re-save it with `save_pretrained(..., "
                         "safe_serialization=True)` or convert it to safetensors first.")
@@ -324,12 +325,14 @@ def aux_files(src_dir: str) -> list[str]:
 
 
 def copy_files(src_dir: str, names: Sequence[str], dst_dir: str) -> None:
+  """Copies the named files of `src_dir` into `dst_dir` (made if missing), metadata included."""
   os.makedirs(dst_dir, exist_ok=True)
   for name in names:
     shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
 
 def looks_like_repo_id(s: str) -> bool:
+  """Whether `s` has the form of a hub id ("org/name"), not of a local path."""
   parts = s.split("/")
   return (len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
           and not os.path.isabs(s))

@@ -69,6 +69,7 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def spec_dict(spec: str | Mapping[str, Any]) -> dict[str, Any]:
+  """A data source spec (a path, or a mapping / ConfigDict with `path`) as a plain dict."""
   if isinstance(spec, str):
     return {"path": spec}
   spec = spec.to_dict() if hasattr(spec, "to_dict") else dict(spec)
