@@ -32,7 +32,7 @@ import jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp, safetensors.
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
-from gemma_mtp_jax.checkpoint import safetensors_io as io
+from gemma_mtp_jax.checkpoint import safetensors_io
 src, out = sys.argv[1], sys.argv[2]
 rss0 = psutil.Process().memory_info().rss
 t0 = time.perf_counter()
@@ -45,7 +45,8 @@ _STREAM = {
 }
 # What a converter without streaming does: every shard into one dict, convert it whole, then place.
 _NAIVE_LOAD = """
-cfg = config_lib.ModelConfig.from_hf_config(io.read_json(os.path.join(src, "config.json")))
+cfg = config_lib.ModelConfig.from_hf_config(
+    safetensors_io.read_json(os.path.join(src, "config.json")))
 state = {}
 for f in sorted(os.listdir(src)):
   if f.endswith(".safetensors"):
@@ -92,12 +93,14 @@ def mid_size_config(target_bytes: int):
 
 def write_random_checkpoint(cfg, out_dir: str, shard_size: str, seed: int = 0) -> int:
   """Random bfloat16 HF checkpoint of `cfg` (generated one tensor at a time); returns its bytes."""
-  from gemma_mtp_jax.checkpoint import safetensors_io as io
   from gemma_mtp_jax.checkpoint import hf_names as names
+  from gemma_mtp_jax.checkpoint import safetensors_io
+  from gemma_mtp_jax.utils import files
 
   prefix = "model."
   entries = {prefix + names.fused_name(e.hf): e.hf_shape for e in names.base_entries(cfg)}
-  specs = {n: io.TensorSpec(s, np.dtype(ml_dtypes.bfloat16)) for n, s in entries.items()}
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+  specs = {n: safetensors_io.TensorSpec(s, bf16) for n, s in entries.items()}
   rng = np.random.default_rng(seed)
 
   def get(name):
@@ -105,9 +108,9 @@ def write_random_checkpoint(cfg, out_dir: str, shard_size: str, seed: int = 0) -
     return x.astype(ml_dtypes.bfloat16)
 
   os.makedirs(out_dir, exist_ok=True)
-  io.write_safetensors(out_dir, specs, get, shard_size)
+  safetensors_io.write_safetensors(out_dir, specs, get, shard_size)
   hf = dict(cfg.to_hf_config(), architectures=["Gemma4ForCausalLM"], dtype="bfloat16")
-  io.write_json(os.path.join(out_dir, io.CONFIG_NAME), hf)
+  files.write_json(os.path.join(out_dir, safetensors_io.CONFIG_NAME), hf)
   return sum(s.nbytes for s in specs.values())
 
 

@@ -65,7 +65,7 @@ def _raise_on_sigterm(signum, frame):
 
 def run(args: argparse.Namespace) -> str:
   """Runs a parsed command; returns the output path."""
-  from gemma_mtp_jax.checkpoint import pair as checkpoint
+  from gemma_mtp_jax import checkpoint
 
   if args.command == "hf-to-jax":
     return checkpoint.hf_to_jax(args.base, args.out, drafter=args.drafter, dtype=args.dtype,

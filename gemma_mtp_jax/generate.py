@@ -76,15 +76,15 @@ def _ids(text: str, flag: str) -> list[int]:
 def _configs_of(path: str):
   """(base ModelConfig, DrafterConfig or None) of a model dir from its JSON files only, or None
   when they cannot be read without loading weights (hub ids)."""
-  from gemma_mtp_jax.checkpoint import pair as checkpoint
+  from gemma_mtp_jax import checkpoint
   from gemma_mtp_jax.model import config as config_lib
-  from gemma_mtp_jax.checkpoint import safetensors_io as io
+  from gemma_mtp_jax.checkpoint import safetensors_io
 
   if not os.path.isdir(path):
     return None
   kind = checkpoint.detect_kind(path)
   if kind == "hf":
-    hf = io.read_json(os.path.join(path, io.CONFIG_NAME))
+    hf = safetensors_io.read_json(os.path.join(path, safetensors_io.CONFIG_NAME))
     if hf.get("model_type") == "gemma4_assistant":
       return None, config_lib.DrafterConfig.from_hf_config(hf)
     return config_lib.ModelConfig.from_hf_config(hf), None
@@ -121,7 +121,7 @@ def load(base: str, drafter: str | None = None, step: int | None = None, dtype: 
          plain: bool = False) -> dict:
   """Loads a pair for decoding: {"base_cfg", "params", "drafter_cfg", "drafter_vars", "tokenizer",
   "pair"} with configs and params in decoding layout (`speculative.decode_params`)."""
-  from gemma_mtp_jax.checkpoint import pair as checkpoint
+  from gemma_mtp_jax import checkpoint
   from gemma_mtp_jax.decoding import speculative
   from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 

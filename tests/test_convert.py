@@ -9,9 +9,10 @@ input is refused with a message naming the file or tensor.
 import contextlib
 import glob
 import hashlib
-import io as pyio
+import io
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -28,10 +29,11 @@ import torch
 import transformers
 
 from gemma_mtp_jax import hf_torch
-from gemma_mtp_jax.checkpoint import pair as checkpoint
+from gemma_mtp_jax import checkpoint
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 from gemma_mtp_jax import convert as cli
-from gemma_mtp_jax.checkpoint import safetensors_io as io
+from gemma_mtp_jax.checkpoint import safetensors_io as st_io
+from gemma_mtp_jax.utils import files
 from tests import hf_helpers
 
 S, F = hf_helpers.S, hf_helpers.F
@@ -102,7 +104,7 @@ def src(tmp_path_factory):
   base.save_pretrained(dirs["sharded"], max_shard_size="300KB")
   base.to(torch.bfloat16).save_pretrained(dirs["bf16"])
   for k in ("base", "sharded"):
-    io.copy_files(tok_dir, os.listdir(tok_dir), dirs[k])
+    st_io.copy_files(tok_dir, os.listdir(tok_dir), dirs[k])
   _assistant().save_pretrained(dirs["drafter"])
   _multimodal().save_pretrained(dirs["mm"])
   return dirs
@@ -124,7 +126,7 @@ def _tree_hashes(root):
 
 def _assert_same_tensors(a_dir, b_dir, skip=()):
   """Same tensor names, shapes, dtypes and bytes."""
-  with io.Reader(a_dir) as a, io.Reader(b_dir) as b:
+  with st_io.Reader(a_dir) as a, st_io.Reader(b_dir) as b:
     names = set(a.keys()) - set(skip)
     assert set(b.keys()) == names
     for n in sorted(names):
@@ -157,7 +159,7 @@ def test_round_trip_is_bit_exact_and_runs_in_torch(src, tmp_path):
   pj = json.loads((pair_dir / "pair.json").read_text())
   assert pj["format"] == checkpoint.PAIR_FORMAT and pj["dtype"] == "float32"
   assert pj["drafter"]["backbone_hidden_size"] == 64
-  assert sorted(os.listdir(pair_dir / "tokenizer")) == sorted(io.aux_files(src["base"]))
+  assert sorted(os.listdir(pair_dir / "tokenizer")) == sorted(st_io.aux_files(src["base"]))
   _cli("jax-to-hf", "--checkpoint", pair_dir, "--out", out)
 
   # Every source file comes back byte for byte (weights, configs, tokenizer files).
@@ -192,8 +194,8 @@ def test_sharded_input_is_read_and_reproduced(src, tmp_path):
 
   # An explicit shard size re-splits; the index is what transformers writes.
   _cli("jax-to-hf", "--checkpoint", pair_dir, "--out", resharded, "--max-shard-size", "500KB")
-  index = json.loads((resharded / "base" / io.INDEX_NAME).read_text())
-  src_index = json.loads(open(os.path.join(src["sharded"], io.INDEX_NAME)).read())
+  index = json.loads((resharded / "base" / st_io.INDEX_NAME).read_text())
+  src_index = json.loads(open(os.path.join(src["sharded"], st_io.INDEX_NAME)).read())
   assert index["metadata"] == src_index["metadata"]  # total_size and total_parameters
   assert set(index["weight_map"]) == set(src_index["weight_map"])
   assert len(set(index["weight_map"].values())) < len(set(src_index["weight_map"].values()))
@@ -220,7 +222,7 @@ def test_bf16_stays_bf16_and_dtype_changes_are_explicit(src, tmp_path, capsys):
   assert json.loads((f32_pair / "pair.json").read_text())["dtype"] == "float32"
   _cli("jax-to-hf", "--checkpoint", f32_pair, "--out", tmp_path / "f32_hf")
   assert "the source stored bfloat16" in capsys.readouterr().err
-  with io.Reader(str(tmp_path / "f32_hf" / "base")) as r, io.Reader(src["bf16"]) as s:
+  with st_io.Reader(str(tmp_path / "f32_hf" / "base")) as r, st_io.Reader(src["bf16"]) as s:
     assert {x.dtype for x in r.specs.values()} == {np.dtype(np.float32)}
     name = "model.layers.0.mlp.up_proj.weight"
     np.testing.assert_array_equal(r.get(name), s.get(name).astype(np.float32))
@@ -233,7 +235,7 @@ def test_bf16_stays_bf16_and_dtype_changes_are_explicit(src, tmp_path, capsys):
 def test_multimodal_towers_are_carried_through(src, tmp_path):
   pair_dir, out = tmp_path / "pair", tmp_path / "hf"
   _cli("hf-to-jax", "--base", src["mm"], "--drafter", src["drafter"], "--out", pair_dir)
-  with io.Reader(str(pair_dir / "hf_extra")) as extra:
+  with st_io.Reader(str(pair_dir / "hf_extra")) as extra:
     assert extra.keys() and not any(k.startswith("model.language_model.") for k in extra.keys())
     assert any(k.startswith("model.vision_tower.") for k in extra.keys())
     assert any(k.startswith("model.audio_tower.") for k in extra.keys())
@@ -241,7 +243,7 @@ def test_multimodal_towers_are_carried_through(src, tmp_path):
   assert "embedding" in pair.params["base"] and "lm_head" not in pair.params["base"]
   _cli("jax-to-hf", "--checkpoint", pair_dir, "--out", out)
   _assert_same_files(src["mm"], out / "base")
-  with io.Reader(str(out / "base")) as r:
+  with st_io.Reader(str(out / "base")) as r:
     assert "lm_head.weight" not in r.keys()  # tied: never written twice
   ref = _load_clean(transformers.Gemma4ForConditionalGeneration, src["mm"])
   model = _load_clean(transformers.Gemma4ForConditionalGeneration, out / "base")
@@ -256,15 +258,15 @@ def test_multimodal_towers_are_carried_through(src, tmp_path):
 
 
 def test_tied_lm_head_is_accepted_once_and_never_written(src, tmp_path):
-  state = safetensors.numpy.load_file(os.path.join(src["base"], io.WEIGHTS_NAME))
+  state = safetensors.numpy.load_file(os.path.join(src["base"], st_io.WEIGHTS_NAME))
   tied = _copy_dir(src["base"], tmp_path / "tied")
   state["lm_head.weight"] = state["model.embed_tokens.weight"]
-  safetensors.numpy.save_file(state, str(tied / io.WEIGHTS_NAME), metadata={"format": "pt"})
+  safetensors.numpy.save_file(state, str(tied / st_io.WEIGHTS_NAME), metadata={"format": "pt"})
   _cli("hf-to-jax", "--base", tied, "--out", tmp_path / "pair")
   _cli("jax-to-hf", "--checkpoint", tmp_path / "pair", "--out", tmp_path / "hf")
   _assert_same_tensors(src["base"], tmp_path / "hf" / "base")
   state["lm_head.weight"] = state["lm_head.weight"] + 1
-  safetensors.numpy.save_file(state, str(tied / io.WEIGHTS_NAME), metadata={"format": "pt"})
+  safetensors.numpy.save_file(state, str(tied / st_io.WEIGHTS_NAME), metadata={"format": "pt"})
   _expect_error(["hf-to-jax", "--base", tied, "--out", tmp_path / "p2"], "lm_head.weight")
 
 
@@ -311,7 +313,7 @@ def test_from_scratch_pair_exports_configs_torch_runs(tmp_path):
 
 # ------------------------------------------------------------------------------ sources
 def test_hf_tensors_stream_one_at_a_time_onto_the_sharding(src, monkeypatch):
-  events, real_get = [], io.Reader.get
+  events, real_get = [], st_io.Reader.get
   sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def get(self, name):
@@ -322,7 +324,7 @@ def test_hf_tensors_stream_one_at_a_time_onto_the_sharding(src, monkeypatch):
     events.append(("place", "/".join(path)))
     return sharding
 
-  monkeypatch.setattr(io.Reader, "get", get)
+  monkeypatch.setattr(st_io.Reader, "get", get)
   pair = checkpoint.load_pair(src["sharded"], drafter=src["drafter"], shardings=lookup)
   reads = [n for e, n in events if e == "read"]
   assert len(reads) == len(set(reads)) == 115 + 28  # every tensor read once
@@ -371,7 +373,7 @@ def test_load_pair_from_hf_pair_dir_and_workdir_agree(src, tmp_path):
   _assert_same_files(src["sharded"], tmp_path / "hf3" / "base")
   _assert_same_tensors(src["drafter"], tmp_path / "hf3" / "drafter")
   _cli("jax-to-hf", "--checkpoint", wd, "--out", tmp_path / "hf5")
-  with io.Reader(str(tmp_path / "hf5" / "base")) as r, io.Reader(src["base"]) as s:
+  with st_io.Reader(str(tmp_path / "hf5" / "base")) as r, st_io.Reader(src["base"]) as s:
     name = "model.embed_tokens.weight"
     np.testing.assert_array_equal(r.get(name), s.get(name) + 1)
   _expect_error(["jax-to-hf", "--checkpoint", wd, "--step", 4, "--out", tmp_path / "x"],
@@ -386,7 +388,7 @@ def test_hub_ids_resolve_through_snapshot_download(src, monkeypatch):
     assert not any(p.endswith((".bin", ".pt")) for p in allow_patterns)  # never pickles
     return src["base"] if repo_id.endswith("-it") else src["drafter"]
 
-  monkeypatch.setattr(io.huggingface_hub, "snapshot_download", fake_download)
+  monkeypatch.setattr(st_io.huggingface_hub, "snapshot_download", fake_download)
   pair = checkpoint.load_pair("google/tiny-it", drafter="google/tiny-it-assistant")
   assert calls == ["google/tiny-it", "google/tiny-it-assistant"]
   assert pair.meta["pair"]["source"] == {"base": "google/tiny-it",
@@ -402,7 +404,7 @@ def test_failed_write_leaves_previous_output_intact(src, tmp_path, monkeypatch, 
   _expect_error(["jax-to-hf", "--checkpoint", tmp_path / "pair", "--out", out],
                 f"{out} exists (pass --overwrite")
 
-  real, calls = io._write_shard, []
+  real, calls = st_io._write_shard, []
 
   def fail_after_first(tensors, path, metadata):
     calls.append(path)
@@ -410,14 +412,14 @@ def test_failed_write_leaves_previous_output_intact(src, tmp_path, monkeypatch, 
       raise OSError("disk full")
     real(tensors, path, metadata)
 
-  monkeypatch.setattr(io, "_write_shard", fail_after_first)
+  monkeypatch.setattr(st_io, "_write_shard", fail_after_first)
   with pytest.raises(OSError, match="disk full"):
     cli.main(["jax-to-hf", "--checkpoint", str(tmp_path / "pair"), "--out", str(out),
               "--overwrite", "--max-shard-size", "100KB"])
   assert len(calls) == 2
   assert _tree_hashes(out) == before
   assert sorted(os.listdir(tmp_path)) == ["hf", "pair"]  # no temp dir left behind
-  monkeypatch.setattr(io, "_write_shard", real)
+  monkeypatch.setattr(st_io, "_write_shard", real)
   _cli("jax-to-hf", "--checkpoint", tmp_path / "pair", "--out", out, "--overwrite",
        "--max-shard-size", "100KB")
   assert _tree_hashes(out) != before and sorted(os.listdir(tmp_path)) == ["hf", "pair"]
@@ -434,14 +436,14 @@ def test_killed_write_leaves_previous_output_intact(src, tmp_path, sig):
   # The child writes one shard, says so, and hangs until it is killed mid-checkpoint.
   child = textwrap.dedent(f"""
       import sys, time
-      from gemma_mtp_jax.checkpoint import safetensors_io as io
+      from gemma_mtp_jax.checkpoint import safetensors_io as st_io
       from gemma_mtp_jax import convert as cli
-      real = io._write_shard
+      real = st_io._write_shard
       def slow(tensors, path, metadata):
         real(tensors, path, metadata)
         open({str(marker)!r}, "w").close()
         time.sleep(600)
-      io._write_shard = slow
+      st_io._write_shard = slow
       sys.exit(cli.main(["jax-to-hf", "--checkpoint", {str(tmp_path / "pair")!r},
                          "--out", {str(out)!r}, "--overwrite", "--max-shard-size", "100KB"]))
   """)
@@ -465,6 +467,54 @@ def test_killed_write_leaves_previous_output_intact(src, tmp_path, sig):
   assert _tree_hashes(out) == before
 
 
+def test_atomic_dir_modes(tmp_path):
+  """The one atomic-dir helper: new dirs appear whole; existing ones are refused, replaced, or
+  (with a marker) merged into with the marker last; a failed block leaves nothing behind."""
+  def write(d, **names):
+    for name, text in names.items():
+      (pathlib.Path(d) / name).write_text(text)
+
+  out = tmp_path / "out"
+  with files.atomic_dir(str(out)) as tmp:
+    assert os.path.dirname(tmp) == str(tmp_path) and ".out.partial-" in tmp
+    write(tmp, a="1")
+  assert sorted(os.listdir(out)) == ["a"] and sorted(os.listdir(tmp_path)) == ["out"]
+  with pytest.raises(FileExistsError):
+    with files.atomic_dir(str(out)):
+      raise AssertionError("the block must not run when the output exists")
+  with pytest.raises(OSError, match="disk full"):
+    with files.atomic_dir(str(out), replace=True) as tmp:
+      write(tmp, b="2")
+      raise OSError("disk full")
+  assert sorted(os.listdir(out)) == ["a"] and sorted(os.listdir(tmp_path)) == ["out"]
+  with files.atomic_dir(str(out), replace=True) as tmp:
+    write(tmp, b="2")
+  assert sorted(os.listdir(out)) == ["b"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+  # marker: files already there stay, the new ones are moved in with the marker last.
+  moved, real_replace = [], os.replace
+  def recording_replace(a, b):
+    moved.append(os.path.basename(b))
+    real_replace(a, b)
+  os.replace = recording_replace
+  try:
+    with files.atomic_dir(str(out), marker="done.json") as tmp:
+      write(tmp, **{"done.json": "{}", "z": "3", "c": "4"})
+  finally:
+    os.replace = real_replace
+  assert moved[-1] == "done.json" and sorted(moved) == ["c", "done.json", "z"]
+  assert sorted(os.listdir(out)) == ["b", "c", "done.json", "z"]
+
+  # A dead writer's temp dir is removed by the next writer to the same path.
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  stale = tmp_path / f".out.partial-{dead.pid}-x"
+  stale.mkdir()
+  with files.atomic_dir(str(out), replace=True) as tmp:
+    write(tmp, a="5")
+  assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
 # ------------------------------------------------------------------------------ bad input
 def _copy_dir(src_dir, dst):
   shutil.copytree(src_dir, dst)
@@ -473,7 +523,7 @@ def _copy_dir(src_dir, dst):
 
 def _expect_error(argv, *fragments):
   """The CLI exits 2 and its message contains every fragment."""
-  err = pyio.StringIO()
+  err = io.StringIO()
   with contextlib.redirect_stderr(err):
     rc = cli.main([str(a) for a in argv])
   msg = err.getvalue()
@@ -483,7 +533,7 @@ def _expect_error(argv, *fragments):
   return msg
 
 
-def _edit_tensors(d, fn, fname=io.WEIGHTS_NAME):
+def _edit_tensors(d, fn, fname=st_io.WEIGHTS_NAME):
   path = os.path.join(d, fname)
   state = safetensors.numpy.load_file(path)
   fn(state)
@@ -518,7 +568,7 @@ def test_bad_tensors_are_named(src, tmp_path):
 
 def test_corrupt_truncated_and_inconsistent_files_are_named(src, tmp_path):
   d = _copy_dir(src["base"], tmp_path / "corrupt")
-  f = d / io.WEIGHTS_NAME
+  f = d / st_io.WEIGHTS_NAME
   data = f.read_bytes()
   f.write_bytes(data[:8] + b"{garbage" + data[16:])
   _expect_error(["hf-to-jax", "--base", d, "--out", tmp_path / "o"], str(f), "corrupt")
@@ -531,7 +581,7 @@ def test_corrupt_truncated_and_inconsistent_files_are_named(src, tmp_path):
   _expect_error(["hf-to-jax", "--base", d, "--out", tmp_path / "o"],
                 os.path.basename(shard), "missing")
   d = _copy_dir(src["sharded"], tmp_path / "shards2")
-  index = d / io.INDEX_NAME
+  index = d / st_io.INDEX_NAME
   j = json.loads(index.read_text())
   name, fname = next(iter(sorted(j["weight_map"].items())))
   other = next(v for v in j["weight_map"].values() if v != fname)
@@ -583,3 +633,19 @@ def test_tool_scripts_forward_to_the_cli():
     res = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert", script), "--help"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and flag in res.stdout, res.stderr
+
+
+def test_package_exports_the_public_api_lazily():
+  # `from gemma_mtp_jax import checkpoint` and `checkpoint.pair` name the same objects; importing
+  # the package or a light submodule (hf_names, for ConversionError) loads neither JAX nor orbax.
+  from gemma_mtp_jax.checkpoint import pair
+  for name in checkpoint.__all__:
+    assert getattr(checkpoint, name) is getattr(pair, name), name
+  with pytest.raises(AttributeError, match="no_such_name"):
+    checkpoint.no_such_name
+  code = ("import sys; from gemma_mtp_jax import checkpoint; "
+          "from gemma_mtp_jax.checkpoint import hf_names; "
+          "print(sorted(m for m in ('jax', 'orbax.checkpoint') if m in sys.modules))")
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+  assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr

@@ -2,7 +2,7 @@
 
 HF tensors and where they go:
   model.embed_tokens.weight            [V, D]     params/embedding (also the tied lm_head)
-  model.layers.{i}.*                              params/layer_{i}/... (query-only layers, names.py)
+  model.layers.{i}.*                              params/layer_{i}/... (query-only layers, hf_names)
   model.norm.weight                    [D]        params/final_norm/scale
   pre_projection.weight                [D, 2M]    params/pre_projection [2M, D]
   post_projection.weight               [M, D]     params/post_projection [D, M]
@@ -11,6 +11,9 @@ HF tensors and where they go:
 `lm_head.weight` is tied to the embedding: accepted on input when equal to it, never written. The
 token ordering is a permutation of the vocab, so int32 holds it exactly (JAX runs without x64); export
 writes int64 again, so HF -> Flax -> HF is bit-exact.
+
+The Flax drafter itself is `gemma_mtp_jax.model.drafter`; this module is only its HF name/layout
+table (`hf_names` holds the shared entries). Files are read by `hf_read` and written by `hf_export`.
 """
 
 from __future__ import annotations

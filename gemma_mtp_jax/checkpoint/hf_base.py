@@ -4,6 +4,9 @@ Handles both HF layouts: `Gemma4ForCausalLM` (`model.*`) and `Gemma4ForCondition
 (`model.language_model.*`, with vision/audio towers beside it, which are returned untouched as
 `extra` so an export can carry them through). `lm_head.weight` is tied to the embedding in every
 released model: it is accepted on input when equal to it and never written on output.
+
+The Flax model is `gemma_mtp_jax.model.transformer`; the per-layer entries are in `hf_names`. Files
+are read by `hf_read` and written by `hf_export`.
 """
 
 from __future__ import annotations

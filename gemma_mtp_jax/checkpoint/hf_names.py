@@ -2,7 +2,8 @@
 
 Each `Entry` maps one HF tensor to one Flax leaf with an exact, invertible layout change (transpose,
 reshape, or a slice of a fused tensor), so HF -> Flax -> HF is bit-exact. Only names and layouts live
-here; file I/O is in `gemma_mtp_jax.convert.io`.
+here. The per-model tables are `hf_base` (the base) and `hf_assistant` (the drafter); file I/O is
+`safetensors_io`, and `hf_read` / `hf_export` (package `gemma_mtp_jax.checkpoint`) use them all.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def _t(x):
 
 
 def copy(hf, path, shape):
+  """An entry stored the same way in both trees (no layout change)."""
   return Entry(hf, path, tuple(shape), _ident, _ident)
 
 
@@ -133,18 +135,21 @@ def base_entries(cfg: config_lib.ModelConfig) -> list[Entry]:
 
 # ------------------------------------------------------------------------------ tree helpers
 def set_path(tree: dict, path: Path, value) -> None:
+  """tree[path[0]][path[1]]... = value, making the dicts on the way."""
   for k in path[:-1]:
     tree = tree.setdefault(k, {})
   tree[path[-1]] = value
 
 
 def get_path(tree: Mapping, path: Path):
+  """tree[path[0]][path[1]]..."""
   for k in path:
     tree = tree[k]
   return tree
 
 
 def flatten(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
+  """{path: leaf} of a nested dict."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints on disk, as HF `save_pretrained` writes them, and atomic output dirs.
+"""Safetensors checkpoints on disk, as HF `save_pretrained` writes them, and HF model dirs' other files.
 
 Reading (`Reader`) streams: names, shapes and dtypes come from the file headers, and `get(name)` reads
 one tensor, keeping at most one shard file mapped, so a converter holds one tensor (plus its converted
@@ -10,23 +10,20 @@ transformers uses), writes each shard with `safetensors.numpy.save_file` and met
 `{"format": "pt"}`, and the `model.safetensors.index.json` HF writes, so torch `from_pretrained`
 reads the result unchanged. Given the source's shard layout it reproduces the files byte for byte.
 
-`atomic_output` builds a directory beside its final path and renames it into place, so a failure or
-kill mid-write leaves any previous output intact and never a partial directory under the final name.
+Output dirs are published with `gemma_mtp_jax.utils.files.atomic_dir` (built beside the final path,
+renamed into place); this module writes only into the dir it is given.
+
 Only safetensors are read: pickle checkpoints (`.bin`, `.pt`, ...) can run code on load and are refused.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import errno
 import json
 import logging
 import os
 import shutil
-import tempfile
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import huggingface_hub
 import ml_dtypes
@@ -35,6 +32,7 @@ import safetensors
 import safetensors.numpy
 
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
+from gemma_mtp_jax.utils import files
 
 log = logging.getLogger("gemma_mtp_jax.convert")
 
@@ -83,6 +81,7 @@ class TensorSpec:
 
 
 def refuse_pickle(path: str) -> None:
+  """Raises the ConversionError for a pickle checkpoint at `path`."""
   raise ConversionError(f"{path}: refusing a pickle checkpoint (unpickling can run arbitrary code); "
                         "only safetensors are read. Re-save it with `save_pretrained(..., "
                         "safe_serialization=True)` or convert it to safetensors first.")
@@ -97,12 +96,6 @@ def read_json(path: str) -> dict:
     raise ConversionError(f"{path}: file not found") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConversionError(f"{path}: not valid JSON ({e})") from None
-
-
-def write_json(path: str, obj) -> None:
-  """JSON as HF writes configs and indexes (2-space indent, sorted keys, trailing newline)."""
-  with open(path, "w", encoding="utf-8") as f:
-    f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 class Reader:
@@ -312,7 +305,7 @@ def write_safetensors(out_dir: str, specs: Mapping[str, TensorSpec], get: Callab
     if total_parameters is not None:
       meta["total_parameters"] = total_parameters
     weight_map = {n: f for f, names in plan.items() for n in names}
-    write_json(os.path.join(out_dir, INDEX_NAME), {"metadata": meta, "weight_map": weight_map})
+    files.write_json(os.path.join(out_dir, INDEX_NAME), {"metadata": meta, "weight_map": weight_map})
     written.append(INDEX_NAME)
   return written
 
@@ -332,12 +325,14 @@ def aux_files(src_dir: str) -> list[str]:
 
 
 def copy_files(src_dir: str, names: Sequence[str], dst_dir: str) -> None:
+  """Copies the named files of `src_dir` into `dst_dir` (made if missing), metadata included."""
   os.makedirs(dst_dir, exist_ok=True)
   for name in names:
     shutil.copy2(os.path.join(src_dir, name), os.path.join(dst_dir, name))
 
 
 def looks_like_repo_id(s: str) -> bool:
+  """Whether `s` has the form of a hub id ("org/name"), not of a local path."""
   parts = s.split("/")
   return (len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
           and not os.path.isabs(s))
@@ -356,98 +351,3 @@ def resolve_model_dir(path_or_repo: str) -> tuple[str, str | None]:
       path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt",
                                     "*.md", "LICENSE*"])
   return local, path_or_repo
-
-
-# ------------------------------------------------------------------------------ atomic output
-_PARTIAL, _OLD = ".partial-", ".old-"
-
-
-def check_output(out_dir: str, overwrite: bool) -> str:
-  """The absolute output path; raises if it exists and `overwrite` is off (check before working)."""
-  out = os.path.abspath(out_dir)
-  if os.path.lexists(out) and not overwrite:
-    raise ConversionError(f"output directory {out} exists (pass --overwrite to replace it)")
-  return out
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
-
-
-def _clean_stale(parent: str, base: str) -> None:
-  """Removes temp dirs that killed writers of `base` left behind; restores a displaced previous
-  output if a writer died between the two renames of the non-atomic fallback."""
-  for name in os.listdir(parent):
-    for kind in (_PARTIAL, _OLD):
-      head = f".{base}{kind}"
-      if not name.startswith(head):
-        continue
-      try:
-        pid = int(name[len(head):].split("-", 1)[0])
-      except ValueError:
-        continue
-      if _pid_alive(pid):
-        continue
-      p, out = os.path.join(parent, name), os.path.join(parent, base)
-      if kind == _OLD and not os.path.lexists(out):
-        os.rename(p, out)
-        log.warning("restored %s from an interrupted replace", out)
-      else:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: str, b: str) -> bool:
-  """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-  try:
-    fn = ctypes.CDLL(None, use_errno=True).renameat2
-  except (AttributeError, OSError):
-    return False
-  fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-  if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-    return True
-  err = ctypes.get_errno()
-  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-    return False
-  raise OSError(err, os.strerror(err), b)
-
-
-@contextlib.contextmanager
-def atomic_output(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-  """Yields an empty temp dir beside `out_dir`; when the block succeeds it becomes `out_dir`.
-
-  A new `out_dir` appears with one rename; an existing one (with `overwrite`) is swapped atomically
-  with the new one and then deleted. If the block raises, or the process dies, `out_dir` keeps its
-  previous contents (or stays absent): the temp dir is removed on error, and a killed writer's temp
-  dir is removed by the next writer to the same path.
-  """
-  out = check_output(out_dir, overwrite)
-  parent, base = os.path.split(out)
-  os.makedirs(parent, exist_ok=True)
-  _clean_stale(parent, base)
-  tmp = tempfile.mkdtemp(prefix=f".{base}{_PARTIAL}{os.getpid()}-", dir=parent)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
-  try:
-    yield tmp
-    if not os.path.lexists(out):
-      os.rename(tmp, out)
-    elif _exchange(tmp, out):
-      log.info("replaced %s", out)  # tmp now holds the previous output, removed below
-    else:
-      old = os.path.join(parent, f".{base}{_OLD}{os.getpid()}-{os.path.basename(tmp)}")
-      os.rename(out, old)
-      os.rename(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)

@@ -13,14 +13,13 @@ would fail loudly on the tiny tokenizer instead of silently working on only one 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from typing import Iterable, Iterator
 
 import sentencepiece as spm
 import transformers
+
+from gemma_mtp_jax.utils import files
 
 PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
 TURN_OPEN = "<|turn>"  # starts every chat turn; followed by the role name and "\n"
@@ -29,7 +28,7 @@ TURN_CLOSE = "<turn|>"  # ends every turn; the token a model turn stops on
 # Gemma 4's chat format for plain-text conversations, as its published template renders them when
 # there are no tools and thinking is off (E2B/E4B; the 26B/31B templates also prime generation with
 # an empty thought channel): `bos`, then per message `<|turn>{role}\n{content|trim}<turn|>\n`, with
-# `assistant` spelled `model`. `data.encode_example` produces the same tokens directly.
+# `assistant` spelled `model`. `chat.encode_example` produces the same tokens directly.
 CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
@@ -48,32 +47,6 @@ _MARKER = "tokenizer_config.json"
 def load_tokenizer(path_or_repo: str, **kwargs) -> transformers.PreTrainedTokenizerBase:
   """Loads an HF tokenizer from a local dir (e.g. one `build_tiny_tokenizer` wrote) or a hub id."""
   return transformers.AutoTokenizer.from_pretrained(path_or_repo, **kwargs)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str, marker: str) -> Iterator[str]:
-  """Yields an empty temp dir beside `out_dir`; on success its files become `out_dir`'s.
-
-  Readers treat `out_dir` as complete once `marker` exists in it: a fresh `out_dir` appears in one
-  rename; into an existing non-empty one the files are moved one by one with `marker` last. A build
-  that raises leaves `out_dir` untouched.
-  """
-  out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-  try:
-    yield tmp
-    try:
-      os.rename(tmp, out_dir)  # POSIX also allows replacing an empty directory
-      return
-    except OSError:
-      pass  # out_dir exists and is not empty (another builder won the race, or a user made it)
-    os.makedirs(out_dir, exist_ok=True)
-    for name in sorted(os.listdir(tmp), key=lambda n: n == marker):
-      os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _lines(texts: Iterable[str]) -> Iterator[str]:
@@ -130,7 +103,7 @@ def build_tiny_tokenizer(corpus_texts: Iterable[str], out_dir: str, vocab_size: 
     `AutoTokenizer.from_pretrained(out_dir)`: adds `<bos>` by default, pad/eos/bos/unk set.
   """
   if not os.path.exists(os.path.join(out_dir, _MARKER)):
-    with atomic_dir(out_dir, _MARKER) as tmp:
+    with files.atomic_dir(out_dir, marker=_MARKER) as tmp:
       model_path = os.path.join(tmp, "tokenizer.model")
       _train_sentencepiece(corpus_texts, model_path, vocab_size, seed)
       # transformers' own SentencePiece reader gives the BPE vocab and merges; GemmaTokenizer adds

@@ -1,0 +1,141 @@
+"""Files and directories written so that readers never see them half done.
+
+`atomic_dir` is the one way the package publishes a directory (pair dirs, HF exports, train
+workdirs, the tiny tokenizer, the local corpus): the contents are built in a temp dir beside the
+final path and renamed into place, so a failure or kill mid-write leaves any previous output intact
+and never a partial directory under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+log = logging.getLogger("gemma_mtp_jax.files")
+
+# Temp dirs are named `.{base}.partial-{pid}-...` (being written) and `.{base}.old-{pid}-...` (a
+# previous output moved aside): the pid tells a later writer whether the owner is still alive.
+_PARTIAL, _OLD = ".partial-", ".old-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def write_json(path: str, obj) -> None:
+  """JSON as HF writes configs and indexes (2-space indent, sorted keys, trailing newline)."""
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
+
+
+def _clean_stale(parent: str, base: str) -> None:
+  """Removes temp dirs that killed writers of `base` left behind; restores a displaced previous
+  output if a writer died between the two renames of the non-atomic replace."""
+  for name in os.listdir(parent):
+    for kind in (_PARTIAL, _OLD):
+      head = f".{base}{kind}"
+      if not name.startswith(head):
+        continue
+      try:
+        pid = int(name[len(head):].split("-", 1)[0])
+      except ValueError:
+        continue
+      if _pid_alive(pid):
+        continue
+      p, out = os.path.join(parent, name), os.path.join(parent, base)
+      if kind == _OLD and not os.path.lexists(out):
+        os.rename(p, out)
+        log.warning("restored %s from an interrupted replace", out)
+      else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+  try:
+    fn = ctypes.CDLL(None, use_errno=True).renameat2
+  except (AttributeError, OSError):
+    return False
+  fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+  if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+    return False
+  raise OSError(err, os.strerror(err), b)
+
+
+def _replace(tmp: str, out: str) -> None:
+  """Puts `tmp` at `out`, moving the previous `out` into `tmp` (which the caller then deletes)."""
+  if _exchange(tmp, out):
+    log.info("replaced %s", out)
+    return
+  parent, base = os.path.split(out)
+  old = os.path.join(parent, f".{base}{_OLD}{os.getpid()}-{os.path.basename(tmp)}")
+  os.rename(out, old)
+  os.rename(tmp, out)
+  shutil.rmtree(old, ignore_errors=True)
+
+
+def _merge(tmp: str, out: str, marker: str) -> None:
+  """Moves `tmp`'s entries into the existing dir `out`, `marker` last."""
+  for name in sorted(os.listdir(tmp), key=lambda n: n == marker):
+    os.replace(os.path.join(tmp, name), os.path.join(out, name))
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, *, replace: bool = False, marker: str | None = None) -> Iterator[str]:
+  """Yields an empty temp dir beside `out_dir`; when the block succeeds it becomes `out_dir`.
+
+  A new (or empty) `out_dir` appears with one rename. An existing one is
+    - with `marker`: kept, and the new files are moved into it one by one with `marker` last
+      (caches and train workdirs: readers treat `out_dir` as complete once `marker` exists, and
+      files already there, e.g. a workdir's checkpoints/, stay);
+    - with `replace`: swapped atomically with the new one (renameat2), then deleted;
+    - otherwise: refused up front with FileExistsError, before the block runs.
+  If the block raises, or the process dies, `out_dir` keeps its previous contents (or stays
+  absent): the temp dir is removed on error, and a killed writer's temp dir is removed by the next
+  writer to the same path.
+  """
+  out = os.path.abspath(out_dir)
+  if not replace and marker is None and os.path.lexists(out):
+    raise FileExistsError(errno.EEXIST, "output directory exists", out)
+  parent, base = os.path.split(out)
+  os.makedirs(parent, exist_ok=True)
+  _clean_stale(parent, base)
+  tmp = tempfile.mkdtemp(prefix=f".{base}{_PARTIAL}{os.getpid()}-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
+  try:
+    yield tmp
+    try:
+      os.rename(tmp, out)  # POSIX also replaces an empty directory this way
+      return
+    except OSError:
+      if not os.path.lexists(out):
+        raise
+    # out_dir exists and is not an empty dir (another writer won the race, or it was there before).
+    if marker is not None:
+      _merge(tmp, out, marker)
+    elif replace:
+      _replace(tmp, out)
+    else:
+      raise FileExistsError(errno.EEXIST, "output directory exists", out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
