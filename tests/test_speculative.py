@@ -94,12 +94,12 @@ class OracleProposer:
   vocab: int
 
   def __call__(self, aux, params, cfg, state, k, sampling, rng):
-    ref_BN = aux["ref"]
-    b = ref_BN.shape[0]
-    idx_BK = state.num_out_B[:, None] + jnp.arange(k)  # ref[num_out - 1] is state.token_B
-    d_BK = jnp.take_along_axis(ref_BN, idx_BK, axis=1)
+    ref_BO = aux["ref"]
+    b = ref_BO.shape[0]
+    idx_BA = state.num_out_B[:, None] + jnp.arange(k)  # ref[num_out - 1] is state.token_B
+    d_BA = jnp.take_along_axis(ref_BO, idx_BA, axis=1)
     m_B = (state.round + 2 * jnp.arange(b)) % (k + 1)
-    return jnp.where(jnp.arange(k) == m_B[:, None], (d_BK + 1) % self.vocab, d_BK), None
+    return jnp.where(jnp.arange(k) == m_B[:, None], (d_BA + 1) % self.vocab, d_BA), None
 
 
 # ------------------------------------------------------------------------------ sampling filters
