@@ -3,6 +3,10 @@ the tokens per target forward (and the per-position acceptance, and the continua
 equal what `python -m gemma_mtp_jax.generate --json` reports, prompt by prompt, aggregated the same
 way (sum of new tokens - 1 over the sum of target forwards)."""
 
+import os
+import shutil
+
+import jax
 import numpy as np
 import pytest
 
@@ -18,21 +22,52 @@ PROMPTS = [[2, 17, 60, 121, 9, 250], [5, 6, 7], [300, 12, 44, 90, 31, 8, 77, 3, 
 K, NUM_NEW, STOP = 3, 16, [1, 7]
 
 
-def _cli(dirs, capsys, prompt):
-  return _json(capsys, "--base", dirs["pair"], "--prompt-ids", ",".join(map(str, prompt)),
+@pytest.fixture(scope="module")
+def copy_pair(dirs, tmp_path_factory):
+  """The converted pair with a drafter that proposes its input token again: the tiny random base's
+  greedy continuations repeat tokens, so drafts are accepted often, not never (as with a random
+  drafter). Its layers add nothing (o and down projections zero), the pre-projection passes the
+  first D dims of the token's base embedding, the tied head is those dims of the base's table, and
+  each centroid is the sum of its tokens' rows (the input token's cluster usually ranks top-k)."""
+  pair = checkpoint.load_pair(dirs["pair"])
+  variables = jax.tree.map(np.asarray, pair.params["drafter"])
+  p = variables["params"]
+  d = p["embedding"].shape[1]
+  table_VD = np.asarray(pair.params["base"]["embedding"], np.float32)[:, :d]
+  p["embedding"] = table_VD.astype(p["embedding"].dtype)
+  p["pre_projection"] = np.zeros_like(p["pre_projection"])
+  p["pre_projection"][:d] = np.eye(d)
+  p["final_norm"]["scale"] = np.ones_like(p["final_norm"]["scale"])
+  for name, layer in p.items():
+    if name.startswith("layer_"):
+      layer["attn"]["o"] = np.zeros_like(layer["attn"]["o"])
+      layer["mlp"]["down"] = np.zeros_like(layer["mlp"]["down"])
+      layer["layer_scalar"] = np.ones_like(layer["layer_scalar"])
+  clusters_V = np.asarray(joint.token_clusters(variables["buffers"], pair.drafter_cfg))
+  cent_DC = np.stack([table_VD[clusters_V == c].sum(0) for c in range(p["centroids"].shape[1])], 1)
+  p["centroids"] = cent_DC.astype(p["centroids"].dtype)
+  out = str(tmp_path_factory.mktemp("copy") / "pair")
+  shutil.copytree(dirs["pair"], out, ignore=shutil.ignore_patterns(checkpoint.PARAMS_DIR))
+  checkpoint.save_params(os.path.join(out, checkpoint.PARAMS_DIR),
+                         {"base": pair.params["base"], "drafter": variables})
+  return out
+
+
+def _cli(path, capsys, prompt):
+  return _json(capsys, "--base", path, "--prompt-ids", ",".join(map(str, prompt)),
                "--max-new-tokens", NUM_NEW, "--num-draft-tokens", K, "--stop-ids",
                ",".join(map(str, STOP)))
 
 
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_eval_accepted_length_equals_generate_json(dirs, capsys, scan_layers):
-  runs = [_cli(dirs, capsys, p) for p in PROMPTS]
+def test_eval_accepted_length_equals_generate_json(copy_pair, capsys, scan_layers):
+  runs = [_cli(copy_pair, capsys, p) for p in PROMPTS]
   want = sum(len(r["tokens"]) - 1 for r in runs) / sum(r["target_forwards"] for r in runs)
   rounds = np.asarray([rd["accepted"] for r in runs for rd in r["rounds"]])
 
   # The pair as the trainer holds it: {"base", "drafter"} params, buffers apart, and (scan_layers)
   # the base in the stacked layout.
-  pair = checkpoint.load_pair(dirs["pair"])
+  pair = checkpoint.load_pair(copy_pair)
   base_cfg, base_params = pair.base_cfg, pair.params["base"]
   if scan_layers:
     base_cfg = base_cfg.replace(scan_layers=True)
