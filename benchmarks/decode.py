@@ -175,7 +175,7 @@ def _generate(pair: dict, prompts, k: int, n: int, temperature: float, bucket: i
   if k:
     kw.update(drafter_vars=pair["drafter_vars"], drafter_cfg=pair["drafter_cfg"],
               num_draft_tokens=k, query_position=pair["query_position"])
-  return speculative.generate(pair["params"], pair["base_cfg"], prompts, **kw)
+  return speculative.decode_prompts(pair["params"], pair["base_cfg"], prompts, **kw)
 
 
 def measure(pair: dict, prompts: list[list[int]], batch: int, ks: Sequence[int], n: int,
@@ -410,6 +410,35 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 # ------------------------------------------------------------------------------ main
+def _row(name: str, b: int, t: float, k: int, m: dict, comp: dict, hf_plain, hf_spec) -> dict:
+  """One table row: JAX plain vs speculative (`measure`'s m[0] and m[k]), the component times'
+  model of the speedup, and HF's figures when measured."""
+  plain, s = m[0], m[k]
+  base_s = comp["base_step_s"][k]
+  c = comp["draft_step_s"][k] / base_s
+  v = comp["verify_s"][k] / base_s
+  speedup = s["tokens_per_s"] / plain["tokens_per_s"]
+  ideal = s["E"] / (k * c + 1)
+  draft_ms = 1e3 * k * comp["draft_step_s"][k]
+  verify_ms = 1e3 * comp["verify_s"][k]
+  row = dict(pair=name, B=b, T=t, K=k, plain=plain["tokens_per_s"],
+             spec=s["tokens_per_s"], speedup=speedup, E=s["E"], c=c, v=v, ideal=ideal,
+             model=s["E"] / (k * c + v), draft=draft_ms, verify=verify_ms,
+             plain_ms=plain["ms_per_round"], round_ms=s["ms_per_round"],
+             other=s["ms_per_round"] - draft_ms - verify_ms,
+             hf_plain=hf_plain["tokens_per_s"] if hf_plain else None,
+             hf_spec=hf_spec["tokens_per_s"] if hf_spec else None,
+             hf_x=(hf_spec["tokens_per_s"] / hf_plain["tokens_per_s"])
+             if hf_spec and hf_plain else None,
+             acceptance=s["acceptance"], ms_per_round=s["ms_per_round"],
+             plain_ms_per_token=1e3 * plain["decode_s"] / plain["tokens"],
+             **{"jax/hf": (s["tokens_per_s"] / hf_spec["tokens_per_s"])
+                if hf_spec else None})
+  row["%ideal"] = 100 * speedup / ideal
+  row["%model"] = 100 * speedup / row["model"]
+  return row
+
+
 def bench_decode(argv: Sequence[str] | None = None) -> dict:
   a = _parser().parse_args(argv)
   if a.xla_threads == "single":
@@ -454,34 +483,13 @@ def bench_decode(argv: Sequence[str] | None = None) -> dict:
                               a.hf_repeats) if hf else None
         for k in a.k:
           m = measure(pair, prompts[:a.prompts], b, (0, k), a.max_new_tokens, t, a.repeats, bucket)
-          plain, s = m[0], m[k]
-          base_s = comp["base_step_s"][k]
-          c = comp["draft_step_s"][k] / base_s
-          v = comp["verify_s"][k] / base_s
-          speedup = s["tokens_per_s"] / plain["tokens_per_s"]
-          ideal = s["E"] / (k * c + 1)
-          draft_ms = 1e3 * k * comp["draft_step_s"][k]
-          verify_ms = 1e3 * comp["verify_s"][k]
           hf_spec = hf.measure(prompts[:a.prompts], b, k, a.max_new_tokens, t,
                                a.hf_repeats) if hf else None
-          row = dict(pair=pair["name"], B=b, T=t, K=k, plain=plain["tokens_per_s"],
-                     spec=s["tokens_per_s"], speedup=speedup, E=s["E"], c=c, v=v, ideal=ideal,
-                     model=s["E"] / (k * c + v), draft=draft_ms, verify=verify_ms,
-                     plain_ms=plain["ms_per_round"], round_ms=s["ms_per_round"],
-                     other=s["ms_per_round"] - draft_ms - verify_ms,
-                     hf_plain=hf_plain["tokens_per_s"] if hf_plain else None,
-                     hf_spec=hf_spec["tokens_per_s"] if hf_spec else None,
-                     hf_x=(hf_spec["tokens_per_s"] / hf_plain["tokens_per_s"])
-                     if hf_spec and hf_plain else None,
-                     acceptance=s["acceptance"], ms_per_round=s["ms_per_round"],
-                     plain_ms_per_token=1e3 * plain["decode_s"] / plain["tokens"],
-                     **{"jax/hf": (s["tokens_per_s"] / hf_spec["tokens_per_s"])
-                        if hf_spec else None})
-          row["%ideal"] = 100 * speedup / ideal
-          row["%model"] = 100 * speedup / row["model"]
+          row = _row(pair["name"], b, t, k, m, comp, hf_plain, hf_spec)
           rows.append(row)
-          print(f"[decode bench] {pair['name']} B={b} T={t:g} K={k}: speedup {speedup:.2f} "
-                f"(E {s['E']:.2f}, c {c:.2f}, v {v:.2f}, ideal {ideal:.2f})", flush=True)
+          print(f"[decode bench] {pair['name']} B={b} T={t:g} K={k}: speedup {row['speedup']:.2f} "
+                f"(E {row['E']:.2f}, c {row['c']:.2f}, v {row['v']:.2f}, ideal "
+                f"{row['ideal']:.2f})", flush=True)
   compiles = {k: v - traces0.get(k, 0) for k, v in speculative.TRACES.items()}
   res = dict(
       device=jax.devices()[0].device_kind, max_new_tokens=a.max_new_tokens, prompts=a.prompts,

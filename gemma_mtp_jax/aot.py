@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model.flops import model_flops_per_token
 from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax import sharding
 from gemma_mtp_jax.training import loop as trainer
@@ -62,42 +63,6 @@ def topology_devices(name: str):
                                  f"; known: {', '.join(TOPOLOGIES)}")
   topo = topologies.get_topology_desc(topology_name=TOPOLOGIES[name][0], platform="tpu")
   return topo.devices
-
-
-def model_flops_per_token(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-                          seq: int, num_draft_steps: int, train_base: bool) -> float:
-  """6 * active matmul params (+ attention scores) per token, base forward+backward and K drafter
-  steps. Embedding lookups are free; the tied LM heads count (they are matmuls)."""
-  def active_matmul_params(c: config_lib.ModelConfig, kv_owner=True) -> float:
-    n = 0.0
-    for i in range(c.num_layers):
-      h, hd = c.num_heads, c.layer_head_dim(i)
-      n += 2 * c.embed_dim * h * hd  # q, o
-      if not c.is_kv_shared(i) and kv_owner:
-        n += c.embed_dim * c.layer_kv_heads(i) * hd * (1 if c.layer_k_eq_v(i) else 2)
-      n += 3 * c.embed_dim * c.layer_hidden_dim(i)
-      if c.enable_moe:
-        n += c.top_k_experts * 3 * c.embed_dim * c.moe_hidden_dim + c.embed_dim * c.num_experts
-      if c.ple_dim:
-        n += 2 * c.embed_dim * c.ple_dim
-    if c.ple_dim:
-      n += c.embed_dim * c.num_layers * c.ple_dim
-    return n + c.embed_dim * c.vocab_size  # LM head
-
-  def attn_flops(c: config_lib.ModelConfig) -> float:
-    f = 0.0
-    for i in range(c.num_layers):
-      span = min(seq, c.sliding_window) if c.is_sliding(i) else seq / 2
-      f += 2 * 2 * c.num_heads * c.layer_head_dim(i) * span  # QK^T and PV
-    return f
-
-  base = 2 * active_matmul_params(base_cfg) + attn_flops(base_cfg)
-  d = dcfg.text
-  draft = 2 * (active_matmul_params(d, kv_owner=False) + 2 * dcfg.backbone_hidden_size * d.embed_dim)
-  draft += attn_flops(d)
-  # forward + backward = 3x forward; a frozen base still runs its forward (and the backward into
-  # nothing), so count 1x for it.
-  return (3 if train_base else 1) * base + 3 * num_draft_steps * draft
 
 
 @dataclasses.dataclass

@@ -163,7 +163,8 @@ def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray]
 
   `generate(assistant_model=...)` runs one target forward for the prompt (which yields the first
   token) and then one per drafting round; a forward hook counts them. Tokens per target forward is
-  (new tokens - 1) / (forwards - 1), the prefill left out as `walk_rounds` leaves it out.
+  (new tokens - 1) / (forwards - 1), the prefill left out as the trainer's eval leaves it out
+  (`GenerateResult.row_stats`).
   fix_stale_kv: generate inside `hf_stale_kv_fix` (keys "hf_fixed/..." instead of "hf/...").
   Returns {"<p>/tokens_per_round", "<p>/rounds", "<p>/new_tokens", "<p>/same_as_trainer"}; the
   last is the fraction of prompts whose output equals `reference` (the trainer's JAX greedy
@@ -171,8 +172,6 @@ def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray]
   """
   import torch
   import transformers
-
-  from benchmarks import joint as bench_joint  # transformers 5.23 cannot build an assistant without it
 
   with hf_assistant_patch():
     torch.manual_seed(0)

@@ -40,9 +40,9 @@ def test_training_forward_equals_draft_api(query_position):
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, base.vocab_size, (b, t_len))
   jcfg = joint.JointConfig(num_draft_steps=k_steps, draft_query_position=query_position)
-  train_KBTV = np.asarray(_forward(params, buffers, {"tokens": jnp.asarray(tokens)}, base, dcfg,
+  train_ABTV = np.asarray(_forward(params, buffers, {"tokens": jnp.asarray(tokens)}, base, dcfg,
                                    jcfg).steps)
-  assert train_KBTV.shape == (k_steps, b, t_len, base.vocab_size)
+  assert train_ABTV.shape == (k_steps, b, t_len, base.vocab_size)
 
   variables = {"params": params["drafter"], "buffers": buffers}
   pos = jnp.broadcast_to(jnp.arange(t_len), (b, t_len))
@@ -57,14 +57,14 @@ def test_training_forward_equals_draft_api(query_position):
     args = (variables, dcfg, params["base"]["embedding"], out.store_kv, out.hidden[:, t],
             jnp.asarray(tokens[:, t + 1]))
     kw = dict(num_draft_steps=k_steps, query_position=query_position, dense_head=True,
-              teacher_tokens_BK=jnp.asarray(padded[:, t + 2:t + 2 + k_steps]))
-    draft_BKV = np.asarray(jit_draft(*args, jnp.full((b,), t), **kw).logits)
+              teacher_tokens_BA=jnp.asarray(padded[:, t + 2:t + 2 + k_steps]))
+    draft_BAV = np.asarray(jit_draft(*args, jnp.full((b,), t), **kw).logits)
     for k in range(k_steps):
       if t + k + 1 < t_len:  # step k+1 consumes x_{t+k+1}, which must exist
-        err[k] = max(err[k], np.abs(draft_BKV[:, k] - train_KBTV[k, :, t]).max())
+        err[k] = max(err[k], np.abs(draft_BAV[:, k] - train_ABTV[k, :, t]).max())
     if t < t_len - 2:  # reading one future slot (what a naive shift does) is far off
       leaked = np.asarray(jit_draft(*args, jnp.full((b,), t + 1), **kw).logits)
-      leak = min(leak, np.abs(leaked[:, 0] - train_KBTV[0, :, t]).max())
+      leak = min(leak, np.abs(leaked[:, 0] - train_ABTV[0, :, t]).max())
   print(f"max |logit error| train vs draft ({query_position}) per step: {err}; "
         f"one leaked slot: {leak:.2f}")
   # Step 1 is one drafter pass; later steps carry the hidden, which amplifies the float32 rounding
@@ -73,7 +73,7 @@ def test_training_forward_equals_draft_api(query_position):
   assert err[0] <= TOL_ALIGN
   assert err.max() <= 1e-4
   assert leak > 1e-2
-  assert train_KBTV.std() > 0.5
+  assert train_ABTV.std() > 0.5
 
 
 def test_targets_mask_end_padding_documents_and_non_assistant_tokens():
@@ -178,3 +178,21 @@ def test_chunked_attention_equals_full_attention(fast_compile):
     x, y = np.asarray(x), np.asarray(y)
     assert np.abs(x - y).max() <= 5e-4 * max(1.0, np.abs(x).max())
   assert float(jnp.abs(g1["drafter"]["layer_0"]["attn"]["q"]).max()) > 1e-4
+
+
+def test_default_step_fn_with_chunked_loss_config():
+  """joint_forward with `loss_chunk_size` > 0 and the default step function (the logits, for
+  inspection) gives the logits of the unchunked forward. It used to pass `hidden_BTD=` to
+  `default_step_fn`, which takes no such argument: a TypeError at trace time."""
+  base, dcfg = tiny_configs(ordered=True, small=True)
+  params, buffers = random_params(base, dcfg, seed=5)
+  rng = np.random.default_rng(5)
+  batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 7)))}
+  jcfg = joint.JointConfig(num_draft_steps=2)
+  plain = _forward(params, buffers, batch, base, dcfg, jcfg)
+  chunked = _forward(params, buffers, batch, base, dcfg,
+                     joint.JointConfig(num_draft_steps=2, loss_chunk_size=3))
+  assert np.asarray(chunked.steps).shape == (2, 2, 7, base.vocab_size)
+  np.testing.assert_allclose(np.asarray(chunked.steps), np.asarray(plain.steps), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(chunked.base_logits), np.asarray(plain.base_logits),
+                             atol=1e-5)

@@ -76,12 +76,12 @@ def pair():
 
 
 def _plain(base, params, prompts, n, **kw):
-  return spec.generate(params, base, prompts, max_new_tokens=n, **kw)
+  return spec.decode_prompts(params, base, prompts, max_new_tokens=n, **kw)
 
 
 def _spec(pair_, prompts, n, k, **kw):
   base, params, dcfg, dvars = pair_
-  return spec.generate(params, base, prompts, drafter_vars=dvars, drafter_cfg=dcfg,
+  return spec.decode_prompts(params, base, prompts, drafter_vars=dvars, drafter_cfg=dcfg,
                        num_draft_tokens=k, max_new_tokens=n, **kw)
 
 
@@ -94,12 +94,12 @@ class OracleProposer:
   vocab: int
 
   def __call__(self, aux, params, cfg, state, k, sampling, rng):
-    ref_BN = aux["ref"]
-    b = ref_BN.shape[0]
-    idx_BK = state.num_out_B[:, None] + jnp.arange(k)  # ref[num_out - 1] is state.token_B
-    d_BK = jnp.take_along_axis(ref_BN, idx_BK, axis=1)
+    ref_BO = aux["ref"]
+    b = ref_BO.shape[0]
+    idx_BA = state.num_out_B[:, None] + jnp.arange(k)  # ref[num_out - 1] is state.token_B
+    d_BA = jnp.take_along_axis(ref_BO, idx_BA, axis=1)
     m_B = (state.round + 2 * jnp.arange(b)) % (k + 1)
-    return jnp.where(jnp.arange(k) == m_B[:, None], (d_BK + 1) % self.vocab, d_BK), None
+    return jnp.where(jnp.arange(k) == m_B[:, None], (d_BA + 1) % self.vocab, d_BA), None
 
 
 # ------------------------------------------------------------------------------ sampling filters
@@ -145,7 +145,7 @@ def test_plain_and_speculative_greedy_equal_hf_generate():
   # HF pads a finished row after its eos; we emit the eos and stop.
   ref = [row[:row.index(eos) + 1] if eos in row else row for row in out]
   assert any(eos in row for row in ref) and len(ref[0]) == n  # one row stops early
-  plain = spec.generate(params, cfg, prompts, max_new_tokens=n, stop_tokens=(eos,))
+  plain = spec.decode_prompts(params, cfg, prompts, max_new_tokens=n, stop_tokens=(eos,))
   assert plain.tokens == ref
   assert plain.target_forwards == n - 1  # the first token comes from the prefill
   # A random drafter that fits this base: whatever it proposes, the output is HF's.
@@ -154,7 +154,7 @@ def test_plain_and_speculative_greedy_equal_hf_generate():
       head_dim=cfg.head_dim, global_head_dim=cfg.global_head_dim, hidden_dim=32,
       layer_types=(S, F), sliding_window=cfg.sliding_window, final_logit_softcap=None)
   dcfg = config_lib.DrafterConfig(text=text, backbone_hidden_size=cfg.embed_dim)
-  fast = spec.generate(params, cfg, prompts, drafter_vars=_random_drafter(dcfg), drafter_cfg=dcfg,
+  fast = spec.decode_prompts(params, cfg, prompts, drafter_vars=_random_drafter(dcfg), drafter_cfg=dcfg,
                        num_draft_tokens=3, max_new_tokens=n, stop_tokens=(eos,))
   assert fast.tokens == ref
 
@@ -187,7 +187,7 @@ def test_oracle_drafts_exercise_every_acceptance_length(pair, k):
   plain = _plain(base, params, prompts, n)
   ref = np.zeros((3, n + k), np.int32)
   ref[:, :n] = np.asarray(plain.tokens)
-  fast = spec.generate(params, base, prompts, max_new_tokens=n, num_draft_tokens=k,
+  fast = spec.decode_prompts(params, base, prompts, max_new_tokens=n, num_draft_tokens=k,
                        propose=OracleProposer(base.vocab_size), aux={"ref": jnp.asarray(ref)})
   assert fast.tokens == plain.tokens
   accepted = [[r["accepted"] for r in rows] for rows in fast.rounds]
@@ -294,9 +294,9 @@ def test_speculative_sampling_keeps_the_base_distribution(sampling):
   n_rows, n = 3000, 4
   marg, joints = _exact_marginals(base, params, prompt, sampling, n)
   assert max(m.max() for m in marg) < 0.6  # spread distributions: a real test
-  fast = spec.generate(params, base, [prompt] * n_rows, drafter_vars=dvars, drafter_cfg=dcfg,
+  fast = spec.decode_prompts(params, base, [prompt] * n_rows, drafter_vars=dvars, drafter_cfg=dcfg,
                        num_draft_tokens=2, max_new_tokens=n, sampling=sampling, seed=11)
-  plain = spec.generate(params, base, [prompt] * n_rows, max_new_tokens=n, sampling=sampling,
+  plain = spec.decode_prompts(params, base, [prompt] * n_rows, max_new_tokens=n, sampling=sampling,
                         seed=12)
   v = base.vocab_size
   for name, res in (("speculative", fast), ("plain", plain)):
@@ -326,7 +326,7 @@ def test_bad_requests_fail_before_any_compute(pair):
     args.update(kw)
     prompts = args.pop("prompts", [[2, 3, 4]])
     with pytest.raises(spec.GenerateError, match=match):
-      spec.generate(params, base, prompts, **args)
+      spec.decode_prompts(params, base, prompts, **args)
 
   fails("backbone_hidden_size", drafter_cfg=dcfg.replace(backbone_hidden_size=48))
   fails("vocab_size", drafter_cfg=dcfg.replace(text=dcfg.text.replace(vocab_size=32),

@@ -27,14 +27,14 @@ in the batched forwards but neither emit nor advance, so their cache never grows
 Greedy output equals plain greedy decoding token for token, up to float rounding between a
 (K+1)-token verify forward and 1-token steps, which could only flip an exact near-tie of two logits.
 
-Padding: LEFT. Prompts are right-aligned in a [B, P] block, P the longest prompt rounded up to
+Padding: LEFT. Prompts are right-aligned in a [B, Q] block, Q the longest prompt rounded up to
 `prompt_bucket`; pad slots are invalid (never attended) and positions count real tokens only, so a
 row's RoPE positions do not depend on its padding, and every row's last prompt token sits in column
-P - 1 (its logits start decoding). The cache needs P + max_new + K + 1 slots (the last round's
+Q - 1 (its logits start decoding). The cache needs Q + max_new + K + 1 slots (the last round's
 verify may write K + 1 slots past the last kept one, and `kv_cache`'s write would silently clamp at
 the end), so the size is checked against the limit up front and rounded up to CACHE_BUCKET.
 
-Sampling filters (temperature, top-k, top-p) are one function (`log_probs`) applied identically to
+Sampling filters (temperature, top-k, top-p) are one function (`sampling.log_probs`) applied identically to
 the base's p and the drafter's q, and the drafter samples its drafts from that same q.
 """
 
@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp_jax.decoding.sampling import (  # re-exported: callers use speculative.Sampling
+    GenerateError, Sampling, choose, log_probs, sample)
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter as drafter_lib
 from gemma_mtp_jax.model import kv_cache as kv_cache_lib
@@ -64,102 +66,26 @@ CACHE_BUCKET = 16  # cache lengths are rounded up to a multiple of this (fewer p
 TRACES: collections.Counter = collections.Counter()
 
 
-class GenerateError(ValueError):
-  """A generation request that cannot run (bad prompt, sizes, drafter); the message says which."""
-
-
-# ------------------------------------------------------------------------------ sampling
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How the next token is chosen. temperature 0 is greedy (argmax; top_k / top_p ignored)."""
-
-  temperature: float = 0.0
-  top_k: int = 0  # keep the k most likely tokens; 0 keeps all
-  top_p: float = 1.0  # keep the smallest most-likely set with mass >= top_p; 1.0 keeps all
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise GenerateError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise GenerateError(f"top_k must be >= 0, got {self.top_k}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise GenerateError(f"top_p must be in (0, 1], got {self.top_p}")
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0.0
-
-
-def log_probs(logits_NV: Array, sampling: Sampling) -> Array:
-  """Log of the filtered, renormalised sampling distribution [..., V]; -inf outside the filter.
-
-  Temperature first, then top-k, then top-p (HF's order). Top-k keeps ties with the k-th logit,
-  top-p always keeps the most likely token; both are decided on the same sorted logits, so p and q
-  are filtered by exactly the same rule.
-  """
-  x_NV = logits_NV.astype(jnp.float32) / max(sampling.temperature, 1e-6)
-  v = x_NV.shape[-1]
-  if (0 < sampling.top_k < v) or sampling.top_p < 1.0:
-    sorted_NV = -jnp.sort(-x_NV, axis=-1)  # descending
-    keep_NV = jnp.ones(x_NV.shape, bool)
-    if 0 < sampling.top_k < v:
-      keep_NV &= x_NV >= sorted_NV[..., sampling.top_k - 1:sampling.top_k]
-      sorted_NV = jnp.where(jnp.arange(v) < sampling.top_k, sorted_NV, -jnp.inf)
-    if sampling.top_p < 1.0:
-      probs_NV = jax.nn.softmax(sorted_NV, axis=-1)
-      # The k-th sorted token is kept iff the mass strictly before it is < top_p.
-      before_NV = jnp.cumsum(probs_NV, axis=-1) - probs_NV
-      kept_NV = (before_NV < sampling.top_p) & (sorted_NV > -jnp.inf)
-      cutoff_N1 = jnp.min(jnp.where(kept_NV, sorted_NV, jnp.inf), axis=-1, keepdims=True)
-      keep_NV &= x_NV >= cutoff_N1
-    x_NV = jnp.where(keep_NV, x_NV, -jnp.inf)
-  return jax.nn.log_softmax(x_NV, axis=-1)
-
-
-def sample(rng: Array, probs_NV: Array) -> Array:
-  """One token per row [...] from unnormalised probabilities, by inverse CDF.
-
-  One uniform per row instead of Gumbel-max's one per vocab entry: the random bits, not the
-  arithmetic, dominate sampling cost on a CPU, and a round samples K + 1 times.
-  """
-  v = probs_NV.shape[-1]
-  cdf_NV = jnp.cumsum(probs_NV, axis=-1)
-  u_N1 = jax.random.uniform(rng, cdf_NV.shape[:-1] + (1,), cdf_NV.dtype) * cdf_NV[..., -1:]
-  # The first entry whose cdf exceeds u has probability > 0; if rounding left none (u == total),
-  # take the last entry with probability > 0.
-  above_NV = cdf_NV > u_N1
-  last_NV = (probs_NV > 0)[..., ::-1]
-  token_N = jnp.where(jnp.any(above_NV, axis=-1), jnp.argmax(above_NV, axis=-1),
-                      v - 1 - jnp.argmax(last_NV, axis=-1))
-  return token_N.astype(jnp.int32)
-
-
-def choose(logits_NV: Array, sampling: Sampling, rng: Array | None) -> Array:
-  """The next token [...] under `sampling` (argmax when greedy; rng unused then)."""
-  if sampling.greedy:
-    return jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
-  return sample(rng, jnp.exp(log_probs(logits_NV, sampling)))
-
-
 # ------------------------------------------------------------------------------ state
 @flax.struct.dataclass
 class DecodeState:
-  """Everything the decode loop carries (see the module docstring). R = max rounds, N = max_new."""
+  """Everything the decode loop carries (see the module docstring). R = max rounds, O = max_new,
+  A = K draft steps."""
 
   cache: kv_cache_lib.KVCache
   last_pos_B: Array  # int32 p: last position in the cache
   hidden_BM: Array  # base final-norm hidden at p
   token_B: Array  # int32 x_{p+1}, emitted, not in the cache
-  out_BN: Array  # int32 emitted tokens, pad_token_id past num_out_B
+  out_BO: Array  # int32 emitted tokens, pad_token_id past num_out_B
   num_out_B: Array  # int32
   done_B: Array  # bool
-  stop_S: Array  # int32 stop token ids, -1 padded
+  stop_ids: Array  # int32 stop token ids, -1 padded
   rng: Array
   round: Array  # int32 scalar: rounds run so far
   forwards_B: Array  # int32 base forwards (rounds) each row took part in, after prefill
   accepted_B: Array  # int32 drafts accepted (summed over rounds; before stop/max_new truncation)
   # Per-round logs, allocated by `decode` (None after `prefill`, which does not depend on K).
-  drafts_RBK: Array | None = None  # int32 drafted tokens of each round
+  drafts_RBA: Array | None = None  # int32 drafted tokens of each round
   accepted_RB: Array | None = None  # int32 drafts accepted per round; -1 where the row was done
 
 
@@ -177,7 +103,7 @@ class DrafterProposer:
   """Drafts K tokens per row with the assistant (`drafter.draft`, a `lax.scan` over K steps).
 
   `aux` for it is {"drafter": drafter variables}; the base's embedding comes from the base params.
-  Returns (drafts [B, K] int32, log q [B, K, V] of the filtered drafter distribution, or None when
+  Returns (drafts [B, A] int32, log q [B, A, V] of the filtered drafter distribution, or None when
   greedy).
   """
 
@@ -192,8 +118,8 @@ class DrafterProposer:
         aux["drafter"], self.cfg, base_params["embedding"], store_kv_of(base_cfg, state.cache),
         state.hidden_BM, state.token_B, state.last_pos_B, num_draft_steps, sample_fn,
         query_position=self.query_position, rng=None if sampling.greedy else rng)
-    logq_BKV = None if sampling.greedy else log_probs(out.logits, sampling)
-    return out.tokens, logq_BKV
+    logq_BAV = None if sampling.greedy else log_probs(out.logits, sampling)
+    return out.tokens, logq_BAV
 
 
 # ------------------------------------------------------------------------------ programs
@@ -201,23 +127,23 @@ def _model(cfg: config_lib.ModelConfig) -> transformer.Transformer:
   return transformer.Transformer(cfg)
 
 
-def prefill_positions(valid_BP: Array) -> Array:
+def prefill_positions(valid_BQ: Array) -> Array:
   """RoPE positions of a left-padded prompt: real tokens count 0, 1, ...; pads get 0."""
-  return jnp.maximum(jnp.cumsum(valid_BP.astype(jnp.int32), axis=1) - 1, 0)
+  return jnp.maximum(jnp.cumsum(valid_BQ.astype(jnp.int32), axis=1) - 1, 0)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_length", "max_new", "sampling"))
-def prefill(params, prompt_BP: Array, valid_BP: Array, stop_S: Array, rng: Array, *,
+def prefill(params, prompt_BQ: Array, valid_BQ: Array, stop_ids: Array, rng: Array, *,
             cfg: config_lib.ModelConfig, cache_length: int, max_new: int,
             sampling: Sampling) -> DecodeState:
   """Base forward over the prompt into a fresh cache; the first new token is chosen from the last
-  column's logits (left padding puts every row's last prompt token there). stop_S: stop token ids,
+  column's logits (left padding puts every row's last prompt token there). stop_ids: stop token ids,
   padded with -1 (an array, so stop sets of one size share the programs)."""
   TRACES["prefill"] += 1
-  b, _ = prompt_BP.shape
-  pos_BP = prefill_positions(valid_BP)
+  b, _ = prompt_BQ.shape
+  pos_BQ = prefill_positions(valid_BQ)
   cache = kv_cache_lib.init_cache(cfg, b, cache_length)
-  out = _model(cfg).apply({"params": params}, prompt_BP, pos_BP, valid_BP, cache=cache,
+  out = _model(cfg).apply({"params": params}, prompt_BQ, pos_BQ, valid_BQ, cache=cache,
                           return_logits=False)
   hidden_BM = out.hidden[:, -1]
   # Logits of the last column only: the prompt's other V-wide logits would be wasted work.
@@ -225,42 +151,42 @@ def prefill(params, prompt_BP: Array, valid_BP: Array, stop_S: Array, rng: Array
                                 method=transformer.Transformer.logits)[:, 0]
   rng, key = jax.random.split(rng)
   token_B = choose(logits_BV, sampling, key)
-  out_BN = jnp.full((b, max_new), cfg.pad_token_id, jnp.int32).at[:, 0].set(token_B)
-  done_B = jnp.isin(token_B, stop_S) | (max_new <= 1)
+  out_BO = jnp.full((b, max_new), cfg.pad_token_id, jnp.int32).at[:, 0].set(token_B)
+  done_B = jnp.isin(token_B, stop_ids) | (max_new <= 1)
   zeros_B = jnp.zeros((b,), jnp.int32)
   return DecodeState(
-      cache=out.cache, last_pos_B=pos_BP[:, -1], hidden_BM=hidden_BM, token_B=token_B,
-      out_BN=out_BN, num_out_B=zeros_B + 1, done_B=done_B, stop_S=stop_S, rng=rng,
+      cache=out.cache, last_pos_B=pos_BQ[:, -1], hidden_BM=hidden_BM, token_B=token_B,
+      out_BO=out_BO, num_out_B=zeros_B + 1, done_B=done_B, stop_ids=stop_ids, rng=rng,
       round=jnp.zeros((), jnp.int32), forwards_B=zeros_B, accepted_B=zeros_B)
 
 
-def accept(logits_BJV: Array, drafts_BK: Array, logq_BKV: Array | None, sampling: Sampling,
+def accept(logits_BJV: Array, drafts_BA: Array, logq_BAV: Array | None, sampling: Sampling,
            rng: Array) -> tuple[Array, Array]:
   """Verifies K drafts against the base's logits at J = K + 1 positions.
 
-  logits_BJV[:, j] is the base's prediction after [token, d_1..d_j]; logq_BKV the drafter's filtered
+  logits_BJV[:, j] is the base's prediction after [token, d_1..d_j]; logq_BAV the drafter's filtered
   log-probs (None when greedy). Returns (n [B]: drafts accepted, next [B]: the token after them --
   the base's bonus, or the correction sampled from norm(max(p - q, 0)) at the first rejection).
   """
-  b, k = drafts_BK.shape
+  b, k = drafts_BA.shape
   if k == 0:  # plain decoding
     return jnp.zeros((b,), jnp.int32), choose(logits_BJV[:, 0], sampling, rng)
   if sampling.greedy:
     target_BJ = jnp.argmax(logits_BJV, axis=-1).astype(jnp.int32)
-    ok_BK = drafts_BK == target_BJ[:, :k]
-    n_B = jnp.sum(jnp.cumprod(ok_BK.astype(jnp.int32), axis=1), axis=1)
+    ok_BA = drafts_BA == target_BJ[:, :k]
+    n_B = jnp.sum(jnp.cumprod(ok_BA.astype(jnp.int32), axis=1), axis=1)
     return n_B, jnp.take_along_axis(target_BJ, n_B[:, None], axis=1)[:, 0]
   k_acc, k_res = jax.random.split(rng)
   p_BJV = jnp.exp(log_probs(logits_BJV, sampling))
-  q_BKV = jnp.exp(logq_BKV)
-  p_d_BK = jnp.take_along_axis(p_BJV[:, :k], drafts_BK[..., None], axis=-1)[..., 0]
-  q_d_BK = jnp.take_along_axis(q_BKV, drafts_BK[..., None], axis=-1)[..., 0]
-  u_BK = jax.random.uniform(k_acc, (b, k))
-  ok_BK = u_BK * q_d_BK < p_d_BK  # u < p / q, without dividing by a q that may underflow
-  n_B = jnp.sum(jnp.cumprod(ok_BK.astype(jnp.int32), axis=1), axis=1)
+  q_BAV = jnp.exp(logq_BAV)
+  p_d_BA = jnp.take_along_axis(p_BJV[:, :k], drafts_BA[..., None], axis=-1)[..., 0]
+  q_d_BA = jnp.take_along_axis(q_BAV, drafts_BA[..., None], axis=-1)[..., 0]
+  u_BA = jax.random.uniform(k_acc, (b, k))
+  ok_BA = u_BA * q_d_BA < p_d_BA  # u < p / q, without dividing by a q that may underflow
+  n_B = jnp.sum(jnp.cumprod(ok_BA.astype(jnp.int32), axis=1), axis=1)
   # Position n: residual of p against the rejected draft's q; past the last draft q is 0, so the
   # bonus is sampled from p.
-  q_pad_BJV = jnp.concatenate([q_BKV, jnp.zeros_like(q_BKV[:, :1])], axis=1)
+  q_pad_BJV = jnp.concatenate([q_BAV, jnp.zeros_like(q_BAV[:, :1])], axis=1)
   p_n_BV = jnp.take_along_axis(p_BJV, n_B[:, None, None], axis=1)[:, 0]
   q_n_BV = jnp.take_along_axis(q_pad_BJV, n_B[:, None, None], axis=1)[:, 0]
   resid_BV = jnp.maximum(p_n_BV - q_n_BV, 0.0)
@@ -277,27 +203,27 @@ def _round(state: DecodeState, params, aux, *, cfg, propose, num_draft, max_new,
   rng, k_draft, k_acc = jax.random.split(state.rng, 3)
   active_B = ~state.done_B
   if k:
-    drafts_BK, logq_BKV = propose(aux, params, cfg, state, k, sampling, k_draft)
+    drafts_BA, logq_BAV = propose(aux, params, cfg, state, k, sampling, k_draft)
   else:
-    drafts_BK, logq_BKV = jnp.zeros((b, 0), jnp.int32), None
-  tokens_BJ = jnp.concatenate([state.token_B[:, None], drafts_BK], axis=1)
+    drafts_BA, logq_BAV = jnp.zeros((b, 0), jnp.int32), None
+  tokens_BJ = jnp.concatenate([state.token_B[:, None], drafts_BA], axis=1)
   j_J = jnp.arange(k + 1, dtype=jnp.int32)
   pos_BJ = state.last_pos_B[:, None] + 1 + j_J
   out = _model(cfg).apply({"params": params}, tokens_BJ, pos_BJ, cache=state.cache)
-  n_B, next_B = accept(out.logits, drafts_BK, logq_BKV, sampling, k_acc)
+  n_B, next_B = accept(out.logits, drafts_BA, logq_BAV, sampling, k_acc)
 
   # Emitted this round: d_1..d_n then next; truncated at the first stop token and at max_new.
-  drafts_pad_BJ = jnp.concatenate([drafts_BK, jnp.zeros((b, 1), jnp.int32)], axis=1)
+  drafts_pad_BJ = jnp.concatenate([drafts_BA, jnp.zeros((b, 1), jnp.int32)], axis=1)
   emit_BJ = jnp.where(j_J < n_B[:, None], drafts_pad_BJ, next_B[:, None])
   slot_BJ = state.num_out_B[:, None] + j_J
   live_BJ = active_B[:, None] & (j_J <= n_B[:, None]) & (slot_BJ < max_new)
-  stop_BJ = live_BJ & jnp.isin(emit_BJ, state.stop_S)
+  stop_BJ = live_BJ & jnp.isin(emit_BJ, state.stop_ids)
   stopped_B = jnp.any(stop_BJ, axis=1)
   first_stop_B = jnp.argmax(stop_BJ, axis=1)
   keep_BJ = live_BJ & (~stopped_B[:, None] | (j_J <= first_stop_B[:, None]))
   # Dropped tokens write out of bounds (mode="drop") instead of being branched around.
   rows_BJ = jnp.broadcast_to(jnp.arange(b)[:, None], slot_BJ.shape)
-  out_BN = state.out_BN.at[rows_BJ, jnp.where(keep_BJ, slot_BJ, max_new)].set(emit_BJ, mode="drop")
+  out_BO = state.out_BO.at[rows_BJ, jnp.where(keep_BJ, slot_BJ, max_new)].set(emit_BJ, mode="drop")
   num_out_B = state.num_out_B + jnp.sum(keep_BJ, axis=1, dtype=jnp.int32)
   done_B = state.done_B | stopped_B | (num_out_B >= max_new)
 
@@ -313,10 +239,10 @@ def _round(state: DecodeState, params, aux, *, cfg, propose, num_draft, max_new,
       hidden_BM=jnp.where(advance_B[:, None], hidden_BM.astype(state.hidden_BM.dtype),
                           state.hidden_BM),
       token_B=jnp.where(advance_B, next_B, state.token_B),
-      out_BN=out_BN, num_out_B=num_out_B, done_B=done_B, rng=rng, round=r + 1,
+      out_BO=out_BO, num_out_B=num_out_B, done_B=done_B, rng=rng, round=r + 1,
       forwards_B=state.forwards_B + active_B,
       accepted_B=state.accepted_B + jnp.where(active_B, n_B, 0),
-      drafts_RBK=state.drafts_RBK.at[r].set(drafts_BK, mode="drop"),
+      drafts_RBA=state.drafts_RBA.at[r].set(drafts_BA, mode="drop"),
       accepted_RB=state.accepted_RB.at[r].set(jnp.where(active_B, n_B, -1), mode="drop"))
 
 
@@ -331,7 +257,7 @@ def decode(params, aux, state: DecodeState, *, cfg: config_lib.ModelConfig, prop
   # Every round emits >= 1 token per live row and the prefill emitted the first one.
   num_rounds = max(max_new - 1, 1)
   b = state.token_B.shape[0]
-  state = state.replace(drafts_RBK=jnp.zeros((num_rounds, b, num_draft), jnp.int32),
+  state = state.replace(drafts_RBA=jnp.zeros((num_rounds, b, num_draft), jnp.int32),
                         accepted_RB=jnp.full((num_rounds, b), -1, jnp.int32))
   return jax.lax.while_loop(lambda s: jnp.any(~s.done_B) & (s.round < num_rounds), body, state)
 
@@ -339,7 +265,7 @@ def decode(params, aux, state: DecodeState, *, cfg: config_lib.ModelConfig, prop
 # ------------------------------------------------------------------------------ host API
 @dataclasses.dataclass
 class GenerateResult:
-  """Host-side result of `generate`. Per row b: tokens[b] (new tokens, stop token included)."""
+  """Host-side result of `decode_prompts`. Per row b: tokens[b] (new tokens, stop token included)."""
 
   tokens: list[list[int]]
   target_forwards: int  # base forward passes after prefill (loop rounds; rows may sit some out)
@@ -380,13 +306,13 @@ def bucket(n: int, size: int) -> int:
 def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray,
                                                                                   np.ndarray]:
   """[B, length] int32 tokens and bool validity, each prompt right-aligned."""
-  tokens_BP = np.full((len(prompts), length), pad_id, np.int32)
-  valid_BP = np.zeros((len(prompts), length), bool)
+  tokens_BQ = np.full((len(prompts), length), pad_id, np.int32)
+  valid_BQ = np.zeros((len(prompts), length), bool)
   for b, p in enumerate(prompts):
     if len(p):
-      tokens_BP[b, length - len(p):] = p
-      valid_BP[b, length - len(p):] = True
-  return tokens_BP, valid_BP
+      tokens_BQ[b, length - len(p):] = p
+      valid_BQ[b, length - len(p):] = True
+  return tokens_BQ, valid_BQ
 
 
 def check_request(base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
@@ -423,14 +349,16 @@ def check_request(base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[i
   return cache_length
 
 
-def generate(base_params, base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
+def decode_prompts(base_params, base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
              drafter_vars=None, drafter_cfg: config_lib.DrafterConfig | None = None,
              num_draft_tokens: int = 4, max_new_tokens: int = 64,
              sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
              query_position: str = "next", prompt_bucket: int = 16,
              max_cache_length: int | None = None, propose: Callable | None = None,
              aux: Any = None) -> GenerateResult:
-  """Generates up to `max_new_tokens` per prompt; speculative with a drafter, plain without.
+  """Decodes up to `max_new_tokens` per prompt; speculative with a drafter, plain without. THE
+  decoder: `python -m gemma_mtp_jax.generate`, the trainer's greedy eval and the decode benchmark
+  all run it.
 
   Args:
     base_params: base Flax params (loop layout, see `decode_params`).
@@ -463,11 +391,11 @@ def generate(base_params, base_cfg: config_lib.ModelConfig, prompts: Sequence[Se
   # Rounded up so that nearby K / max_new share programs; never past the limit.
   cache_length = min(bucket(needed, CACHE_BUCKET),
                      max_cache_length or base_cfg.max_position_embeddings)
-  tokens_BP, valid_BP = pad_left(prompts, p_len, base_cfg.pad_token_id)
+  tokens_BQ, valid_BQ = pad_left(prompts, p_len, base_cfg.pad_token_id)
   stop = sorted({int(t) for t in stop_tokens})
-  stop_S = np.full(bucket(max(len(stop), 1), 4), -1, np.int32)
-  stop_S[:len(stop)] = stop
-  args = (base_params, jnp.asarray(tokens_BP), jnp.asarray(valid_BP), jnp.asarray(stop_S),
+  stop_ids = np.full(bucket(max(len(stop), 1), 4), -1, np.int32)
+  stop_ids[:len(stop)] = stop
+  args = (base_params, jnp.asarray(tokens_BQ), jnp.asarray(valid_BQ), jnp.asarray(stop_ids),
           jax.random.PRNGKey(seed))
 
   compile_s = 0.0
@@ -488,6 +416,10 @@ def generate(base_params, base_cfg: config_lib.ModelConfig, prompts: Sequence[Se
   return result
 
 
+# The library function's former name; the CLI (`gemma_mtp_jax.generate`) and benchmarks/decode.py
+# still call it by it.
+generate = decode_prompts
+
 _EXECUTABLES: dict = {}
 
 
@@ -495,7 +427,9 @@ def _compiled(fn, args, **static):
   """(`fn` lowered and compiled for these argument shapes and static options, seconds spent
   compiling: 0 when cached)."""
   leaves, treedef = jax.tree.flatten(args)
-  key = (fn.__name__, treedef, tuple((x.shape, jnp.dtype(x.dtype)) for x in leaves),
+  # The shardings too: the trainer's eval decodes with params laid out on its mesh.
+  key = (fn.__name__, treedef,
+         tuple((x.shape, jnp.dtype(x.dtype), getattr(x, "sharding", None)) for x in leaves),
          tuple(sorted(static.items())))
   exe = _EXECUTABLES.get(key)
   if exe is not None:
@@ -506,16 +440,16 @@ def _compiled(fn, args, **static):
 
 
 def _result(state: DecodeState, k: int, prefill_s: float, decode_s: float) -> GenerateResult:
-  out_BN, n_B = np.asarray(state.out_BN), np.asarray(state.num_out_B)
-  acc_RB, drafts_RBK = np.asarray(state.accepted_RB), np.asarray(state.drafts_RBK)
+  out_BO, n_B = np.asarray(state.out_BO), np.asarray(state.num_out_B)
+  acc_RB, drafts_RBA = np.asarray(state.accepted_RB), np.asarray(state.drafts_RBA)
   rounds = int(state.round)
-  b_rows = out_BN.shape[0]
-  per_round = [[{"drafted": drafts_RBK[r, b].tolist(), "accepted": int(acc_RB[r, b])}
+  b_rows = out_BO.shape[0]
+  per_round = [[{"drafted": drafts_RBA[r, b].tolist(), "accepted": int(acc_RB[r, b])}
                 for r in range(min(rounds, acc_RB.shape[0])) if acc_RB[r, b] >= 0]
                for b in range(b_rows)] if k else [[] for _ in range(b_rows)]
   fwd = np.asarray(state.forwards_B)
   return GenerateResult(
-      tokens=[out_BN[b, :n_B[b]].tolist() for b in range(b_rows)],
+      tokens=[out_BO[b, :n_B[b]].tolist() for b in range(b_rows)],
       target_forwards=rounds, forwards_per_row=fwd.tolist(),
       drafted_per_row=(fwd * k).tolist(), accepted_per_row=np.asarray(state.accepted_B).tolist(),
       rounds=per_round, prefill_seconds=prefill_s, decode_seconds=decode_s, num_draft_tokens=k)

@@ -15,6 +15,8 @@ a letter means the same thing in every module of the package:
   J  verify positions of a round (A + 1)  R  decode rounds
   O  output (new) tokens                  Q  prompt tokens
   U  positions of one chunk (chunked attention / chunked loss)
+  Z  token slots of centroid lists (V / C per centroid; k * V / C for the masked head's top-k)
+  x  (lower case) any leading dims: a function of [..., V] is written `logits_xV`
 
 Modules: `config` (frozen ModelConfig / DrafterConfig, the HF config mapping), `layers`, `attention`,
 `kv_cache`, `transformer` (the base), `drafter` (the assistant), `flops` (the one FLOP model).

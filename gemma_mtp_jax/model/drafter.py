@@ -31,8 +31,8 @@ Query position (`query_position`): "next" (HF, MLX: p + 1, the position of the t
 consumes, constant over the K steps) or "anchor" (vLLM / tpu-inference: p). It changes only the RoPE
 position of the drafter's queries; the K/V slots seen are the same.
 
-Shapes: B batch, T rows (anchors), S KV slots, K draft steps, V vocab, D drafter hidden, M base
-(backbone) hidden, C centroids.
+Shapes (the table in `gemma_mtp_jax.model`): B batch, T rows (anchors), S KV slots, A draft steps,
+V vocab, D drafter hidden, M base (backbone) hidden, C centroids, Z tokens of centroid lists.
 """
 
 from __future__ import annotations
@@ -140,11 +140,7 @@ class Drafter(nn.Module):
 
   def dense_logits(self, hidden_BTD: Array) -> Array:
     """Tied head over the whole vocab, float32 [B, T, V]."""
-    dt = layers.as_dtype(self.cfg.text.dtype)
-    logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD.astype(dt), self.embedding.astype(dt),
-                            preferred_element_type=jnp.float32)
-    return nn.with_logical_constraint(
-        logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
+    return layers.head_logits(hidden_BTD, self.embedding, layers.as_dtype(self.cfg.text.dtype))
 
   def centroid_logits(self, hidden_BTD: Array) -> Array:
     """Centroid scores [B, T, C] (float32)."""
@@ -164,16 +160,16 @@ class Drafter(nn.Module):
     b, t, _ = hidden_BTD.shape
     v, c, k = cfg.text.vocab_size, cfg.num_centroids, cfg.centroid_intermediate_top_k
     _, top_BTk = jax.lax.top_k(self.centroid_logits(hidden_BTD), k)
-    ordering_CP = jnp.asarray(self.token_ordering.value).reshape(c, v // c)
-    ids_BTN = ordering_CP[top_BTk].reshape(b, t, k * (v // c))
-    emb_BTND = jnp.take(self.embedding, ids_BTN, axis=0).astype(dt)
-    sel_BTN = jnp.einsum("btd,btnd->btn", hidden_BTD.astype(dt), emb_BTND,
+    ordering_CZ = jnp.asarray(self.token_ordering.value).reshape(c, v // c)
+    ids_BTZ = ordering_CZ[top_BTk].reshape(b, t, k * (v // c))
+    emb_BTZD = jnp.take(self.embedding, ids_BTZ, axis=0).astype(dt)
+    sel_BTZ = jnp.einsum("btd,btnd->btn", hidden_BTD.astype(dt), emb_BTZD,
                          preferred_element_type=jnp.float32)
-    fill_BT1 = jnp.min(sel_BTN, axis=-1, keepdims=True) - 1.0
+    fill_BT1 = jnp.min(sel_BTZ, axis=-1, keepdims=True) - 1.0
     out_BTV = jnp.broadcast_to(fill_BT1, (b, t, v))
     bi = jnp.arange(b)[:, None, None]
     ti = jnp.arange(t)[None, :, None]
-    return out_BTV.at[bi, ti, ids_BTN].set(sel_BTN)
+    return out_BTV.at[bi, ti, ids_BTZ].set(sel_BTZ)
 
   def step(self, emb_BTM, h_BTM, q_pos_BT, store_kv, masks, dense_head: bool = False,
            with_centroids: bool = False):
@@ -221,9 +217,9 @@ def init_variables(cfg: config_lib.DrafterConfig, rng: Array) -> dict:
 # ------------------------------------------------------------------------------ draft API
 @flax.struct.dataclass
 class DraftOutput:
-  tokens: Array  # [B, K] int32 drafted tokens
-  logits: Array  # [B, K, V] float32 drafter logits of each step
-  hidden: Array  # [B, K, M] carried hidden after each step (h_next)
+  tokens: Array  # [B, A] int32 drafted tokens
+  logits: Array  # [B, A, V] float32 drafter logits of each step
+  hidden: Array  # [B, A, M] carried hidden after each step (h_next)
 
 
 def greedy(logits_BV: Array, rng: Array | None = None) -> Array:
@@ -235,7 +231,7 @@ def greedy(logits_BV: Array, rng: Array | None = None) -> Array:
 def draft(variables: dict, cfg: config_lib.DrafterConfig, base_embedding: Array,
           store_kv: dict[str, transformer.StoreKV], h_BM: Array, token_B: Array, last_pos_B: Array,
           num_draft_steps: int, sample_fn: Callable[[Array, Any], Array] = greedy, *,
-          query_position: str = "next", teacher_tokens_BK: Array | None = None,
+          query_position: str = "next", teacher_tokens_BA: Array | None = None,
           rng: Array | None = None, dense_head: bool = False,
           logit_softcap: float | None = None) -> DraftOutput:
   """Drafts `num_draft_steps` tokens per row with a `lax.scan` (one compile for any positions).
@@ -249,12 +245,12 @@ def draft(variables: dict, cfg: config_lib.DrafterConfig, base_embedding: Array,
     token_B: x_{p+1}, the token the base produced; the first step consumes it.
     last_pos_B: p, the last base position verified per row (rows may differ).
     sample_fn: (logits [B, V], rng) -> tokens [B]; `greedy` by default.
-    teacher_tokens_BK: optional labels of each step; step k+1 then consumes teacher_tokens_BK[:, k]
+    teacher_tokens_BA: optional labels of each step; step k+1 then consumes teacher_tokens_BA[:, k]
       instead of the step-k sample (teacher forcing; the last column is never consumed).
     dense_head: use the full tied head even with ordered embeddings (as the training forward does).
     logit_softcap: optional cap on the drafter logits (HF's assistant applies none).
   Returns:
-    DraftOutput(tokens [B, K], logits [B, K, V], hidden [B, K, M]).
+    DraftOutput(tokens [B, A], logits [B, A, V], hidden [B, A, M]).
   """
   model = Drafter(cfg)
   dt = layers.as_dtype(cfg.text.dtype)
@@ -263,10 +259,10 @@ def draft(variables: dict, cfg: config_lib.DrafterConfig, base_embedding: Array,
   q_pos_B1 = query_positions(last_pos_B1, query_position)
   keys = (jax.random.split(rng, num_draft_steps) if rng is not None
           else jnp.zeros((num_draft_steps,), jnp.uint32))
-  if teacher_tokens_BK is not None:
-    forced_KB = jnp.swapaxes(teacher_tokens_BK, 0, 1).astype(jnp.int32)
+  if teacher_tokens_BA is not None:
+    forced_AB = jnp.swapaxes(teacher_tokens_BA, 0, 1).astype(jnp.int32)
   else:
-    forced_KB = jnp.zeros((num_draft_steps, token_B.shape[0]), jnp.int32)
+    forced_AB = jnp.zeros((num_draft_steps, token_B.shape[0]), jnp.int32)
 
   def body(carry, xs):
     tok_B, h_BM_ = carry
@@ -276,11 +272,11 @@ def draft(variables: dict, cfg: config_lib.DrafterConfig, base_embedding: Array,
                                             masks, dense_head, method=Drafter.step)
     logits_BV = layers.softcap(logits_B1V[:, 0], logit_softcap)
     new_B = sample_fn(logits_BV, key if rng is not None else None).astype(jnp.int32)
-    next_B = forced_B if teacher_tokens_BK is not None else new_B
+    next_B = forced_B if teacher_tokens_BA is not None else new_B
     return (next_B, h_next_B1M[:, 0]), (new_B, logits_BV, h_next_B1M[:, 0])
 
   # The carry holds the drafter's dtype (the base's hidden may be another).
-  _, (tok_KB, logits_KBV, h_KBM) = jax.lax.scan(
-      body, (token_B.astype(jnp.int32), h_BM.astype(dt)), (keys, forced_KB))
-  return DraftOutput(tokens=jnp.swapaxes(tok_KB, 0, 1), logits=jnp.swapaxes(logits_KBV, 0, 1),
-                     hidden=jnp.swapaxes(h_KBM, 0, 1))
+  _, (tok_AB, logits_ABV, h_ABM) = jax.lax.scan(
+      body, (token_B.astype(jnp.int32), h_BM.astype(dt)), (keys, forced_AB))
+  return DraftOutput(tokens=jnp.swapaxes(tok_AB, 0, 1), logits=jnp.swapaxes(logits_ABV, 0, 1),
+                     hidden=jnp.swapaxes(h_ABM, 0, 1))

@@ -52,9 +52,26 @@ def embed_lookup(table_VD: Array, tokens: Array, dtype) -> Array:
 
 
 def softcap(x: Array, cap: float | None) -> Array:
+  """tanh soft-capping to (-cap, cap); the identity when cap is None."""
   if cap is None:
     return x
   return jnp.tanh(x / cap) * cap
+
+
+def head_logits(hidden_xD: Array, head_VD: Array, dtype, cap: float | None = None,
+                constrain: bool = True) -> Array:
+  """The one LM head: float32 logits [..., V] of `hidden @ head^T` in `dtype`, soft-capped by `cap`.
+
+  Every head goes through here: the base's (tied embedding or lm_head, see
+  `transformer.head_VD`), the drafter's tied head, and the chunked loss. `constrain`: pin [B, T, V]
+  logits to the activation sharding (off for the loss's chunks, which are reduced at once).
+  """
+  logits_xV = jnp.einsum("...d,vd->...v", hidden_xD.astype(dtype), head_VD.astype(dtype),
+                         preferred_element_type=jnp.float32)
+  if constrain and logits_xV.ndim == 3:
+    logits_xV = nn.with_logical_constraint(
+        logits_xV, ("activation_batch", "activation_length", "activation_vocab"))
+  return softcap(logits_xV, cap)
 
 
 class RMSNorm(nn.Module):

@@ -12,7 +12,7 @@ drafter, which reads exactly those two layers.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import flax.struct
@@ -247,16 +247,11 @@ class Transformer(nn.Module):
 
   def logits(self, hidden_BTD: Array) -> Array:
     """Final-norm hidden -> soft-capped float32 logits [B, T, V]."""
-    dt = layers.as_dtype(self.cfg.dtype)
-    if self.cfg.tie_word_embeddings:
-      logits_BTV = jnp.einsum("btd,vd->btv", hidden_BTD.astype(dt), self.embedding.astype(dt),
-                              preferred_element_type=jnp.float32)
-    else:
-      logits_BTV = jnp.einsum("btd,dv->btv", hidden_BTD.astype(dt), self.lm_head.astype(dt),
-                              preferred_element_type=jnp.float32)
-    logits_BTV = nn.with_logical_constraint(
-        logits_BTV, ("activation_batch", "activation_length", "activation_vocab"))
-    return layers.softcap(logits_BTV, self.cfg.final_logit_softcap)
+    params = {"embedding": self.embedding}
+    if not self.cfg.tie_word_embeddings:
+      params["lm_head"] = self.lm_head
+    return layers.head_logits(hidden_BTD, head_VD(self.cfg, params), layers.as_dtype(self.cfg.dtype),
+                              self.cfg.final_logit_softcap)
 
   # -------------------------------------------------------------------------- forward
   def __call__(self, tokens_BT: Array, positions_BT: Array, valid_BT: Array | None = None,
@@ -335,6 +330,12 @@ class Transformer(nn.Module):
                             v={i: layer_kv[i][1] for i in cache.v})
     logits_BTV = self.logits(hidden_BTD) if return_logits else None
     return Output(logits=logits_BTV, hidden=hidden_BTD, store_kv=store_kv, cache=cache)
+
+
+def head_VD(cfg: config_lib.ModelConfig, params: Mapping) -> Array:
+  """The base's LM head as a [V, D] matrix (the one place that decides tied vs lm_head): the
+  embedding table when `tie_word_embeddings`, else the [D, V] `lm_head` transposed."""
+  return params["embedding"] if cfg.tie_word_embeddings else params["lm_head"].T
 
 
 def init_params(cfg: config_lib.ModelConfig, rng: Array, batch: int = 1, length: int = 4):

@@ -1,13 +1,13 @@
 """Losses of joint training: token cross-entropy with masks, and L = L_base + lambda * sum_k w_k L_k.
 
 Every per-step term is reduced to sums and a token count inside the drafter scan (never a stacked
-[K, B, T, V] logits array), and means are taken over valid tokens only, so a batch with more padding
+[A, B, T, V] logits array), and means are taken over valid tokens only, so a batch with more padding
 does not weigh less.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.struct
 import jax
@@ -61,7 +61,7 @@ def token_stats(logits_BTV: Array, labels_BT: Array, mask_BT: Array, softcap: fl
 
 
 def step_weights(num_draft_steps: int, weights: Sequence[float] | None) -> jnp.ndarray:
-  """Per-step weights w_k as a float32 [K] array (all 1 when None)."""
+  """Per-step weights w_k as a float32 [A] array (all 1 when None)."""
   if weights is None:
     return jnp.ones((num_draft_steps,), jnp.float32)
   if len(weights) != num_draft_steps:
@@ -70,18 +70,18 @@ def step_weights(num_draft_steps: int, weights: Sequence[float] | None) -> jnp.n
 
 
 def combine(base: TokenStats, steps: TokenStats, drafter_loss_weight: float,
-            weights_K: Array, centroid: TokenStats | None = None,
+            weights_A: Array, centroid: TokenStats | None = None,
             centroid_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
   """L = L_base + lambda * sum_k w_k (L_k + mu * L_k^centroid), each L a mean over its valid tokens.
 
-  `steps` (and `centroid`) hold [K] arrays, one entry per drafter step. Returns (loss, metrics) with
+  `steps` (and `centroid`) hold [A] arrays, one entry per drafter step. Returns (loss, metrics) with
   per-step losses and top-1 accuracies as `drafter/loss_k` and `drafter/acc_k` (k from 1).
   """
-  step_loss_K = steps.loss
-  draft_K = step_loss_K
+  step_loss_A = steps.loss
+  draft_A = step_loss_A
   if centroid is not None and centroid_loss_weight:
-    draft_K = draft_K + centroid_loss_weight * centroid.loss
-  drafter_loss = jnp.sum(weights_K * draft_K)
+    draft_A = draft_A + centroid_loss_weight * centroid.loss
+  drafter_loss = jnp.sum(weights_A * draft_A)
   loss = base.loss + drafter_loss_weight * drafter_loss
   metrics = {
       "loss": loss,
@@ -90,8 +90,8 @@ def combine(base: TokenStats, steps: TokenStats, drafter_loss_weight: float,
       "base/tokens": base.count,
       "drafter/loss": drafter_loss,
   }
-  for k in range(step_loss_K.shape[0]):
-    metrics[f"drafter/loss_{k + 1}"] = step_loss_K[k]
+  for k in range(step_loss_A.shape[0]):
+    metrics[f"drafter/loss_{k + 1}"] = step_loss_A[k]
     metrics[f"drafter/acc_{k + 1}"] = steps.accuracy[k]
     metrics[f"drafter/tokens_{k + 1}"] = steps.count[k]
     if centroid is not None:
@@ -101,37 +101,80 @@ def combine(base: TokenStats, steps: TokenStats, drafter_loss_weight: float,
   return loss, metrics
 
 
-def chunked_head_stats(hidden_BTD: Array, head_VD: Array, labels_BT: Array, mask_BT: Array,
-                       chunk: int, softcap: float | None = None, z_loss_weight: float = 0.0,
-                       dtype=jnp.float32) -> TokenStats:
-  """`token_stats` of `hidden @ head^T` without ever holding the [B, T, V] logits.
+def masked_logits(logits_xV: Array, cent_xC: Array, clusters_V: Array, top_k: int) -> Array:
+  """The centroid-masked head (`Drafter.masked_logits`, HF's) from the dense logits: the tokens of
+  the top-k centroids keep their logit, every other token gets min(selected) - 1. Its argmax is the
+  dense argmax over the selected tokens (ties: the lowest id in both)."""
+  _, top_xk = jax.lax.top_k(cent_xC, top_k)
+  selected_xC = jnp.any(jax.nn.one_hot(top_xk, cent_xC.shape[-1], dtype=bool), axis=-2)
+  allowed_xV = jnp.take(selected_xC, clusters_V, axis=-1)
+  fill_x1 = jnp.min(jnp.where(allowed_xV, logits_xV, jnp.inf), axis=-1, keepdims=True) - 1.0
+  return jnp.where(allowed_xV, logits_xV, fill_x1)
 
-  The rows are split into chunks of `chunk` positions; each chunk's logits are computed, reduced to
-  sums and dropped, and `jax.checkpoint` recomputes them in the backward pass. Peak memory is
-  O(B * chunk * V) instead of O(B * T * V): at V = 262144 and T = 4096 that is the difference
-  between a 4 GiB float32 logits array per sequence (times the K drafter steps) and a few hundred MB.
-  Same numbers as `token_stats(logits)` up to float32 summation order.
+
+@flax.struct.dataclass
+class HeadOut:
+  """What `head_stats` returns: the stats, and with `predictions` the argmaxes [B, T]."""
+  stats: TokenStats
+  argmax_BT: Array | None = None  # of the head the stats score
+  masked_argmax_BT: Array | None = None  # of the centroid-masked head (= argmax_BT without one)
+
+
+@flax.struct.dataclass
+class Head:
+  """An LM head: `hidden @ table^T` in `dtype`, soft-capped by `softcap`; with `clusters_V` and
+  centroid scores, the centroid-masked head is available too (`masked`: the stats score it)."""
+  table_VD: Array
+  clusters_V: Array | None = None
+  dtype: Any = flax.struct.field(pytree_node=False, default=jnp.float32)
+  softcap: float | None = flax.struct.field(pytree_node=False, default=None)
+  top_k: int = flax.struct.field(pytree_node=False, default=1)
+  masked: bool = flax.struct.field(pytree_node=False, default=False)
+
+
+def head_stats(head: Head, hidden_BTD: Array, labels_BT: Array, mask_BT: Array, *,
+               cent_BTC: Array | None = None, chunk: int = 0, z_loss_weight: float = 0.0,
+               predictions: bool = False) -> HeadOut:
+  """THE head + loss path (training's base and drafter steps, the eval, chunked or not): the
+  `token_stats` of `head` applied to `hidden_BTD`, and with `predictions` the argmax of that head
+  and of the centroid-masked one (`cent_BTC` needed for the latter and for `head.masked`).
+
+  chunk > 0: positions `chunk` at a time, each chunk's logits reduced and dropped (`jax.checkpoint`
+  recomputes them in the backward pass), so [B, T, V] logits never exist: peak memory
+  O(B * chunk * V) instead of O(B * T * V); at V = 262144, T = 4096 that is a 4 GiB float32 array
+  per sequence and drafter step against a few hundred MB. Same numbers as chunk = 0 up to float32
+  summation order.
   """
-  b, t, d = hidden_BTD.shape
-  n = -(-t // chunk)
-  pad = n * chunk - t
-  if pad:
-    hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
-    labels_BT = jnp.pad(labels_BT, ((0, 0), (0, pad)))
-    mask_BT = jnp.pad(mask_BT, ((0, 0), (0, pad)))
-  split = lambda x: jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
-  xs = (split(hidden_BTD), split(labels_BT), split(mask_BT))
+  def one(h_BUD, lab_BU, m_BU, cent_BUC, constrain=True):
+    logits_BUV = layers.head_logits(h_BUD, head.table_VD, head.dtype, None, constrain)
+    masked_BUV = None
+    if cent_BUC is not None and head.clusters_V is not None:  # capped after masking, as decoded
+      masked_BUV = layers.softcap(
+          masked_logits(logits_BUV, cent_BUC, head.clusters_V, head.top_k), head.softcap)
+    logits_BUV = layers.softcap(logits_BUV, head.softcap)
+    scored_BUV = masked_BUV if head.masked else logits_BUV
+    stats = token_stats(scored_BUV, lab_BU, m_BU, z_loss_weight=z_loss_weight)
+    if not predictions:
+      return stats, None, None
+    argmax_BU = jnp.argmax(scored_BUV, axis=-1).astype(jnp.int32)
+    masked_BU = (argmax_BU if masked_BUV is None
+                 else jnp.argmax(masked_BUV, axis=-1).astype(jnp.int32))
+    return stats, argmax_BU, masked_BU
 
-  @jax.checkpoint
-  def one(h_BCD, lab_BC, m_BC):
-    logits_BCV = jnp.einsum("bcd,vd->bcv", h_BCD.astype(dtype), head_VD.astype(dtype),
-                            preferred_element_type=jnp.float32)
-    return token_stats(logits_BCV, lab_BC, m_BC, softcap=softcap, z_loss_weight=z_loss_weight)
+  if chunk <= 0:
+    return HeadOut(*one(hidden_BTD, labels_BT, mask_BT, cent_BTC))
+  b, t = labels_BT.shape
+  n = -(-t // chunk)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk - t)) + ((0, 0),) * (x.ndim - 2))
+  split = lambda x: jnp.swapaxes(pad(x).reshape(b, n, chunk, *x.shape[2:]), 0, 1)
+  xs = tuple(None if x is None else split(x) for x in (hidden_BTD, labels_BT, mask_BT, cent_BTC))
+  one_chunk = jax.checkpoint(lambda *x: one(*x, constrain=False))
 
   def body(acc, x):
-    s = one(*x)
-    return jax.tree.map(jnp.add, acc, s), None
+    stats, argmax_BU, masked_BU = one_chunk(*x)
+    return jax.tree.map(jnp.add, acc, stats), (argmax_BU, masked_BU)
 
   zero = TokenStats(*(jnp.zeros((), jnp.float32) for _ in range(4)))
-  total, _ = jax.lax.scan(body, zero, xs)
-  return total
+  total, (argmax_chunks, masked_chunks) = jax.lax.scan(body, zero, xs)
+  unsplit = lambda x: None if x is None else jnp.swapaxes(x, 0, 1).reshape(b, n * chunk)[:, :t]
+  return HeadOut(total, unsplit(argmax_chunks), unsplit(masked_chunks))

@@ -149,24 +149,49 @@ class Targets:
 # ------------------------------------------------------------------------------ forward
 @flax.struct.dataclass
 class JointOutput:
-  base_logits: Array | None  # [B, T, V] float32, soft-capped; None with loss_chunk_size
+  base_logits: Array | None  # [B, T, V] float32, soft-capped; only with the default step_fn
   base_hidden: Array  # [B, T, M]
-  steps: Any  # what `step_fn` returned for each step, stacked on a leading K axis
+  steps: Any  # what `step_fn` returned for each step, stacked on a leading A axis
+  targets: Targets  # the batch's labels and masks (`targets.at(1)`: the base's)
 
 
 def drafter_variables(params: Mapping, buffers: Mapping | None) -> dict:
   return {"params": params, "buffers": buffers} if buffers else {"params": params}
 
 
-def default_step_fn(k, logits_BTV, centroids_BTC, labels_BT, mask_BT):
-  """Keeps the step's logits ([K, B, T, V] after the scan): for tests and inspection."""
-  del k, centroids_BTC, labels_BT, mask_BT
-  return logits_BTV
+def base_head(params: Mapping, base_cfg: config_lib.ModelConfig) -> losses.Head:
+  """The base's LM head (tied or lm_head, `transformer.head_VD`), soft-capped."""
+  return losses.Head(transformer.head_VD(base_cfg, params["base"]),
+                     dtype=layers.as_dtype(base_cfg.dtype), softcap=base_cfg.final_logit_softcap)
+
+
+def drafter_head(params: Mapping, buffers: Mapping | None, dcfg: config_lib.DrafterConfig,
+                 jcfg: JointConfig) -> losses.Head:
+  """The drafter's tied head as trained: dense, or centroid-masked without `jcfg.dense_head`; with
+  ordered embeddings it also knows each token's centroid (for the masked head and its argmax)."""
+  ordered = dcfg.use_ordered_embeddings
+  return losses.Head(params["drafter"]["embedding"],
+                     clusters_V=token_clusters(buffers, dcfg) if ordered else None,
+                     dtype=layers.as_dtype(dcfg.text.dtype), softcap=jcfg.drafter_logit_softcap,
+                     top_k=dcfg.centroid_intermediate_top_k, masked=ordered and not jcfg.dense_head)
+
+
+def _step_logits(head: losses.Head):
+  """The default step function: keeps each step's logits ([A, B, T, V] after the scan), the head
+  the drafter trains (`drafter_head`), for tests and inspection."""
+  def step_fn(k, hidden_BTD, cent_BTC, labels_BT, mask_BT):
+    del k, labels_BT, mask_BT
+    logits_BTV = layers.head_logits(hidden_BTD, head.table_VD, head.dtype)
+    if head.masked:
+      logits_BTV = losses.masked_logits(logits_BTV, cent_BTC, head.clusters_V, head.top_k)
+    return layers.softcap(logits_BTV, head.softcap)
+  return step_fn
 
 
 def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
                   base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-                  jcfg: JointConfig, step_fn: Callable = default_step_fn) -> JointOutput:
+                  jcfg: JointConfig, step_fn: Callable | None = None,
+                  centroids: bool = False) -> JointOutput:
   """Base forward + K teacher-forced drafter steps for every anchor row (see the module docstring).
 
   Args:
@@ -174,13 +199,19 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
     buffers: the drafter's "buffers" collection (token_ordering), or None.
     batch: `tokens` [B, T] and optionally `positions`, `segment_ids` (0 = padding), `valid`,
       `loss_mask` (as `gemma_mtp_jax.data` makes them).
-    step_fn: (k, logits [B,T,V], centroid logits [B,T,C] or None, labels [B,T], mask [B,T]) -> any
-      pytree, called inside the scan (k from 0) so a loss never stacks K logits arrays.
+    step_fn: (k, final-norm hidden [B,T,D], centroid logits [B,T,C] or None, labels [B,T],
+      mask [B,T]) -> any pytree, called inside the scan (k from 0), so a loss applies the head
+      (`losses.head_stats`, chunked or not) and reduces without stacking K logits arrays. None:
+      keep the base's and every step's logits (tests and inspection; any `loss_chunk_size`).
+    centroids: compute the centroid logits even when the loss does not need them (the eval's
+      masked head); with ordered embeddings only.
   """
   tokens_BT, pos_BT, valid_BT, seg_BT, lm_BT = batch_arrays(batch)
-  chunked = jcfg.loss_chunk_size > 0
+  inspect = step_fn is None
+  if inspect:
+    step_fn = _step_logits(drafter_head(params, buffers, dcfg, jcfg))
   base_out = transformer.Transformer(base_cfg).apply(
-      {"params": params["base"]}, tokens_BT, pos_BT, valid_BT, seg_BT, return_logits=not chunked)
+      {"params": params["base"]}, tokens_BT, pos_BT, valid_BT, seg_BT, return_logits=inspect)
   store_kv, h_BTM = base_out.store_kv, base_out.hidden
   if not jcfg.drafter_grads_to_base:
     store_kv, h_BTM = jax.lax.stop_gradient((store_kv, h_BTM))
@@ -195,29 +226,25 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
   model = drafter_lib.Drafter(dcfg)
   variables = drafter_variables(params["drafter"], buffers)
   dt = layers.as_dtype(dcfg.text.dtype)
-  with_centroids = dcfg.use_ordered_embeddings and jcfg.centroid_loss_weight > 0
+  with_centroids = dcfg.use_ordered_embeddings and (
+      centroids or jcfg.centroid_loss_weight > 0 or not jcfg.dense_head)
 
   def body(h_BTM_, k):
     tok_BT, _ = targets.at(k + 1)  # x_{t+k+1}: the input of 0-based step k
     emb_BTM = drafter_lib.embed_tokens(embedding_VM, tok_BT, dt)
     labels_BT, mask_BT = targets.at(k + 2)
-    if chunked:  # the loss applies the head chunk by chunk: hand it the hidden state
-      hidden_BTD, h_next_BTM = model.apply(variables, emb_BTM, h_BTM_, q_pos_BT, store_kv, masks)
-      cent_BTC = (model.apply(variables, hidden_BTD, method=drafter_lib.Drafter.centroid_logits)
-                  if with_centroids else None)
-      return h_next_BTM, step_fn(k, None, cent_BTC, labels_BT, mask_BT, hidden_BTD=hidden_BTD)
-    logits_BTV, h_next_BTM, cent_BTC = model.apply(
-        variables, emb_BTM, h_BTM_, q_pos_BT, store_kv, masks, jcfg.dense_head, with_centroids,
-        method=drafter_lib.Drafter.step)
-    logits_BTV = layers.softcap(logits_BTV, jcfg.drafter_logit_softcap)
-    return h_next_BTM, step_fn(k, logits_BTV, cent_BTC, labels_BT, mask_BT)
+    hidden_BTD, h_next_BTM = model.apply(variables, emb_BTM, h_BTM_, q_pos_BT, store_kv, masks)
+    cent_BTC = (model.apply(variables, hidden_BTD, method=drafter_lib.Drafter.centroid_logits)
+                if with_centroids else None)
+    return h_next_BTM, step_fn(k, hidden_BTD, cent_BTC, labels_BT, mask_BT)
 
   if dcfg.text.remat_policy != "none":
     # Keep only the carried hidden per step for the backward pass, not each step's [B, T, V] logits
     # (step_fn reduces them inside the body); the step is recomputed, which the drafter makes cheap.
     body = jax.checkpoint(body, prevent_cse=False)
   _, steps = jax.lax.scan(body, h_BTM.astype(dt), jnp.arange(jcfg.num_draft_steps))
-  return JointOutput(base_logits=base_out.logits, base_hidden=base_out.hidden, steps=steps)
+  return JointOutput(base_logits=base_out.logits, base_hidden=base_out.hidden, steps=steps,
+                     targets=targets)
 
 
 def token_clusters(buffers: Mapping, dcfg: config_lib.DrafterConfig) -> Array:
@@ -232,40 +259,23 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
             base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
             jcfg: JointConfig) -> tuple[Array, dict[str, Array]]:
   """L = L_base + lambda * sum_k w_k L_k (means over valid targets); returns (loss, metrics)."""
-  clusters_V = None
-  if dcfg.use_ordered_embeddings and jcfg.centroid_loss_weight > 0:
-    clusters_V = token_clusters(buffers, dcfg)
+  head = drafter_head(params, buffers, dcfg, jcfg)
+  kw = dict(chunk=jcfg.loss_chunk_size, z_loss_weight=jcfg.z_loss_weight)
+  centroid_loss = dcfg.use_ordered_embeddings and jcfg.centroid_loss_weight > 0
 
-  chunk = jcfg.loss_chunk_size
-
-  def step_fn(k, logits_BTV, cent_BTC, labels_BT, mask_BT, hidden_BTD=None):
-    if logits_BTV is None:  # chunked head (jcfg.loss_chunk_size > 0)
-      stats = losses.chunked_head_stats(
-          hidden_BTD, params["drafter"]["embedding"], labels_BT, mask_BT, chunk,
-          softcap=jcfg.drafter_logit_softcap, z_loss_weight=jcfg.z_loss_weight,
-          dtype=layers.as_dtype(dcfg.text.dtype))
-    else:
-      stats = losses.token_stats(logits_BTV, labels_BT, mask_BT, z_loss_weight=jcfg.z_loss_weight)
-    if cent_BTC is None:
+  def step_fn(k, hidden_BTD, cent_BTC, labels_BT, mask_BT):
+    del k
+    stats = losses.head_stats(head, hidden_BTD, labels_BT, mask_BT, cent_BTC=cent_BTC, **kw).stats
+    if not centroid_loss:
       return stats, None
-    cent = losses.token_stats(cent_BTC, clusters_V[labels_BT], mask_BT,
+    cent = losses.token_stats(cent_BTC, head.clusters_V[labels_BT], mask_BT,
                               top_k=dcfg.centroid_intermediate_top_k)
     return stats, cent
 
   out = joint_forward(params, buffers, batch, base_cfg, dcfg, jcfg, step_fn)
-  tokens_BT, _, valid_BT, seg_BT, lm_BT = batch_arrays(batch)
-  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_draft_steps)
-  labels_BT, mask_BT = targets.at(1)
-  if out.base_logits is None:
-    head_VD = (params["base"]["embedding"] if base_cfg.tie_word_embeddings
-               else params["base"]["lm_head"].T)
-    base = losses.chunked_head_stats(out.base_hidden, head_VD, labels_BT, mask_BT, chunk,
-                                     softcap=base_cfg.final_logit_softcap,
-                                     z_loss_weight=jcfg.z_loss_weight,
-                                     dtype=layers.as_dtype(base_cfg.dtype))
-  else:
-    base = losses.token_stats(out.base_logits, labels_BT, mask_BT,
-                              z_loss_weight=jcfg.z_loss_weight)
+  labels_BT, mask_BT = out.targets.at(1)
+  base = losses.head_stats(base_head(params, base_cfg), out.base_hidden, labels_BT, mask_BT,
+                           **kw).stats
   step_stats, cent_stats = out.steps
   return losses.combine(base, step_stats, jcfg.drafter_loss_weight,
                         losses.step_weights(jcfg.num_draft_steps, jcfg.step_weights), cent_stats,
