@@ -185,10 +185,10 @@ def prompt_ids(loaded: dict, prompt: str, chat: bool) -> list[int]:
 
 # ------------------------------------------------------------------------------ decoding
 def plain_decode(params, cfg, prompts: Sequence[Sequence[int]], **kw):
-  """Plain (non-speculative) decoding of the base alone: `speculative.generate` with no drafter,
+  """Plain (non-speculative) decoding of the base alone: `speculative.decode_prompts` with no drafter,
   the same KV cache and loop (one base forward per token)."""
   from gemma_mtp_jax.decoding import speculative
-  return speculative.generate(params, cfg, prompts, **kw)
+  return speculative.decode_prompts(params, cfg, prompts, **kw)
 
 
 def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
@@ -200,7 +200,7 @@ def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
 
   sampling = speculative.Sampling(temperature, top_k, top_p)
   stop = default_stop_ids(loaded) if stop_ids is None else list(stop_ids)
-  res = speculative.generate(
+  res = speculative.decode_prompts(
       loaded["params"], loaded["base_cfg"], [list(ids)], drafter_vars=loaded["drafter_vars"],
       drafter_cfg=loaded["drafter_cfg"], num_draft_tokens=num_draft_tokens,
       max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop, seed=seed,

@@ -416,10 +416,6 @@ def decode_prompts(base_params, base_cfg: config_lib.ModelConfig, prompts: Seque
   return result
 
 
-# The library function's former name; the CLI (`gemma_mtp_jax.generate`) and benchmarks/decode.py
-# still call it by it.
-generate = decode_prompts
-
 _EXECUTABLES: dict = {}
 
 
