@@ -8,7 +8,13 @@
 hf-to-jax writes a pair dir (see `gemma_mtp_jax.checkpoint`); jax-to-hf writes OUT_DIR/base/ and
 OUT_DIR/drafter/, which torch `from_pretrained` + `generate(assistant_model=...)` run unchanged.
 Both write to a temp dir beside the output and rename it into place, so an interrupted run leaves
-any previous output intact. Bad input exits with status 2 and a message naming the file or tensor.
+any previous output intact. An --out that is, contains or lies inside an input is refused, whatever
+the flags; --overwrite replaces only a pair dir or HF export this project wrote (it carries the
+project's marker file), never a train workdir or any other directory. A train workdir's newest
+step that cannot be read is skipped, with a warning, for the newest intact one (unless --step).
+A missing local path is reported as missing; only an `org/name` with no local `org/` is a hub id.
+Exit status (`gemma_mtp_jax.cli`): 0 ok, 2 bad input with one `error:` line naming the file, flag
+or tensor, 130 interrupted, 70 a bug (traceback shown).
 """
 
 from __future__ import annotations
@@ -19,14 +25,28 @@ import signal
 import sys
 import threading
 
+from gemma_mtp_jax import cli
+
 # checkpoint.DTYPES, repeated so that --help needs no JAX import.
 DTYPES = ("bfloat16", "float32")
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
+def _at_least(low: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+  return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m gemma_mtp_jax.convert", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m gemma_mtp_jax.convert", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
 
   h = sub.add_parser("hf-to-jax", help="HF safetensors dir(s) or hub id(s) -> JAX pair dir")
@@ -42,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
   j = sub.add_parser("jax-to-hf", help="JAX pair dir / train workdir -> HF dirs base/ + drafter/")
   j.add_argument("--checkpoint", required=True,
                  help="pair dir, train workdir, or HF dir (round trip in memory)")
-  j.add_argument("--step", type=int, help="train workdir step (default: latest)")
+  j.add_argument("--step", type=_at_least(0),
+                 help="train workdir step (default: the newest intact one)")
   j.add_argument("--drafter", help="HF assistant dir or hub id to export instead of the stored one")
   j.add_argument("--out", required=True, help="output dir (gets base/ and drafter/)")
   j.add_argument("--max-shard-size",
@@ -50,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                       "else 5GB")
   j.add_argument("--dtype", choices=DTYPES,
                  help="cast float tensors to this dtype (logged); default: write them as held")
-  j.add_argument("--num-assistant-tokens", type=int,
+  j.add_argument("--num-assistant-tokens", type=_at_least(1),
                  help="drafter generation_config num_assistant_tokens (default: source's, else 4)")
   j.add_argument("--assistant-schedule", choices=SCHEDULES,
                  help="drafter num_assistant_tokens_schedule (default: source's, else constant)")
@@ -77,7 +98,12 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
-  """CLI entry point; returns the exit status (2 on bad input, with the reason on stderr)."""
+  """CLI entry point; returns the exit status (2 on bad input, with one `error:` line on stderr;
+  see `gemma_mtp_jax.cli`)."""
+  return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
   args = _parser().parse_args(argv)
   # Our own progress and dtype decisions at INFO; libraries (orbax, absl) keep their defaults.
   handler = logging.StreamHandler()
@@ -87,19 +113,13 @@ def main(argv=None) -> int:
   logger.setLevel(logging.INFO)
   logger.addHandler(handler)
   propagate, logger.propagate = logger.propagate, False  # no second copy via a root handler
-  from gemma_mtp_jax.model import config as config_lib
-  from gemma_mtp_jax.checkpoint.hf_names import ConversionError
-
   main_thread = threading.current_thread() is threading.main_thread()
   previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if main_thread else None
   try:
     out = run(args)
-  except (ConversionError, config_lib.ConfigError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
   except KeyboardInterrupt:
     print("interrupted: nothing written (any previous output is intact)", file=sys.stderr)
-    return 130
+    return cli.INTERRUPTED
   finally:
     logger.removeHandler(handler)
     logger.setLevel(level)
@@ -111,4 +131,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

@@ -20,36 +20,63 @@ counted in the others).
 Stop tokens default to the base's eos ids (config and generation config) plus the tokenizer's
 `<turn|>` (the end of a chat turn) when it has one. Exit status 2 with a one-line reason for bad
 input (missing dirs, a drafter that does not fit the base, a prompt too long for the cache, a token
-id outside the vocab, K < 1), checked before any model compute.
+id outside the vocab, K < 1, a sampling value out of range: temperature finite and >= 0, top-k >= 0,
+top-p in (0, 1], max-new-tokens >= 1; NaN and inf refused), checked before any model compute; see
+`gemma_mtp_jax.cli` for all exit codes. A missing local path (e.g. `runs/tiny` beside a `runs/`)
+is reported as missing; only an `org/name` with no local `org/` is taken for a hub id. A train
+workdir whose newest step cannot be read falls back, with a warning, to the newest intact step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import sys
 from typing import Any, Sequence
+
+from gemma_mtp_jax import cli
 
 TURN_CLOSE = "<turn|>"
 
 
+def _number(kind, low, high=None, low_open=False):
+  """An argparse `type`: a finite `kind` (int / float) in [low, high] ((low, high] if low_open)."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                       f"got {text!r}") from None
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    ok = ok and (high is None or value <= high)
+    if not ok:
+      where = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None
+               else f"{'>' if low_open else '>='} {low}")
+      raise argparse.ArgumentTypeError(f"must be finite and {where}, got {text}")
+    return value
+  return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m gemma_mtp_jax.generate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(prog="python -m gemma_mtp_jax.generate", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--base", required=True, help="HF model dir, pair dir or train workdir")
   p.add_argument("--drafter", help="HF assistant dir (default: the pair's own drafter, if any)")
-  p.add_argument("--step", type=int, help="train workdir step (default: latest)")
+  p.add_argument("--step", type=_number(int, 0),
+                 help="train workdir step (default: the newest intact one)")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="prompt text (tokenized with the base's tokenizer)")
   src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 2,105,2364")
   p.add_argument("--chat", action="store_true",
                  help="wrap --prompt as a user turn with the chat template (model turn opened)")
-  p.add_argument("--max-new-tokens", type=int, default=64)
-  p.add_argument("--num-draft-tokens", type=int, default=4, help="K drafts per round")
-  p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-  p.add_argument("--top-k", type=int, default=0, help="0: off")
-  p.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+  p.add_argument("--max-new-tokens", type=_number(int, 1), default=64)
+  p.add_argument("--num-draft-tokens", type=int, default=4,
+                 help="K drafts per round (>= 1; checked unless --plain)")
+  p.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0: greedy")
+  p.add_argument("--top-k", type=_number(int, 0), default=0, help="0: off")
+  p.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0,
+                 help="in (0, 1]; 1.0: off")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--plain", action="store_true", help="plain decoding even with a drafter")
   stops = p.add_mutually_exclusive_group()
@@ -238,17 +265,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv=None) -> int:
-  """CLI entry point; returns the exit status (2 on bad input, with the reason on stderr)."""
-  args = _parser().parse_args(argv)
-  from gemma_mtp_jax.model import config as config_lib
-  from gemma_mtp_jax.decoding import speculative
-  from gemma_mtp_jax.checkpoint.hf_names import ConversionError
+  """CLI entry point; returns the exit status (2 on bad input, with one `error:` line on stderr;
+  see `gemma_mtp_jax.cli`)."""
+  return cli.run(_main, argv)
 
-  try:
-    out = run(args)
-  except (speculative.GenerateError, config_lib.ConfigError, ConversionError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+
+def _main(argv) -> int:
+  args = _parser().parse_args(argv)
+  out = run(args)
   if args.json:
     print(json.dumps(out))
   else:
@@ -257,4 +281,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.exit_with(main)

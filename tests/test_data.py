@@ -388,7 +388,10 @@ def test_source_errors_name_the_file(tmp_path, hf_cache):
   (tmp_path / "nodata").mkdir()
   fails(str(tmp_path / "nodata"), "nodata.*no .*files")
   (tmp_path / "bad.jsonl").write_text('{"problem": oops\n')
-  fails(str(tmp_path / "bad.jsonl"), "bad.jsonl.*could not load")
+  fails(str(tmp_path / "bad.jsonl"), "bad.jsonl:1: invalid JSON")
+  (tmp_path / "latin1.jsonl").write_bytes(b'{"problem": "a", "solution": "b"}\n'
+                                          b'{"problem": "caf\xe9", "solution": "b"}\n')
+  fails(str(tmp_path / "latin1.jsonl"), "latin1.jsonl:2: not UTF-8")
   other = _write_jsonl(tmp_path / "other.jsonl", [dict(text="hi")])
   fails(other, "other.jsonl.*unknown schema.*'text'")
   fails(dict(path=other, schema="messages"), "other.jsonl.*needs columns \\['messages'\\]")

@@ -31,7 +31,7 @@ LAYERS = [
     ("presets",),
     ("training",),
     ("hf_torch",),
-    ("train", "generate", "convert", "aot"),
+    ("train", "generate", "convert", "aot", "cli"),
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 # The one import allowed to run up the layers, and only from inside a function: the trainer's

@@ -7,7 +7,8 @@ Modules, lowest first (each imports only the ones above it):
   safetensors_io  safetensors files and HF model dirs on disk (streamed Reader, sharded writer)
   trees           float casts, shardings and restore targets of param trees
   layout          the pair-dir files below: names, pair.json, params/, Pair
-  workdir         the train workdir's orbax CheckpointManager (checkpoints/), init_workdir
+  workdir         the train workdir's orbax CheckpointManager (checkpoints/), init_workdir, and
+                  the fallback past unreadable steps (latest_intact_step, restore_newest_intact)
   hf_read         HF dir -> Pair, streamed one tensor at a time onto the target sharding
   hf_export       Pair -> HF dirs base/ + drafter/ (export_hf)
   pair            load_pair (any source), hf_to_jax, jax_to_hf
@@ -32,7 +33,11 @@ Train workdir (what the trainer writes; the same pair.json, tokenizer/ and hf_ex
   layout: name -> shard file of the source; index_metadata: its index.json "metadata" (or None)
   extra: names of the carried-through tensors (base only)
 
-Every directory is published atomically (`gemma_mtp_jax.utils.files.atomic_dir`).
+Every directory is published atomically (`gemma_mtp_jax.utils.files.atomic_dir`), with the
+project's ownership marker (`files.MARKER`: kind "pair", "hf_export" or "workdir"); `--overwrite`
+replaces only a pair dir or HF export this project wrote, and no output may be, contain or lie
+inside an input (`layout.check_output`). Every loaded tensor is checked: float dtypes except the
+drafter's int `token_ordering`, and no NaN/inf (`trees.check_tensor`, `trees.check_tree`).
 
 The public API is importable from the package (`from gemma_mtp_jax import checkpoint;
 checkpoint.load_pair(...)`) and from `pair`. The package resolves these names on first use, so that
@@ -52,6 +57,7 @@ _PUBLIC = {
     "read_pair_json": "layout", "write_pair_files": "layout", "save_params": "layout",
     "CHECKPOINTS_DIR": "workdir", "open_manager": "workdir", "save_args": "workdir",
     "restore_train_state": "workdir", "init_workdir": "workdir",
+    "latest_intact_step": "workdir", "restore_newest_intact": "workdir", "step_problem": "workdir",
     "HF_MODEL_TYPES": "hf_read", "hf_model_type": "hf_read",
     "export_hf": "hf_export",
     "detect_kind": "pair", "load_pair": "pair", "restore_params": "pair", "hf_to_jax": "pair",

@@ -204,9 +204,15 @@ def _export_drafter(pair: layout.Pair, out: str, max_shard_size, dtype, num_assi
   files.write_json(os.path.join(out, safetensors_io.GENERATION_CONFIG_NAME), gen)
 
 
+def check_num_assistant_tokens(n: int | None) -> None:
+  """Refuses a drafter `num_assistant_tokens` below 1 (HF's assisted generation needs >= 1)."""
+  if n is not None and not (isinstance(n, int) and n >= 1):
+    raise ConversionError(f"num_assistant_tokens must be an integer >= 1, got {n!r}")
+
+
 def export_hf(pair: layout.Pair, out_dir: str, overwrite: bool = False, max_shard_size=None,
               dtype: str | None = None, num_assistant_tokens: int | None = None,
-              assistant_schedule: str | None = None) -> str:
+              assistant_schedule: str | None = None, inputs=()) -> str:
   """Writes `out_dir/base/` and `out_dir/drafter/` (if the pair has one) as HF model dirs, atomically.
 
   Args:
@@ -215,10 +221,13 @@ def export_hf(pair: layout.Pair, out_dir: str, overwrite: bool = False, max_shar
     dtype: cast float tensors to "bfloat16"/"float32" (logged); None writes them as held.
     num_assistant_tokens / assistant_schedule: the drafter's generation_config values (None: the
       source's, else 4 / "constant").
+    inputs: local paths the output must not be, contain or lie inside (`layout.check_output`,
+      which also lets `overwrite` replace only a dir this project wrote).
   """
   np_dtype = trees.as_dtype(dtype)
-  layout.check_output(out_dir, overwrite)
-  with files.atomic_dir(out_dir, replace=overwrite) as tmp:
+  check_num_assistant_tokens(num_assistant_tokens)
+  layout.check_output(out_dir, overwrite, inputs)
+  with files.atomic_dir(out_dir, replace=overwrite, kind="hf_export") as tmp:
     _export_base(pair, os.path.join(tmp, "base"), max_shard_size, np_dtype)
     if pair.drafter_cfg is not None:
       _export_drafter(pair, os.path.join(tmp, "drafter"), max_shard_size, np_dtype,

@@ -45,6 +45,7 @@ class _Stream:
 
   def get(self, name: str) -> np.ndarray:
     x = self.reader.get(name)
+    trees.check_tensor(name, x, self.reader.file_of(name))  # dtype kind and NaN/inf, as stored
     if self.dtype is not None and trees.is_float(x.dtype) and x.dtype != self.dtype:
       self.casts[(x.dtype.name, self.dtype.name)] += 1
       x = x.astype(self.dtype)

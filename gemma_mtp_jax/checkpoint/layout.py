@@ -23,6 +23,7 @@ PAIR_JSON = "pair.json"
 PARAMS_DIR = "params"
 TOKENIZER_DIR = "tokenizer"
 HF_EXTRA_DIR = "hf_extra"
+CHECKPOINTS_DIR = "checkpoints"  # a train workdir's orbax steps (`workdir`)
 
 
 @dataclasses.dataclass
@@ -78,11 +79,59 @@ def make_pair(base_cfg: config_lib.ModelConfig, drafter_cfg: config_lib.DrafterC
               dict(kind="memory", path=None, step=None, pair=pj, train=None, extra_dir=None))
 
 
-def check_output(out_dir: str, overwrite: bool) -> str:
-  """The absolute output path; raises if it exists and `overwrite` is off (check before working)."""
+# Kinds of project dirs (`files.MARKER`) that `--overwrite` may replace: outputs, which can be
+# made again. A train workdir is never replaced: its checkpoints are the run.
+REPLACEABLE = ("pair", "hf_export")
+
+
+def dir_kind(path: str) -> str | None:
+  """The project kind of an existing dir: its marker's, else (dirs written before the marker
+  existed) "pair" / "workdir" from a pair.json of this format, "hf_export" for a train workdir's
+  own `hf/` export; None for any other dir."""
+  kind = files.read_marker(path)
+  if kind is not None:
+    return kind
+  pj = os.path.join(path, PAIR_JSON)
+  if os.path.isfile(pj):
+    try:
+      fmt = safetensors_io.read_json(pj).get("format")
+    except ConversionError:
+      return None
+    if fmt == PAIR_FORMAT:
+      return "workdir" if os.path.isdir(os.path.join(path, CHECKPOINTS_DIR)) else "pair"
+  parent = os.path.dirname(os.path.realpath(path))
+  if os.path.basename(os.path.realpath(path)) == "hf" and dir_kind(parent) == "workdir":
+    return "hf_export"
+  return None
+
+
+def check_output(out_dir: str, overwrite: bool, inputs=()) -> str:
+  """The absolute output path, after refusing (before any work, whatever `overwrite` says) an
+  output that is, contains or lies inside a local input path (symlinks resolved), and an existing
+  output unless `overwrite` is on and the dir is empty or one this project wrote (`REPLACEABLE`).
+  """
   out = os.path.abspath(out_dir)
-  if os.path.lexists(out) and not overwrite:
+  for inp in inputs:
+    if inp and os.path.exists(inp):
+      how = files.relation(out, inp)
+      if how is not None:
+        raise ConversionError(f"output directory {out} {how} the input {os.path.abspath(inp)}; "
+                              "refused (nothing was written): choose an output outside the inputs")
+  if not os.path.lexists(out):
+    return out
+  if not overwrite:
     raise ConversionError(f"output directory {out} exists (pass --overwrite to replace it)")
+  if not os.path.isdir(out) or os.path.islink(out):
+    raise ConversionError(f"output {out} exists and is not a directory; --overwrite replaces only "
+                          "a directory this project wrote")
+  kind = dir_kind(out)
+  if kind == "workdir":
+    raise ConversionError(f"output directory {out} is a train workdir; --overwrite never replaces "
+                          "one (its checkpoints would be lost)")
+  if kind not in REPLACEABLE and os.listdir(out):
+    raise ConversionError(f"output directory {out} was not written by this project (no "
+                          f"{files.MARKER}); --overwrite replaces only such directories, never "
+                          "other files: remove it yourself or choose another output")
   return out
 
 

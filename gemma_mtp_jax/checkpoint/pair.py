@@ -18,6 +18,7 @@ import os
 
 import orbax.checkpoint as ocp  # re-exported: callers build restore args as checkpoint.ocp.args
 
+from gemma_mtp_jax.checkpoint import hf_export
 from gemma_mtp_jax.checkpoint import hf_read
 from gemma_mtp_jax.checkpoint import layout
 from gemma_mtp_jax.checkpoint import safetensors_io
@@ -30,17 +31,18 @@ from gemma_mtp_jax.checkpoint.layout import (HF_EXTRA_DIR, PAIR_FORMAT, PAIR_JSO
                                              TOKENIZER_DIR, Pair, make_pair, read_pair_json,
                                              save_params, write_pair_files)
 from gemma_mtp_jax.checkpoint.trees import DTYPES
-from gemma_mtp_jax.checkpoint.workdir import (CHECKPOINTS_DIR, init_workdir, open_manager,
-                                              restore_train_state, save_args)
+from gemma_mtp_jax.checkpoint.workdir import (CHECKPOINTS_DIR, init_workdir, latest_intact_step,
+                                              open_manager, restore_newest_intact,
+                                              restore_train_state, save_args, step_problem)
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.utils import files
 
 __all__ = [
     "CHECKPOINTS_DIR", "DTYPES", "HF_EXTRA_DIR", "HF_MODEL_TYPES", "PAIR_FORMAT", "PAIR_JSON",
     "PARAMS_DIR", "TOKENIZER_DIR", "Pair", "detect_kind", "export_hf", "hf_model_type",
-    "hf_to_jax", "init_workdir", "jax_to_hf", "load_pair", "make_pair", "open_manager",
-    "read_pair_json", "restore_params", "restore_train_state", "save_args", "save_params",
-    "write_pair_files", "ocp",
+    "hf_to_jax", "init_workdir", "jax_to_hf", "latest_intact_step", "load_pair", "make_pair",
+    "open_manager", "read_pair_json", "restore_newest_intact", "restore_params",
+    "restore_train_state", "save_args", "save_params", "step_problem", "write_pair_files", "ocp",
 ]
 
 log = logging.getLogger("gemma_mtp_jax.convert")
@@ -95,13 +97,17 @@ def _load_saved(path: str, kind: str, step, np_dtype, shardings, target) -> Pair
   if kind == "pair":
     if step is not None:
       raise ConversionError(f"{path}: --step only applies to a train workdir, this is a pair dir")
-    params = layout.restore_params_dir(os.path.join(path, PARAMS_DIR), target, shardings, np_dtype)
+    params_path = os.path.join(path, PARAMS_DIR)
+    params = layout.restore_params_dir(params_path, target, shardings, np_dtype)
+    trees.check_tree(params, params_path)
     train_meta = None
   else:
-    step = workdir_lib.saved_step(path, step)
-    params = layout.restore_params_dir(workdir_lib.params_dir(path, step), target, shardings,
-                                       np_dtype)
-    train_meta = workdir_lib.restore_meta(path, step)
+    def restore(s):
+      where = workdir_lib.params_dir(path, s)
+      params = layout.restore_params_dir(where, target, shardings, np_dtype)
+      trees.check_tree(params, where)
+      return params, workdir_lib.restore_meta(path, s)
+    step, (params, train_meta) = workdir_lib.restore_newest_intact(path, restore, step)
   params.setdefault("drafter", None)
   if np_dtype is not None:
     base_cfg = trees.with_param_dtype(base_cfg, params["base"])
@@ -114,9 +120,17 @@ def _load_saved(path: str, kind: str, step, np_dtype, shardings, target) -> Pair
                    extra_dir=extra if os.path.isdir(extra) else None))
 
 
+def _check_source(path: str | None, flag: str) -> None:
+  """Refuses a missing local path up front (before any loading): only a hub id may not exist."""
+  if path is not None and not os.path.exists(path) and not files.is_hub_id(path):
+    raise ConversionError(f"no such directory: {path} ({flag})")
+
+
 def _load(path, drafter, step, dtype, shardings, target) -> Pair:
   np_dtype = trees.as_dtype(dtype)
-  # A path that does not exist is a hub id (resolve_model_dir checks the form).
+  _check_source(path, "base")
+  _check_source(drafter, "drafter")
+  # A path that does not exist here is a hub id (checked just above).
   kind = detect_kind(path) if os.path.exists(path) else "hf"
   if kind == "hf":
     if step is not None:
@@ -158,13 +172,20 @@ def restore_params(path: str, step: int | None = None, target=None, shardings=No
   return _load(path, None, step, dtype, shardings, target).params
 
 
+def _local(*paths) -> list[str]:
+  return [p for p in paths if p is not None and os.path.exists(p)]
+
+
 def hf_to_jax(base: str, out_dir: str, drafter: str | None = None, dtype: str | None = None,
               overwrite: bool = False,
               max_shard_size=safetensors_io.DEFAULT_MAX_SHARD_SIZE) -> str:
-  """Converts an HF base (+ assistant) into a pair dir at `out_dir`, atomically. Returns its path."""
-  layout.check_output(out_dir, overwrite)  # fail before any conversion work
+  """Converts an HF base (+ assistant) into a pair dir at `out_dir`, atomically. Returns its path.
+
+  Refused before any work: an `out_dir` that is, contains or lies inside an input, and an
+  existing one unless `overwrite` and it is a dir this project wrote (`layout.check_output`)."""
+  layout.check_output(out_dir, overwrite, _local(base, drafter))
   pair = load_pair(base, drafter=drafter, dtype=dtype)
-  with files.atomic_dir(out_dir, replace=overwrite) as tmp:
+  with files.atomic_dir(out_dir, replace=overwrite, kind="pair") as tmp:
     save_params(os.path.join(tmp, PARAMS_DIR), pair.params)
     write_pair_files(tmp, pair, max_shard_size)
   log.info("wrote %s", os.path.abspath(out_dir))
@@ -174,8 +195,11 @@ def hf_to_jax(base: str, out_dir: str, drafter: str | None = None, dtype: str | 
 def jax_to_hf(checkpoint: str, out_dir: str, step: int | None = None, drafter: str | None = None,
               overwrite: bool = False, max_shard_size=None, dtype: str | None = None,
               num_assistant_tokens: int | None = None, assistant_schedule: str | None = None) -> str:
-  """Exports a pair dir, a train workdir (latest step or `step`) or an HF dir to HF dirs."""
-  layout.check_output(out_dir, overwrite)  # fail before any restore work
+  """Exports a pair dir, a train workdir (`step`, else the newest intact step) or an HF dir to HF
+  dirs, with the same output checks as `hf_to_jax`."""
+  inputs = _local(checkpoint, drafter)
+  layout.check_output(out_dir, overwrite, inputs)  # fail before any restore work
+  hf_export.check_num_assistant_tokens(num_assistant_tokens)
   pair = load_pair(checkpoint, drafter=drafter, step=step)
   return export_hf(pair, out_dir, overwrite, max_shard_size, dtype, num_assistant_tokens,
-                   assistant_schedule)
+                   assistant_schedule, inputs=inputs)

@@ -88,14 +88,19 @@ def refuse_pickle(path: str) -> None:
 
 
 def read_json(path: str) -> dict:
-  """A JSON file as a dict; errors name the file."""
+  """A JSON file holding an object, as a dict; errors name the file."""
   try:
     with open(path, encoding="utf-8") as f:
-      return json.load(f)
+      j = json.load(f)
   except FileNotFoundError:
     raise ConversionError(f"{path}: file not found") from None
+  except IsADirectoryError:
+    raise ConversionError(f"{path}: is a directory, expected a JSON file") from None
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ConversionError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(j, dict):
+    raise ConversionError(f"{path}: expected a JSON object, got a JSON {type(j).__name__}")
+  return j
 
 
 class Reader:
@@ -332,22 +337,34 @@ def copy_files(src_dir: str, names: Sequence[str], dst_dir: str) -> None:
 
 
 def looks_like_repo_id(s: str) -> bool:
-  """Whether `s` has the form of a hub id ("org/name"), not of a local path."""
-  parts = s.split("/")
-  return (len(parts) == 2 and all(parts) and not s.startswith((".", "~"))
-          and not os.path.isabs(s))
+  """Whether `s` (naming no existing local path) is a hub id; see `files.is_hub_id` for the rule."""
+  return files.is_hub_id(s)
+
+
+def _hub_error(e: Exception) -> bool:
+  """Whether `e` is huggingface_hub's (or its HTTP stack's) way of saying a download failed."""
+  mod = type(e).__module__.split(".")[0]
+  return isinstance(e, (OSError, ValueError)) or mod in ("huggingface_hub", "httpx", "requests")
 
 
 def resolve_model_dir(path_or_repo: str) -> tuple[str, str | None]:
-  """(local dir, hub repo id or None). A local path wins; an `owner/name` that is not a local path
-  is downloaded (safetensors, JSON and tokenizer files only: never pickles) with huggingface_hub."""
+  """(local dir, hub repo id or None). A local path wins; a missing path is reported as such
+  unless it is a hub id (`files.is_hub_id`: `org/name` with no local `org/`), which is downloaded
+  (safetensors, JSON and tokenizer files only: never pickles) with huggingface_hub."""
   if os.path.exists(path_or_repo):
     if os.path.isfile(path_or_repo) and path_or_repo.endswith(PICKLE_SUFFIXES):
       refuse_pickle(os.path.abspath(path_or_repo))
     return os.path.abspath(path_or_repo), None
   if not looks_like_repo_id(path_or_repo):
-    raise ConversionError(f"{path_or_repo}: no such file or directory")
-  local = huggingface_hub.snapshot_download(
-      path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt",
-                                    "*.md", "LICENSE*"])
+    raise ConversionError(f"no such directory: {path_or_repo}")
+  try:
+    local = huggingface_hub.snapshot_download(
+        path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt",
+                                      "*.md", "LICENSE*"])
+  except Exception as e:  # noqa: BLE001 (narrowed by _hub_error; anything else is re-raised)
+    if not _hub_error(e):
+      raise
+    cause = (str(e).strip().splitlines() or [""])[0][:200]
+    raise ConversionError(f"{path_or_repo}: no such local directory, and not available as a Hub "
+                          f"repo id ({type(e).__name__}: {cause})") from None
   return local, path_or_repo

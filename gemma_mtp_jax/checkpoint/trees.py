@@ -113,3 +113,49 @@ def restore_target(tree_metadata, shardings, dtype):
   for (a, b), n in sorted(casts.items()):
     log.info("restore: cast %d tensors %s -> %s (dtype=%s requested)", n, a, b, b)
   return out
+
+
+# ------------------------------------------------------------------------------ checks on load
+# The one integer leaf a checkpoint holds: the drafter's fixed vocab permutation (HF buffer
+# `masked_embedding.token_ordering`, Flax `buffers/token_ordering`). Every other leaf is a float.
+INT_LEAVES = ("token_ordering",)
+
+
+def _leaf_name(name: str) -> str:
+  return name.replace("/", ".").rsplit(".", 1)[-1]
+
+
+def check_dtype(name: str, dtype, where: str) -> None:
+  """Refuses a tensor whose dtype is of the wrong kind for its name: integers only for
+  `INT_LEAVES`, floats for everything else. The error names the tensor and where it was read."""
+  want_int = _leaf_name(name) in INT_LEAVES
+  ok = jnp.issubdtype(dtype, jnp.integer) if want_int else is_float(dtype)
+  if not ok:
+    raise ConversionError(f"{where}: tensor {name!r} has dtype {np.dtype(dtype).name}; expected "
+                          f"{'an integer' if want_int else 'a float'} dtype")
+
+
+def check_tensor(name: str, x: np.ndarray, where: str) -> None:
+  """`check_dtype`, then refuses NaN/inf in a float tensor (one `np.isfinite` pass)."""
+  check_dtype(name, x.dtype, where)
+  if is_float(x.dtype) and not np.isfinite(x).all():
+    raise ConversionError(f"{where}: tensor {name!r} holds non-finite values (NaN or inf)")
+
+
+@jax.jit
+def _finite(leaves):
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def check_tree(tree, where: str) -> None:
+  """`check_tensor` for every leaf of a loaded tree (jax.Arrays or numpy), the finiteness of all
+  float leaves in one compiled pass on their own devices; errors name the leaf by its path."""
+  named = [("/".join(path_keys(p)), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)]
+  for name, x in named:
+    check_dtype(name, x.dtype, where)
+  floats = [(name, x) for name, x in named if is_float(x.dtype)]
+  if not floats:
+    return
+  for (name, _), ok in zip(floats, _finite([x for _, x in floats])):
+    if not bool(ok):
+      raise ConversionError(f"{where}: tensor {name!r} holds non-finite values (NaN or inf)")

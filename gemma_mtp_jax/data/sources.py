@@ -4,6 +4,7 @@ and split into train / held-out by a hash of each example's content.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -14,6 +15,7 @@ import datasets
 import numpy as np
 
 from gemma_mtp_jax.data import corpus
+from gemma_mtp_jax.utils import files as files_lib
 from gemma_mtp_jax.data.chat import (SCHEMA_COLUMNS, DataError, Doc, detect_schema, encode_example,
                                      to_turns)
 
@@ -99,9 +101,73 @@ def _local_files(path: str) -> list[str]:
 
 
 def _looks_local(path: str) -> bool:
-  # Hub ids are "org/name"; anything path-like that does not exist is a missing file, not a hub id.
-  return (path.startswith(("/", ".", "~")) or os.path.splitext(path)[1] in _FORMATS
-          or path.count("/") > 1)
+  # Hub datasets are "org/name" (`files.is_hub_id`: no local "org/") or a bare canonical name;
+  # a data file's extension or any other path-like form is local, so a missing one is reported.
+  if os.path.splitext(path)[1] in _FORMATS or path.startswith(("/", ".", "~")):
+    return True
+  return "/" in path and not files_lib.is_hub_id(path)
+
+
+def _check_utf8(path: str, chunk: int = 1 << 24) -> None:
+  """Refuses a JSON data file with a non-UTF-8 byte, as `file:line` (`datasets` would load it
+  silently mangled). One streamed pass, at about the speed of reading the file."""
+  decoder = codecs.getincrementaldecoder("utf-8")()
+  lines = 0
+  with open(path, "rb") as f:
+    while True:
+      pending = decoder.getstate()[0]  # an incomplete character carried over from the last block
+      block = f.read(chunk)
+      try:
+        decoder.decode(block, final=not block)
+      except UnicodeDecodeError as e:
+        data, bad = pending + block, e.start
+        nl = b"\n"
+        line = lines - pending.count(nl) + data.count(nl, 0, bad) + 1
+        column = bad - (data.rfind(nl, 0, bad) + 1) + 1
+        raise DataError(f"data source {path}:{line}: not UTF-8 (byte {data[bad:bad + 1]!r} at "
+                        f"column {column})") from None
+      if not block:
+        return
+      lines += block.count(b"\n")
+
+
+def _bad_json_line(path: str) -> str | None:
+  """`file:line: why` for the first row of a JSON / JSON-lines file that is not JSON (a `.json`
+  file may also be one JSON document); None when every row parses."""
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if path.endswith(".json"):
+    try:
+      json.loads(text)
+      return None
+    except ValueError:
+      pass  # not one document: read it as JSON lines below
+  for lineno, line in enumerate(text.split("\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      json.loads(line)
+    except ValueError as e:
+      return f"{path}:{lineno}: invalid JSON ({getattr(e, 'msg', e)})"
+  return None
+
+
+def _load_local(local: str, cache_dir: str | None) -> datasets.Dataset:
+  """The rows of local data files; a JSON row that does not decode is named as `file:line`."""
+  paths = _local_files(local)
+  fmt = _FORMATS[os.path.splitext(paths[0])[1]]
+  if fmt == "json":
+    for p in paths:
+      _check_utf8(p)
+  try:
+    return datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=cache_dir)
+  except Exception:
+    if fmt == "json":  # `datasets` names neither the file nor the line: find them
+      for p in paths:
+        bad = _bad_json_line(p)
+        if bad:
+          raise DataError(f"data source {bad}") from None
+    raise
 
 
 def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
@@ -131,9 +197,7 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
   local = os.path.expanduser(path)
   try:
     if os.path.exists(local):
-      files = _local_files(local)
-      fmt = _FORMATS[os.path.splitext(files[0])[1]]
-      dataset = datasets.load_dataset(fmt, data_files=files, split="train", cache_dir=cache_dir)
+      dataset = _load_local(local, cache_dir)
     elif _looks_local(path):
       raise DataError(f"data source {path!r}: file not found")
     else:

@@ -4,6 +4,13 @@
 workdirs, the tiny tokenizer, the local corpus): the contents are built in a temp dir beside the
 final path and renamed into place, so a failure or kill mid-write leaves any previous output intact
 and never a partial directory under the final name.
+
+Every directory the package publishes as a product (pair dirs, HF exports, train workdirs) carries
+an ownership marker, `MARKER` (`{"kind": ...}`), written by `atomic_dir(..., kind=...)`. Only a
+directory with the marker counts as the project's own: `--overwrite` never replaces anything
+else (`gemma_mtp_jax.checkpoint.layout.check_output`).
+
+`is_hub_id` is the one rule for strings that may name a local path or a Hugging Face Hub repo.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from typing import Iterator
@@ -24,6 +32,8 @@ log = logging.getLogger("gemma_mtp_jax.files")
 # previous output moved aside): the pid tells a later writer whether the owner is still alive.
 _PARTIAL, _OLD = ".partial-", ".old-"
 _RENAME_EXCHANGE = 2
+MARKER = ".gemma_mtp_jax.json"
+_HUB_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _AT_FDCWD = -100
 
 
@@ -31,6 +41,48 @@ def write_json(path: str, obj) -> None:
   """JSON as HF writes configs and indexes (2-space indent, sorted keys, trailing newline)."""
   with open(path, "w", encoding="utf-8") as f:
     f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_marker(path: str) -> str | None:
+  """The `kind` recorded in a directory's ownership marker, or None when it has none."""
+  try:
+    with open(os.path.join(path, MARKER), encoding="utf-8") as f:
+      kind = json.load(f).get("kind")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return kind if isinstance(kind, str) else None
+
+
+def write_marker(path: str, kind: str) -> None:
+  """Marks `path` as a directory this project wrote, of `kind` ("pair", "hf_export", ...)."""
+  write_json(os.path.join(path, MARKER), {"kind": kind, "writer": "gemma_mtp_jax"})
+
+
+def relation(a: str, b: str) -> str | None:
+  """How path `a` lies relative to path `b` after resolving symlinks: "is", "contains",
+  "lies inside", or None when neither holds."""
+  ra, rb = os.path.realpath(a), os.path.realpath(b)
+  if ra == rb:
+    return "is"
+  if rb.startswith(ra.rstrip(os.sep) + os.sep):
+    return "contains"
+  if ra.startswith(rb.rstrip(os.sep) + os.sep):
+    return "lies inside"
+  return None
+
+
+def is_hub_id(s: str) -> bool:
+  """Whether `s`, which names no existing local path, is a Hub repo id rather than a missing path.
+
+  The rule: a Hub id is exactly `org/name` (two parts of letters, digits, `.`, `_`, `-`, neither
+  starting with `.`) whose `org` is not an existing local directory. Anything else that looks
+  like a path (absolute, starting with `.` or `~`, one part or more than two, a backslash, or
+  whose parent directory exists, like `runs/tiny` beside a `runs/`) is a local path, so a
+  missing one is reported as missing and never sent to the Hub.
+  """
+  parts = s.split("/")
+  return (len(parts) == 2 and all(_HUB_PART.match(p) for p in parts)
+          and not os.path.isdir(parts[0]))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -99,8 +151,12 @@ def _merge(tmp: str, out: str, marker: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str, *, replace: bool = False, marker: str | None = None) -> Iterator[str]:
+def atomic_dir(out_dir: str, *, replace: bool = False, marker: str | None = None,
+               kind: str | None = None) -> Iterator[str]:
   """Yields an empty temp dir beside `out_dir`; when the block succeeds it becomes `out_dir`.
+
+  With `kind`, the ownership marker (`MARKER`) is written into the temp dir first, so the
+  published directory is recognised as the project's own (see the module docstring).
 
   A new (or empty) `out_dir` appears with one rename. An existing one is
     - with `marker`: kept, and the new files are moved into it one by one with `marker` last
@@ -123,6 +179,8 @@ def atomic_dir(out_dir: str, *, replace: bool = False, marker: str | None = None
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become the output's mode
   try:
+    if kind is not None:
+      write_marker(tmp, kind)
     yield tmp
     try:
       os.rename(tmp, out)  # POSIX also replaces an empty directory this way

@@ -10,7 +10,8 @@ import sys
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from gemma_mtp_jax import cli  # noqa: E402
 from gemma_mtp_jax.convert import main  # noqa: E402
 
 if __name__ == "__main__":
-  sys.exit(main(["jax-to-hf", *sys.argv[1:]]))
+  cli.exit_with(main, ["jax-to-hf", *sys.argv[1:]])

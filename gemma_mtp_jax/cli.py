@@ -1,0 +1,123 @@
+"""The commands' one error boundary: known errors end in one line on stderr, bugs keep their traceback.
+
+  def main(argv=None) -> int:
+    return cli.run(_main, argv)          # in-process callers and tests get the exit status
+  if __name__ == "__main__":
+    cli.exit_with(main)                  # the real command: sys.exit with the status below
+
+Exit status of every command (`python -m gemma_mtp_jax.train`, `.generate`, `.convert`, `.aot`,
+`tools/convert/*`):
+  0    success
+  1    reserved for `aot`'s "does not fit" verdict (its own report, not an error)
+  2    bad input or environment, reported as ONE line `error: <message>` naming the file, flag,
+       key, tensor or row: the project's error types (ConfigError, DataError, ConversionError,
+       GenerateError, TrainingError), a bad flag (`ArgumentParser` below), OS errors with a known
+       cause (permission, no space, read-only disk, not a directory, is a directory, missing file,
+       ...), undecodable bytes and invalid JSON
+  70   a bug (any other exception): `exit_with` prints its full traceback first, so it stays
+       visible (`run` re-raises it instead)
+  130  interrupted (Ctrl-C / SIGTERM where the command turns it into KeyboardInterrupt)
+
+The error types are matched without importing their modules (`_KNOWN`): an exception of a class
+whose module was never imported cannot have been raised, and `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+import traceback
+from typing import Callable, NoReturn, Sequence
+
+OK, NOT_FIT, BAD_INPUT, BUG, INTERRUPTED = 0, 1, 2, 70, 130
+
+# (module, class) of the project's error types; each message already names what is at fault.
+_KNOWN = (
+    ("gemma_mtp_jax.model.config", "ConfigError"),
+    ("gemma_mtp_jax.data.chat", "DataError"),
+    ("gemma_mtp_jax.checkpoint.hf_names", "ConversionError"),
+    ("gemma_mtp_jax.decoding.speculative", "GenerateError"),
+    ("gemma_mtp_jax.training.loop", "TrainingError"),
+)
+# OS errors whose cause is the input or the machine, not the code.
+_OS_CAUSES = {
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system", errno.ENOTDIR: "not a directory",
+    errno.EISDIR: "is a directory", errno.ENOENT: "no such file or directory",
+    errno.EEXIST: "already exists", errno.ENOTEMPTY: "directory not empty",
+    errno.ENAMETOOLONG: "file name too long", errno.ELOOP: "too many levels of symbolic links",
+    errno.EMFILE: "too many open files", errno.EIO: "input/output error",
+}
+
+
+class UsageError(ValueError):
+  """A bad command line (unknown flag, missing or out-of-range value)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors raise UsageError (one `error:` line, exit 2 through `run`) instead of
+  printing the usage block and exiting; `--help` is unchanged."""
+
+  def error(self, message: str) -> NoReturn:
+    raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _known_types() -> tuple[type, ...]:
+  out = [UsageError]
+  for module, name in _KNOWN:
+    cls = getattr(sys.modules.get(module), name, None)
+    if cls is not None:
+      out.append(cls)
+  return tuple(out)
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def message(e: BaseException) -> str | None:
+  """The one-line message for an error with a known cause, or None for a bug."""
+  if isinstance(e, _known_types()):
+    return _one_line(e)
+  if isinstance(e, UnicodeDecodeError):
+    return _one_line(f"cannot decode bytes as {e.encoding} (byte {e.object[e.start:e.start + 1]!r} "
+                     f"at position {e.start}): {e.reason}")
+  if isinstance(e, json.JSONDecodeError):
+    return _one_line(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
+  if isinstance(e, OSError) and e.errno in _OS_CAUSES:
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    what = _OS_CAUSES[e.errno]
+    return _one_line(f"{where}: {what}" if where else f"{what} ({e.strerror or e})")
+  return None
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv=None) -> int:
+  """Runs `main(argv)` and returns its exit status (None counts as 0). An error with a known cause
+  (see the module docstring) prints `error: <message>` on stderr and returns 2; any other
+  exception propagates unchanged, traceback and all."""
+  try:
+    code = main(argv)
+  except Exception as e:  # noqa: BLE001 (re-raised unless `message` knows the cause)
+    text = message(e)
+    if text is None:
+      raise
+    print(f"error: {text}", file=sys.stderr)
+    return BAD_INPUT
+  return OK if code is None else int(code)
+
+
+def exit_with(main: Callable[[Sequence[str] | None], int | None], argv=None) -> NoReturn:
+  """`sys.exit(run(main, argv))` for a command's `__main__`: a bug prints its traceback and exits
+  70 (never 1, which is aot's "does not fit", or 2, bad input); Ctrl-C exits 130."""
+  try:
+    code = run(main, argv)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)
+  except Exception:  # noqa: BLE001 (a bug: shown in full)
+    traceback.print_exc()
+    sys.exit(BUG)
+  sys.exit(OK if code is None else int(code))
