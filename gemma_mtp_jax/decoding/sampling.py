@@ -7,6 +7,7 @@ Shapes: lower-case x = any leading dims (rows, or rows and verify positions), V 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +28,8 @@ class Sampling:
   top_p: float = 1.0  # keep the smallest most-likely set with mass >= top_p; 1.0 keeps all
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise GenerateError(f"temperature must be >= 0, got {self.temperature}")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):  # NaN fails both tests
+      raise GenerateError(f"temperature must be a finite number >= 0, got {self.temperature}")
     if self.top_k < 0:
       raise GenerateError(f"top_k must be >= 0, got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:
