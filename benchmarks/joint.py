@@ -1,8 +1,10 @@
-"""Joint (base + drafter) train-step benchmark: JAX (jit, this library) vs the same composite in HF torch.
+"""Joint (base + drafter) train-step benchmark: the trainer's own step (`training.step.programs`, as
+`python -m gemma_mtp_jax.train` compiles it for the preset's mesh and optimizer) vs the same composite
+in HF torch.
 
 The torch side is written here, since HF has no joint trainer: the base forward returning its shared
 (store-layer) K/V states and final hidden, then the K-step assistant loop over every anchor row with
-the same teacher-forced inputs, masks and query positions as `joint.joint_forward`, the same losses,
+the same teacher-forced inputs, masks and query positions as `objective.joint_forward`, the same losses,
 backward and AdamW (`gemma_mtp_jax.hf_torch.torch_composite_loss`).
 
     python -m benchmarks joint [--preset tiny] [--batch 2] [--seq 64] [--steps 20]
@@ -11,7 +13,6 @@ backward and AdamW (`gemma_mtp_jax.hf_torch.torch_composite_loss`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import time
 from typing import Sequence
@@ -37,36 +38,39 @@ def _batches(n, batch, seq, vocab, seed=0):
                loss_mask=rng.random((batch, seq)) > 0.2) for _ in range(n)]
 
 
-def bench_jax(base_cfg, dcfg, jcfg, batches, lr=1e-4):
-  """(seconds per step, number of compiles) of `joint.make_train_step` over `batches`."""
+def bench_jax(base_cfg, dcfg, tcfg, batches, mesh=None, rules=None):
+  """(seconds per step, XLA compiles during the warm-up and timed steps) of the trainer's own step,
+  `step.programs(...).step`: jitted with the run's shardings, donation and optimizer."""
   import jax
   import numpy as np
-  import optax
-  from gemma_mtp_jax.training import objective as joint
+  from gemma_mtp_jax import sharding
+  from gemma_mtp_jax.training import step as step_lib
+  from gemma_mtp_jax.utils import compiles
 
-  tx = optax.adamw(lr)
-  params, buffers = joint.init_params(base_cfg, dcfg, jax.random.PRNGKey(0))
-  state = joint.init_train_state(params, tx, jcfg)
-  traces = []
-
-  def traced(s, b, batch):
-    traces.append(1)  # runs once per trace, i.e. per compile
-    return joint.train_step(s, b, batch, base_cfg=base_cfg, dcfg=dcfg, jcfg=jcfg, tx=tx)
-
-  step = jax.jit(traced, donate_argnums=(0,))
-  state, m = step(state, buffers, batches[0])  # compile + warm-up
-  jax.block_until_ready(m["loss"])
-  t0 = time.perf_counter()
-  for batch in batches:
-    state, m = step(state, buffers, batch)
-  jax.block_until_ready(m["loss"])
-  dt = (time.perf_counter() - t0) / len(batches)
+  mesh = mesh if mesh is not None else sharding.make_mesh()
+  rules = rules if rules is not None else sharding.DEFAULT_RULES
+  progs = step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules)
+  with sharding.use_mesh(mesh, rules):
+    params, buffers = step_lib.split_vars(step_lib.random_variables(
+        base_cfg, dcfg, tcfg.seed, tcfg.init_embedding_std, mesh, rules))
+    state = progs.new_state(params)
+    batches = [jax.device_put(b, progs.batch_sh) for b in batches]
+    jax.block_until_ready(batches)
+    with compiles.counting() as compiled:
+      state, m = progs.step(state, buffers, batches[0])  # compile + warm-up
+      jax.block_until_ready(m["loss"])
+      t0 = time.perf_counter()
+      for batch in batches:
+        state, m = progs.step(state, buffers, batch)
+      jax.block_until_ready(m["loss"])
+      dt = (time.perf_counter() - t0) / len(batches)
   assert np.isfinite(float(m["loss"]))
-  return dt, len(traces)
+  return dt, compiled.n
 
 
-def bench_torch(base_cfg, dcfg, jcfg, batches, lr=1e-4):
-  """Seconds per step of the same composite train step in HF torch (eager, float32, sdpa)."""
+def bench_torch(base_cfg, dcfg, tcfg, batches):
+  """Seconds per step of the same composite train step in HF torch (eager, float32, sdpa), with the
+  trainer's optimizer settings (AdamW, global-norm clipping)."""
   import torch
   import transformers
   text = transformers.Gemma4TextConfig(**base_cfg.to_hf_config())
@@ -77,16 +81,19 @@ def bench_torch(base_cfg, dcfg, jcfg, batches, lr=1e-4):
   if dcfg.use_ordered_embeddings:
     assistant.masked_embedding.token_ordering.copy_(torch.randperm(dcfg.text.vocab_size))
   params = list(assistant.parameters())
-  if not jcfg.freeze_base:
+  if not tcfg.freeze_base:
     params += list(target.parameters())
-  opt = torch.optim.AdamW(params, lr=lr)
+  opt = torch.optim.AdamW(params, lr=tcfg.learning_rate, betas=(tcfg.adam_b1, tcfg.adam_b2),
+                          eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
   data = [(torch.as_tensor(b["tokens"]).long(), torch.as_tensor(b["loss_mask"])) for b in batches]
 
   def step(tokens, mask):
     opt.zero_grad(set_to_none=True)
     with hf_assistant_patch():
-      loss = torch_composite_loss(target, assistant, tokens, mask, jcfg, dcfg)
+      loss = torch_composite_loss(target, assistant, tokens, mask, tcfg, dcfg)
     loss.backward()
+    if tcfg.grad_clip_norm > 0:
+      torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip_norm)
     opt.step()
     return float(loss.detach())
 
@@ -101,25 +108,29 @@ def bench_joint(argv: Sequence[str] | None = None) -> int:
   """Prints JAX vs HF-torch joint train-step throughput and the JAX compile count."""
   args = _args(argv)
   import jax
-  from gemma_mtp_jax.training import objective as joint
   from gemma_mtp_jax import presets
+  from gemma_mtp_jax import sharding
+  from gemma_mtp_jax.training import config as train_config
   cfg = presets.load_config(args.preset)
   base_cfg, dcfg = presets.model_configs(cfg)
   if dcfg is None:
     raise SystemExit(f"preset {args.preset!r} has no drafter")
-  jcfg = joint.JointConfig.from_train_config(cfg.train)
+  overrides = dict(batch_size=args.batch, seq_len=args.seq, grad_accum_steps=1)
   if args.draft_steps:
-    jcfg = dataclasses.replace(jcfg, num_draft_steps=args.draft_steps, step_weights=None)
+    overrides.update(num_draft_steps=args.draft_steps, step_weights=None)
+  tcfg = dataclasses.replace(train_config.TrainConfig.from_config(cfg.train), **overrides)
+  mesh = sharding.make_mesh(train_config.as_dict(cfg.mesh.axes))
+  rules = sharding.rules_from_config(cfg.mesh.rules)
   batches = _batches(args.steps, args.batch, args.seq, base_cfg.vocab_size)
   tokens = args.batch * args.seq
-  print(f"joint train step: preset {cfg.name}, B={args.batch} T={args.seq} K={jcfg.num_draft_steps} "
+  print(f"joint train step: preset {cfg.name}, B={args.batch} T={args.seq} K={tcfg.num_draft_steps} "
         f"({tokens} tokens/step), {args.steps} timed steps, backend {jax.default_backend()}")
-  jax_dt, compiles = bench_jax(base_cfg, dcfg, jcfg, batches)
-  print(f"  jax (jit):  {tokens / jax_dt:9.1f} tokens/s  ({1e3 * jax_dt:8.1f} ms/step)  "
+  jax_dt, compiles = bench_jax(base_cfg, dcfg, tcfg, batches, mesh, rules)
+  print(f"  jax (trainer step): {tokens / jax_dt:9.1f} tokens/s  ({1e3 * jax_dt:8.1f} ms/step)  "
         f"compiles over {args.steps} steps: {compiles}")
   if not args.no_torch:
-    torch_dt = bench_torch(base_cfg, dcfg, jcfg, batches)
-    print(f"  hf torch:   {tokens / torch_dt:9.1f} tokens/s  ({1e3 * torch_dt:8.1f} ms/step)")
+    torch_dt = bench_torch(base_cfg, dcfg, tcfg, batches)
+    print(f"  hf torch:          {tokens / torch_dt:9.1f} tokens/s  ({1e3 * torch_dt:8.1f} ms/step)")
     print(f"  ratio jax/torch: {torch_dt / jax_dt:.2f}x")
   return 0 if compiles == 1 else 1
 

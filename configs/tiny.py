@@ -21,6 +21,7 @@ minutes with eval, export and the HF check. See the comments there for lambda an
 from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax.data import pipeline as data
 from gemma_mtp_jax import presets
+from gemma_mtp_jax.training import config as train_config
 
 VOCAB = 1024  # the SentencePiece vocab trained on the local corpus (data.tiny_vocab_size)
 
@@ -71,7 +72,7 @@ def get_config():
                                      centroid_intermediate_top_k=8),
       hf_base=None,
       hf_drafter=None,
-      train=presets.train_fields(
+      train=train_config.train_fields(
           # Many small steps beat fewer big ones this early in training: 8 x 128 tokens per step.
           seq_len=128, batch_size=8, learning_rate=6e-3, warmup_steps=30, num_steps=600,
           min_learning_rate_ratio=0.1, weight_decay=0.01, adam_b2=0.98,

@@ -4,7 +4,7 @@
       [--config.train.batch_size=16] [--config.train.freeze_base=True] \
       [--config.mesh.axes.fsdp=8 --config.mesh.axes.tensor=2] [--step_time=1.0] [--json]
 
-The program is the one `python -m gemma_mtp_jax.train` runs with the same config (`trainer.programs`:
+The program is the one `python -m gemma_mtp_jax.train` runs with the same config (`training.step.programs`:
 the same shardings, optimizer, gradient accumulation, remat, chunked loss and attention, donation);
 only the devices are a TPU topology's. Needs the `tpu` extra (libtpu at the same jax version); no
 TPU is needed: the program is lowered and compiled on this CPU machine, and XLA's own
@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model.flops import model_flops_per_token
-from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax import sharding
-from gemma_mtp_jax.training import loop as trainer
+from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.training import config as train_config
+from gemma_mtp_jax.training import step as step_lib
 
 # name -> (jax topology string, HBM bytes per chip, peak bf16 FLOP/s per chip).
 # v5e-N counts chips; v4/v5p-N count TensorCores (2 per chip), as Cloud TPU names them.
@@ -92,18 +92,14 @@ class Plan:
 
 def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
   """Compiles the trainer's step for `cfg` (a preset ConfigDict, overrides applied) on `topology`."""
-  base_cfg, dcfg, jcfg = trainer.validate_config(cfg)
-  t = cfg.train
+  base_cfg, dcfg, tcfg = train_config.validate_config(cfg)
   devices = topology_devices(topology)
-  mesh = sharding.make_mesh(trainer._as_dict(cfg.mesh.axes), devices)
+  mesh = sharding.make_mesh(train_config.as_dict(cfg.mesh.axes), devices)
   rules = sharding.rules_from_config(cfg.mesh.rules)
-  batch, seq, accum = int(t.batch_size), int(t.seq_len), int(t.grad_accum_steps)
-  progs = trainer.programs(base_cfg, dcfg, jcfg, trainer.OptimizerConfig.from_train(t), accum,
-                           float(t.init_embedding_std), mesh, rules, int(t.eval_new_tokens))
-  params_abs, buffers_abs = trainer._split_vars(progs.abstract_vars)
-  state_abs = joint.TrainState(
-      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),
-      params=params_abs, opt_state=progs.opt_abs)
+  batch, seq, accum = tcfg.batch_size, tcfg.seq_len, tcfg.grad_accum_steps
+  progs = step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules)
+  _, buffers_abs = step_lib.split_vars(progs.abstract_vars)
+  state_abs = progs.abstract_state()
   row = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=progs.batch_sh)
   batch_abs = dict(tokens=row(jnp.int32), segment_ids=row(jnp.int32), positions=row(jnp.int32),
                    loss_mask=row(jnp.bool_))
@@ -130,8 +126,8 @@ def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
   compile_s = time.time() - t0
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
            - mem.alias_size_in_bytes)
-  mode = "drafter_only" if jcfg.freeze_base else "joint"
-  per_token = model_flops_per_token(base_cfg, dcfg, seq, jcfg.num_draft_steps, not jcfg.freeze_base)
+  mode = "drafter_only" if tcfg.freeze_base else "joint"
+  per_token = model_flops_per_token(base_cfg, dcfg, seq, tcfg.num_draft_steps, not tcfg.freeze_base)
   mflops = per_token * batch * seq
   return Plan(
       config=str(cfg.get("name", "?")), topology=topology,
@@ -163,7 +159,7 @@ def main() -> None:
   from ml_collections import config_flags
 
   def fail(error: BaseException) -> None:
-    print(f"error: {trainer.explain_override_error(sys.argv, error)}", file=sys.stderr)
+    print(f"error: {train_config.explain_override_error(sys.argv, error)}", file=sys.stderr)
     sys.exit(2)
 
   try:

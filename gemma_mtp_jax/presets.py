@@ -2,16 +2,18 @@
 
 A preset file is a plain Python file with `get_config()` returning a ConfigDict with `model` (ModelConfig
 fields), `drafter` (DrafterConfig fields, `text` holding ModelConfig fields), `hf_base`, `hf_drafter`,
-`train` (`train_fields`: the joint objective, schedule, optimizer, eval, checkpoints, export), `data`
-(a `gemma_mtp_jax.data` config: sources, mixture weights, eval split, tokenizer) and `mesh`
-(`mesh_fields`: mesh axes and logical sharding rules). `gemma_mtp_jax.trainer.validate_config` checks
-every key of every section, so a typo fails with the closest valid key. The files are loaded by path
+`train` (`training.config.train_fields`: the fields of `TrainConfig`, the joint objective, schedule,
+optimizer, eval, checkpoints, export), `data` (a `gemma_mtp_jax.data` config: sources, mixture
+weights, eval split, tokenizer) and `mesh` (`mesh_fields`: mesh axes and logical sharding rules).
+`training.config.validate_config` checks every key of every section, so a typo fails with the
+closest valid key. The files are loaded by path
 (the `ml_collections.config_flags` convention, `path:arg` included), so `configs/` is a directory, not
 a package.
 
-The small builders below (`text_fields`, `drafter_fields`, `train_fields`) are what the preset files call,
-so the Gemma 4 family defaults live in one place (the ModelConfig dataclass) and each preset only states
-what its released config.json states.
+The small builders below (`text_fields`, `drafter_fields`, `mesh_fields`) and
+`training.config.train_fields` (which lives with the TrainConfig dataclass it reads, one layer up) are
+what the preset files call, so the defaults live in one place (the ModelConfig and TrainConfig
+dataclasses) and each preset only states what its released config.json states.
 """
 
 from __future__ import annotations
@@ -80,63 +82,6 @@ def drafter_fields(text: dict[str, Any], backbone_hidden_size: int, *,
   return dict(text=text, backbone_hidden_size=backbone_hidden_size,
               use_ordered_embeddings=use_ordered_embeddings, num_centroids=num_centroids,
               centroid_intermediate_top_k=centroid_intermediate_top_k)
-
-
-def train_fields(**overrides: Any) -> dict[str, Any]:
-  """The `train` entry of a preset: shared defaults, then the preset's sizes and rates.
-
-  Every key the trainer reads is here with its default (and so overridable from the command line and
-  checked for typos: `gemma_mtp_jax.trainer.validate_config` refuses keys that are not).
-  """
-  out = dict(
-      # --- the joint objective (gemma_mtp_jax.joint.JointConfig)
-      num_draft_steps=4,  # K: drafter steps unrolled per position in training (and drafted at decode)
-      drafter_loss_weight=0.01,  # lambda: weight of the drafter loss next to the base LM loss
-      freeze_base=False,  # drafter-only: the base gets no gradient and no optimizer state
-      share_embedding_with_base=True,  # the drafter reads the base's (tied) embedding table
-      drafter_grads_to_base=True,  # the drafter loss also trains the base through h_t and K/V
-      draft_query_position="next",  # RoPE position of the drafter queries: "next" (HF) or "anchor"
-      centroid_loss_weight=1.0,  # ordered embeddings: weight of the centroid (cluster) loss
-      z_loss_weight=0.0,
-      # > 0: the heads + cross-entropies in chunks of this many positions, never materialising
-      # [B, T, V] logits (a 262144-token vocab needs it); 0: plain logits
-      loss_chunk_size=0,
-      # --- batches and schedule
-      seq_len=4096,
-      batch_size=64,  # global rows per optimizer step
-      grad_accum_steps=1,  # batch_size rows are split into this many micro-batches (one update)
-      num_steps=10_000,
-      learning_rate=1e-5,  # peak, after linear warmup; then cosine decay
-      warmup_steps=100,
-      min_learning_rate_ratio=0.1,  # the cosine ends at learning_rate * this
-      # --- optimizer (optax AdamW; weight decay on matrices only, see trainer.decay_mask)
-      weight_decay=0.0,
-      adam_b1=0.9,
-      adam_b2=0.95,
-      adam_eps=1e-8,
-      grad_clip_norm=1.0,
-      seed=0,  # random init and the data mixture order
-      # random init only (no hf_base): embedding tables drawn with this std (0: the modules' init,
-      # std 1, which with a tied head gives logits far too large to train from scratch)
-      init_embedding_std=0.0,
-      # --- logging, eval, checkpoints, export
-      log_every=10,
-      eval_every=500,  # 0: eval only at the end
-      save_every=500,
-      keep_checkpoints=3,
-      # "" : WORKDIR/checkpoints. Any orbax path, e.g. gs://bucket/run/checkpoints on Cloud TPU:
-      # checkpoints outlive the VM, and a run on a new VM with the same value resumes from them.
-      checkpoint_dir="",
-      eval_prompts=32,  # held-out prompts the base continues greedily for the accepted length
-      eval_new_tokens=64,
-      eval_max_prompt_len=256,
-      export_hf=True,  # write WORKDIR/hf/{base,drafter} at the end
-      export_dtype="",  # "" keeps the trained dtype; "bfloat16" / "float32"
-      hf_check=False,  # measure HF assisted generation's acceptance with the export (needs torch)
-      compilation_cache_dir="",  # jax's persistent compilation cache ("": off); resumes skip compiles
-  )
-  # Other train keys are welcome, but only once they are added here with a default.
-  return _overridden("train", out, overrides)
 
 
 def mesh_fields(**overrides: Any) -> dict[str, Any]:

@@ -16,18 +16,19 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from gemma_mtp_jax.training import config as train_config
 from gemma_mtp_jax.training import loop as trainer
 
 
 def _fail(error: BaseException) -> None:
   """ml_collections reports a bad override with a traceback; print one line naming the key."""
-  print(f"error: {trainer.explain_override_error(sys.argv, error)}", file=sys.stderr)
+  print(f"error: {train_config.explain_override_error(sys.argv, error)}", file=sys.stderr)
   sys.exit(2)
 
 
 try:  # config_flags loads the file and applies the --config.* overrides while defining the flag
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", trainer.default_config_path(), "Preset file (configs/X.py[:arg]); override any "
+      "config", train_config.default_config_path(), "Preset file (configs/X.py[:arg]); override any "
       "field with --config.section.key=value.", lock_config=True)
 except Exception as e:  # noqa: BLE001 (KeyError, AttributeError, TypeError, ValueError, ...)
   _fail(e)
@@ -56,7 +57,7 @@ def main(argv) -> int:
   workdir = _WORKDIR.value or f"runs/{name or 'run'}"
   try:
     summary = trainer.run(cfg, workdir)
-  except (trainer.ConfigError, trainer.data_lib.DataError) as e:
+  except (trainer.ConfigError, trainer.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except trainer.TrainingError as e:

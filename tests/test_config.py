@@ -13,6 +13,7 @@ import transformers
 
 from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax import presets
+from gemma_mtp_jax.training import config as train_config
 from gemma_mtp_jax.model.config import ConfigError, DrafterConfig, ModelConfig
 
 PRESETS = ("tiny", "e2b", "e4b", "26b_a4b", "31b")
@@ -275,8 +276,8 @@ def test_unknown_key_is_named_with_a_suggestion():
     mc.drafter_config_from_dict(drafter)
   with pytest.raises(ConfigError, match=r"'slidng_window'.*'sliding_window'"):
     presets.text_fields(slidng_window=16)
-  with pytest.raises(ConfigError, match=r"'lr'"):
-    presets.train_fields(lr=1e-3)
+  with pytest.raises(ConfigError, match=r"'train\.lr'"):
+    train_config.train_fields(lr=1e-3)
 
 
 def test_other_architecture_config_json_is_refused():

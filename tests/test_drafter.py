@@ -17,7 +17,7 @@ import torch
 from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter
-from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training import step as step_lib
 from gemma_mtp_jax.model import kv_cache
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
@@ -59,7 +59,7 @@ def random_params(base, dcfg, seed: int = 0, amp: float = 1.2):
   """Joint params with non-trivial values everywhere (norm scales 1 +- 0.2, fan-in scaled matrices)
   and a random token ordering, so a wrong layout, scale or mask shows in the outputs."""
   # Shapes only (compiling the random initialisers costs more than the tests), filled by numpy.
-  params, _ = jax.eval_shape(lambda r: joint.init_params(base, dcfg, r), jax.random.PRNGKey(seed))
+  params, _ = jax.eval_shape(lambda r: step_lib.init_params(base, dcfg, r), jax.random.PRNGKey(seed))
   flat, tree = jax.tree_util.tree_flatten_with_path(params)
   rng = np.random.default_rng(seed)
 

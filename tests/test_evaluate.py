@@ -15,6 +15,7 @@ from gemma_mtp_jax.model import flops
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.training import evaluate
 from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training.config import TrainConfig
 from tests.test_generate_cli import _assistant_kv_sharing, _json, dirs  # noqa: F401 (fixtures)
 
 PROMPTS = [[2, 17, 60, 121, 9, 250], [5, 6, 7], [300, 12, 44, 90, 31, 8, 77, 3, 11], [40, 41],
@@ -74,7 +75,7 @@ def test_eval_accepted_length_equals_generate_json(copy_pair, capsys, scan_layer
     base_params = transformer.stack_layer_params(base_cfg, base_params)
   params = {"base": base_params, "drafter": pair.params["drafter"]["params"]}
   buffers = pair.params["drafter"].get("buffers")
-  jcfg = joint.JointConfig(num_draft_steps=K)
+  jcfg = TrainConfig(num_draft_steps=K)
   # 3 rows for 5 prompts: two decode batches, the second padded with a repeated prompt.
   evaluator = evaluate.make_evaluator(base_cfg, pair.drafter_cfg, jcfg, [], PROMPTS, STOP, NUM_NEW,
                                       None, rows=3, length=32)

@@ -13,6 +13,7 @@ import pytest
 
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training.config import TrainConfig
 from tests.test_drafter import jit_base, jit_draft, random_params, tiny_configs
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -39,7 +40,7 @@ def test_training_forward_equals_draft_api(query_position):
   b, t_len, k_steps = 2, 10, 3
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, base.vocab_size, (b, t_len))
-  jcfg = joint.JointConfig(num_draft_steps=k_steps, draft_query_position=query_position)
+  jcfg = TrainConfig(num_draft_steps=k_steps, draft_query_position=query_position)
   train_ABTV = np.asarray(_forward(params, buffers, {"tokens": jnp.asarray(tokens)}, base, dcfg,
                                    jcfg).steps)
   assert train_ABTV.shape == (k_steps, b, t_len, base.vocab_size)
@@ -95,7 +96,7 @@ def test_packed_documents_are_independent():
   params, buffers = random_params(base, dcfg, seed=1)
   rng = np.random.default_rng(1)
   a, c = rng.integers(3, base.vocab_size, 4), rng.integers(3, base.vocab_size, 6)
-  jcfg = joint.JointConfig(num_draft_steps=2)
+  jcfg = TrainConfig(num_draft_steps=2)
   packed = {"tokens": jnp.asarray(np.concatenate([a, c])[None]),
             "segment_ids": jnp.asarray([[1] * 4 + [2] * 6]),
             "positions": jnp.asarray(np.concatenate([np.arange(4), np.arange(6)])[None])}
@@ -119,7 +120,7 @@ def test_remat_equals_no_remat_with_kv_sharing(fast_compile):
   params, buffers = random_params(base, dcfg, seed=2, amp=0.6)
   rng = np.random.default_rng(2)
   batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 8)))}
-  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.5)
+  jcfg = TrainConfig(num_draft_steps=2, drafter_loss_weight=0.5)
 
   def grads(b_cfg, d_cfg):
     fn = jax.jit(jax.grad(lambda p: joint.loss_fn(p, buffers, batch, b_cfg, d_cfg, jcfg)[0]))
@@ -137,16 +138,16 @@ def test_remat_equals_no_remat_with_kv_sharing(fast_compile):
   assert float(jnp.abs(g1["drafter"]["layer_0"]["attn"]["q"]).max()) > 1e-4
 
 
-def test_joint_config_from_preset_train_section():
-  jcfg = joint.JointConfig.from_train_config(dict(
+def test_train_config_from_preset_train_section():
+  jcfg = TrainConfig.from_config(dict(
       num_draft_steps=3, drafter_loss_weight=0.1, freeze_base=True, share_embedding_with_base=False,
       draft_query_position="anchor", seq_len=256, learning_rate=1e-3))
   assert (jcfg.num_draft_steps, jcfg.drafter_loss_weight, jcfg.freeze_base) == (3, 0.1, True)
   assert not jcfg.share_embedding_with_base and jcfg.draft_query_position == "anchor"
   with pytest.raises(config_lib.ConfigError, match="draft_query_position"):
-    joint.JointConfig(draft_query_position="middle")
+    TrainConfig(draft_query_position="middle")
   with pytest.raises(config_lib.ConfigError, match="step_weights"):
-    joint.JointConfig(num_draft_steps=2, step_weights=(1.0,))
+    TrainConfig(num_draft_steps=2, step_weights=(1.0,))
 
 
 def test_chunked_attention_equals_full_attention(fast_compile):
@@ -161,7 +162,7 @@ def test_chunked_attention_equals_full_attention(fast_compile):
            "segment_ids": jnp.asarray([[1] * 13 + [2] * 9, [1] * 20 + [0] * 2]),
            "positions": jnp.asarray([list(range(13)) + list(range(9)),
                                      list(range(20)) + [0, 0]])}
-  jcfg = joint.JointConfig(num_draft_steps=3, drafter_loss_weight=0.5)
+  jcfg = TrainConfig(num_draft_steps=3, drafter_loss_weight=0.5)
 
   def value_and_grads(chunk):
     b = base.replace(attention_chunk_size=chunk)
@@ -188,10 +189,10 @@ def test_default_step_fn_with_chunked_loss_config():
   params, buffers = random_params(base, dcfg, seed=5)
   rng = np.random.default_rng(5)
   batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 7)))}
-  jcfg = joint.JointConfig(num_draft_steps=2)
+  jcfg = TrainConfig(num_draft_steps=2)
   plain = _forward(params, buffers, batch, base, dcfg, jcfg)
   chunked = _forward(params, buffers, batch, base, dcfg,
-                     joint.JointConfig(num_draft_steps=2, loss_chunk_size=3))
+                     TrainConfig(num_draft_steps=2, loss_chunk_size=3))
   assert np.asarray(chunked.steps).shape == (2, 2, 7, base.vocab_size)
   np.testing.assert_allclose(np.asarray(chunked.steps), np.asarray(plain.steps), atol=1e-5)
   np.testing.assert_allclose(np.asarray(chunked.base_logits), np.asarray(plain.base_logits),

@@ -6,13 +6,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from gemma_mtp_jax import hf_torch
+from gemma_mtp_jax import sharding
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax.training import losses
+from gemma_mtp_jax.training import step as step_lib
+from gemma_mtp_jax.training.config import TrainConfig
+from gemma_mtp_jax.utils import compiles
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
 from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
 from tests import hf_helpers
@@ -92,7 +95,7 @@ def test_loss_fn_is_mean_over_valid_targets():
   batch = {"tokens": jnp.asarray(tokens), "segment_ids": jnp.asarray(seg),
            "positions": jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 0]]),
            "loss_mask": jnp.asarray(lm)}
-  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.3, step_weights=(1.0, 0.5))
+  jcfg = TrainConfig(num_draft_steps=2, drafter_loss_weight=0.3, step_weights=(1.0, 0.5))
   loss, metrics = jax.jit(lambda p: joint.loss_fn(p, buffers, batch, base, dcfg, jcfg))(params)
   out = jax.jit(lambda p: joint.joint_forward(p, buffers, batch, base, dcfg, jcfg))(params)
 
@@ -117,27 +120,23 @@ def test_loss_fn_is_mean_over_valid_targets():
 
 
 def test_frozen_base_gets_no_update_and_no_optimizer_state(fast_compile):
+  """The trainer's own step (`step.programs(...).step`: jitted, donated, with its optimizer)."""
   base, dcfg = tiny_configs(ordered=True, small=True)
   params, buffers = random_params(base, dcfg, seed=1)
-  jcfg = joint.JointConfig(num_draft_steps=2, freeze_base=True)
-  tx = optax.adam(1e-2)
-  state = joint.init_train_state(params, tx, jcfg)
-  n_drafter = sum(x.size for x in jax.tree.leaves(params["drafter"]))
-  # Adam keeps mu and nu for the drafter only (plus a step count).
-  assert sum(np.size(x) for x in jax.tree.leaves(state.opt_state)) == 2 * n_drafter + 1
-  traces = []
-
-  def traced(s, bufs, batch):
-    traces.append(1)
-    return joint.train_step(s, bufs, batch, base_cfg=base, dcfg=dcfg, jcfg=jcfg, tx=tx)
-
-  step = jax.jit(traced)
-  rng = np.random.default_rng(1)
+  tcfg = TrainConfig(num_draft_steps=2, freeze_base=True, learning_rate=1e-2, warmup_steps=1)
+  progs = step_lib.programs(base, dcfg, tcfg, sharding.make_mesh({"data": 1, "fsdp": 1}))
   before = jax.tree.map(np.asarray, params)
-  for _ in range(3):
-    batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 8)))}
-    state, metrics = step(state, buffers, batch)
-  assert len(traces) == 1  # one compile for every step
+  state = progs.new_state(params)
+  n_drafter = sum(x.size for x in jax.tree.leaves(params["drafter"]))
+  # Adam keeps mu and nu for the drafter only (its other leaves are scalar step counts).
+  assert sum(np.size(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x)) == 2 * n_drafter
+  rng = np.random.default_rng(1)
+  batches = [{"tokens": rng.integers(3, base.vocab_size, (2, 8)).astype(np.int32)} for _ in range(3)]
+  with compiles.counting() as compiled:
+    for batch in batches:
+      state, metrics = progs.step(state, buffers, batch)
+    jax.block_until_ready(metrics)
+  assert compiled.n == 1  # one compile for every step
   assert {"drafter/loss_1", "drafter/acc_2", "drafter/centroid_recall_1"} <= set(metrics)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params["base"]),
                before["base"])
@@ -154,7 +153,7 @@ def test_shared_embedding_gets_gradient_from_both_losses(share, fast_compile):
   base, dcfg = tiny_configs(ordered=True, small=True)
   params, buffers = random_params(base, dcfg, seed=2)
   batch = {"tokens": jnp.asarray(np.random.default_rng(2).integers(3, base.vocab_size, (2, 8)))}
-  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=1.0, share_embedding_with_base=share,
+  jcfg = TrainConfig(num_draft_steps=2, drafter_loss_weight=1.0, share_embedding_with_base=share,
                            drafter_grads_to_base=False, centroid_loss_weight=0.0)
 
   def parts(p):
@@ -191,7 +190,7 @@ def test_loss_fn_equals_hf_torch_composite():
   rng = np.random.default_rng(4)
   tokens = rng.integers(3, base.vocab_size, (2, 12))
   lm = rng.random((2, 12)) > 0.2
-  jcfg = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.5, step_weights=(1.0, 0.7),
+  jcfg = TrainConfig(num_draft_steps=2, drafter_loss_weight=0.5, step_weights=(1.0, 0.7),
                            centroid_loss_weight=0.3)
   with torch.no_grad(), hf_torch.hf_assistant_patch():
     want = float(hf_torch.torch_composite_loss(target, assistant, torch.tensor(tokens),
@@ -211,7 +210,7 @@ def test_chunked_head_loss_equals_full_logits(fast_compile):
   rng = np.random.default_rng(1)
   batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 9))),
            "segment_ids": jnp.asarray([[1] * 5 + [2] * 4, [1] * 7 + [0] * 2])}
-  full = joint.JointConfig(num_draft_steps=2, drafter_loss_weight=0.5)
+  full = TrainConfig(num_draft_steps=2, drafter_loss_weight=0.5)
   chunked = dataclasses.replace(full, loss_chunk_size=4)  # 9 rows: 3 chunks, the last padded
 
   def grads(jcfg):

@@ -19,6 +19,7 @@ SCRIPT = textwrap.dedent(r"""
   jax.config.update("jax_disable_most_optimizations", True)  # equivalence, not speed
   from gemma_mtp_jax.model import drafter
   from gemma_mtp_jax.training import objective as joint
+  from gemma_mtp_jax.training.config import TrainConfig
   from gemma_mtp_jax import sharding
   from gemma_mtp_jax.model import transformer
   from tests import test_drafter
@@ -27,7 +28,7 @@ SCRIPT = textwrap.dedent(r"""
     over = dict(enable_moe=True, num_experts=8, top_k_experts=2, moe_hidden_dim=16) \
         if variant == "moe" else {}
     base_cfg, dcfg = test_drafter.tiny_configs(ordered=True, window=3, small=True, **over)
-    jcfg = joint.JointConfig(num_draft_steps=3, drafter_loss_weight=0.5)
+    jcfg = TrainConfig(num_draft_steps=3, drafter_loss_weight=0.5)
     def boxed(r):  # boxed params (logical axes) + the drafter's buffers
       rb, rd = jax.random.split(r)
       v = drafter.init_variables(dcfg, rd)

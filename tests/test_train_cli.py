@@ -1,4 +1,5 @@
-"""`python -m gemma_mtp_jax.train`: config errors, bad data, and SIGTERM (preemption) + resume.
+"""`python -m gemma_mtp_jax.train`: the typed train config and its overrides, config errors, bad data,
+and SIGTERM (preemption) + resume.
 
 The subprocess tests run the real entry point on the small pair of tests/test_trainer.py (its
 config builder, loaded from a config file as a user's own preset would be). The two SIGTERM runs
@@ -14,7 +15,7 @@ import time
 import pytest
 
 from gemma_mtp_jax import presets
-from gemma_mtp_jax.training import loop as trainer
+from gemma_mtp_jax.training import config as train_config
 from tests import test_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def test_unknown_override_is_one_line_naming_the_closest_key(tmp_path):
 def test_override_errors_name_the_key(argv, match):
   import re
   error = ValueError("invalid literal for int() with base 10: 'abc'")
-  msg = trainer.explain_override_error(["train", *argv], error)
+  msg = train_config.explain_override_error(["train", *argv], error)
   assert re.search(match, msg), msg
 
 
@@ -80,26 +81,26 @@ def test_typos_inside_a_config_file_name_the_closest_key():
                                ("mesh", "axis", "axes")):
     cfg = presets.load_config("tiny")
     cfg[section][typo] = 1
-    with pytest.raises(trainer.ConfigError, match=rf"'{section}\.{typo}'.*'{right}'"):
-      trainer.validate_config(cfg)
+    with pytest.raises(train_config.ConfigError, match=rf"'{section}\.{typo}'.*'{right}'"):
+      train_config.validate_config(cfg)
   cfg = presets.load_config("tiny")
   cfg.trian = {}
-  with pytest.raises(trainer.ConfigError, match=r"'trian'.*'train'"):
-    trainer.validate_config(cfg)
+  with pytest.raises(train_config.ConfigError, match=r"'trian'.*'train'"):
+    train_config.validate_config(cfg)
   cfg = presets.load_config("tiny")
   cfg.data.sources = [dict(name="x", path="a.jsonl", wieght=1.0)]
-  with pytest.raises(trainer.ConfigError, match=r"'data\.sources\[0\]\.wieght'.*'weight'"):
-    trainer.validate_config(cfg)
+  with pytest.raises(train_config.ConfigError, match=r"'data\.sources\[0\]\.wieght'.*'weight'"):
+    train_config.validate_config(cfg)
   cfg = presets.load_config("tiny")
   cfg.train.batch_size, cfg.train.grad_accum_steps = 6, 4
-  with pytest.raises(trainer.ConfigError, match="grad_accum_steps"):
-    trainer.validate_config(cfg)
+  with pytest.raises(train_config.ConfigError, match="grad_accum_steps"):
+    train_config.validate_config(cfg)
 
 
 def test_every_preset_passes_validation():
   for name in ("tiny", "e2b", "e4b", "26b_a4b", "31b"):
     cfg = presets.load_config(name)
-    trainer.validate_config(cfg)
+    train_config.validate_config(cfg)
     assert cfg.train.num_draft_steps == 4
     if name != "tiny":  # the released pairs: the seed recipe's mix and weight
       assert cfg.train.drafter_loss_weight == 0.01
@@ -107,6 +108,73 @@ def test_every_preset_passes_validation():
                                                        "ise-uiuc/Magicoder-OSS-Instruct-75K"]
       assert [s["weight"] for s in cfg.data.sources] == [0.8, 0.2]
       assert cfg.data.tokenizer == cfg.hf_base
+
+
+# ------------------------------------------------------------------------------ the typed config
+# A value for every TrainConfig field other than its default in configs/tiny.py, as it is typed on
+# the command line, and the value the TrainConfig must then hold.
+OVERRIDES = {
+    "num_draft_steps": ("3", 3), "drafter_loss_weight": ("0.25", 0.25),
+    "step_weights": ("(1.0,0.5,0.25,0.125)", (1.0, 0.5, 0.25, 0.125)),
+    "draft_query_position": ("anchor", "anchor"), "freeze_base": ("True", True),
+    "share_embedding_with_base": ("False", False), "drafter_grads_to_base": ("False", False),
+    "dense_head": ("False", False), "centroid_loss_weight": ("0.5", 0.5),
+    "drafter_logit_softcap": ("30.0", 30.0), "z_loss_weight": ("1e-4", 1e-4),
+    "loss_chunk_size": ("64", 64), "seq_len": ("64", 64), "batch_size": ("16", 16),
+    "grad_accum_steps": ("2", 2), "num_steps": ("7", 7), "learning_rate": ("2e-3", 2e-3),
+    "warmup_steps": ("5", 5), "min_learning_rate_ratio": ("0.5", 0.5),
+    "weight_decay": ("0.1", 0.1), "adam_b1": ("0.8", 0.8), "adam_b2": ("0.9", 0.9),
+    "adam_eps": ("1e-6", 1e-6), "grad_clip_norm": ("0.5", 0.5), "seed": ("3", 3),
+    "init_embedding_std": ("0.5", 0.5), "log_every": ("2", 2), "eval_every": ("0", 0),
+    "save_every": ("9", 9), "keep_checkpoints": ("1", 1), "checkpoint_dir": ("gs://b/ck", "gs://b/ck"),
+    "eval_prompts": ("4", 4), "eval_new_tokens": ("5", 5), "eval_max_prompt_len": ("33", 33),
+    "export_hf": ("False", False), "export_dtype": ("bfloat16", "bfloat16"),
+    "hf_check": ("False", False), "compilation_cache_dir": ("/tmp/cc", "/tmp/cc"),
+}
+
+
+def _overridden(*overrides: str):
+  """The tiny preset with `--config.X=value` flags applied the way the train CLI applies them
+  (ml_collections' config_flags on a fresh flag set)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["train", f"--config={train_config.default_config_path()}",
+          *(f"--config.{o}" for o in overrides)]
+  fv = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                           sys_argv=argv)
+  fv(argv)
+  return holder.value
+
+
+def test_every_train_field_round_trips_through_an_override():
+  assert sorted(OVERRIDES) == sorted(train_config.field_names())
+  tiny = train_config.TrainConfig.from_config(presets.load_config("tiny").train)
+  for key, (text, want) in OVERRIDES.items():
+    assert getattr(tiny, key) != want, key  # the override changes something
+    cfg = _overridden(f"train.{key}={text}")
+    # Fields checked against others need a partner: K draft steps <-> K step weights.
+    if key == "step_weights":
+      assert cfg.train.num_draft_steps == 4
+    _, _, tcfg = train_config.validate_config(cfg)
+    got = getattr(tcfg, key)
+    assert got == want and type(got) is type(want), (key, got)
+    others = {k: getattr(tcfg, k) for k in OVERRIDES if k != key}
+    assert others == {k: getattr(tiny, k) for k in others}, key
+
+
+def test_train_values_are_checked_naming_the_key():
+  for overrides, match in (
+      (["train.step_weights=(1.0,0.5)"], r"'train\.step_weights'.*2 entries for 4"),
+      (["train.draft_query_position=middle"], r"'train\.draft_query_position'"),
+      (["train.batch_size=6", "train.grad_accum_steps=4"], r"'train\.grad_accum_steps'"),
+      (["train.export_dtype=fp8"], r"'train\.export_dtype'")):
+    with pytest.raises(train_config.ConfigError, match=match):
+      train_config.validate_config(_overridden(*overrides))
+  with pytest.raises(train_config.ConfigError, match=r"'train\.lerning_rate'.*'learning_rate'"):
+    train_config.train_fields(lerning_rate=1e-3)
+  with pytest.raises(train_config.ConfigError, match=r"'train\.num_steps'.*expects int"):
+    train_config.TrainConfig.from_config(dict(num_steps=2.5))
 
 
 def test_missing_data_file_exits_2_naming_it(tmp_path, assets):

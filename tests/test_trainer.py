@@ -1,4 +1,4 @@
-"""The joint trainer (`gemma_mtp_jax.trainer`): resume, preemption, frozen base, failures, export.
+"""The joint trainer (`gemma_mtp_jax.training.loop`): resume, preemption, frozen base, failures, export.
 
 Everything runs on a pair far smaller than the tiny preset (2-layer base of width 32, 2-layer
 drafter) with the tiny preset's schema, on small local jsonl files and a 384-token tokenizer trained
@@ -26,11 +26,15 @@ from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax.data import pipeline as data
 from gemma_mtp_jax.training import evaluate as eval_lib
-from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax.training import metrics
 from gemma_mtp_jax import presets
+from gemma_mtp_jax import sharding
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
+from gemma_mtp_jax.training import config as train_config
+from gemma_mtp_jax.training import export
 from gemma_mtp_jax.training import loop as trainer
+from gemma_mtp_jax.training import optimizer
+from gemma_mtp_jax.training import step as step_lib
 
 VOCAB = 384  # 264 special / byte pieces + merges; divisible by the drafter's 16 centroids
 S, F = mc.SLIDING, mc.FULL
@@ -192,9 +196,9 @@ def saved_steps(workdir):
 def hf_pair(assets, tmp_path_factory):
   """A random small pair exported as HF dirs: what `hf_base` / `hf_drafter` name in real presets."""
   cfg = small_config(assets)
-  base_cfg, dcfg, _ = trainer.validate_config(cfg)
-  variables = jax.device_get(trainer.random_variables(base_cfg, dcfg, 7, 0.02))
-  pair = trainer._random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
+  base_cfg, dcfg, _ = train_config.validate_config(cfg)
+  variables = jax.device_get(step_lib.random_variables(base_cfg, dcfg, 7, 0.02))
+  pair = trainer.random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
   pair.params = variables
   out = str(tmp_path_factory.mktemp("hf_pair") / "hf")
   checkpoint.export_hf(pair, out)
@@ -268,22 +272,20 @@ def test_missing_or_empty_data_file_is_one_clear_error(assets, tmp_path, problem
 # ------------------------------------------------------------------------------ the step itself
 def test_grad_accumulation_equals_one_big_batch(assets):
   cfg = small_config(assets)
-  base_cfg, dcfg, jcfg = trainer.validate_config(cfg)
-  mesh = trainer.sharding.make_mesh({"fsdp": -1})
-  rules = trainer.sharding.rules_from_config(cfg.mesh.rules)
+  base_cfg, dcfg, tcfg = train_config.validate_config(cfg)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  rules = sharding.rules_from_config(cfg.mesh.rules)
   tok = tokenizer_lib.load_tokenizer(assets["tokenizer"])
   it, _ = data.make_datasets(cfg.data, tok, seq_len=48, batch_size=4, seed=0)
   batch = next(it)
   outs = []
   for accum in (1, 2):  # accum 1: the program the other tests compiled (cached)
-    progs = trainer.programs(base_cfg, dcfg, jcfg, trainer.OptimizerConfig.from_train(cfg.train),
-                             accum, float(cfg.train.init_embedding_std), mesh, rules,
-                             int(cfg.train.eval_new_tokens))
-    with trainer.sharding.use_mesh(mesh, rules):
-      params, buffers = trainer._split_vars(trainer.random_variables(
-          base_cfg, dcfg, 0, float(cfg.train.init_embedding_std), mesh, rules))
-      state = joint.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=progs.opt_init(params))
+    progs = step_lib.programs(base_cfg, dcfg, dataclasses.replace(tcfg, grad_accum_steps=accum),
+                              mesh, rules)
+    with sharding.use_mesh(mesh, rules):
+      params, buffers = step_lib.split_vars(step_lib.random_variables(
+          base_cfg, dcfg, 0, tcfg.init_embedding_std, mesh, rules))
+      state = progs.new_state(params)
       state, m = progs.step(state, buffers, batch)
       state, m = progs.step(state, buffers, batch)  # lr is 0 at step 0: the second update moves
     outs.append((jax.device_get(state.params), jax.device_get(m)))
@@ -297,12 +299,12 @@ def test_grad_accumulation_equals_one_big_batch(assets):
 def test_eval_with_chunked_heads_equals_plain_logits(assets):
   # Real vocabularies evaluate with loss_chunk_size > 0 (no [B, T, V] logits): same numbers.
   cfg = small_config(assets)
-  base_cfg, dcfg, jcfg = trainer.validate_config(cfg)
-  params, buffers = trainer._split_vars(trainer.random_variables(base_cfg, dcfg, 3, 0.3))
+  base_cfg, dcfg, tcfg = train_config.validate_config(cfg)
+  params, buffers = step_lib.split_vars(step_lib.random_variables(base_cfg, dcfg, 3, 0.3))
   tok = tokenizer_lib.load_tokenizer(assets["tokenizer"])
   batch = next(data.make_datasets(cfg.data, tok, seq_len=48, batch_size=4, seed=0)[0])
-  plain = eval_lib.make_eval_step(base_cfg, dcfg, jcfg)(params, buffers, batch)
-  chunked = eval_lib.make_eval_step(base_cfg, dcfg, dataclasses.replace(jcfg, loss_chunk_size=20))(
+  plain = eval_lib.make_eval_step(base_cfg, dcfg, tcfg)(params, buffers, batch)
+  chunked = eval_lib.make_eval_step(base_cfg, dcfg, dataclasses.replace(tcfg, loss_chunk_size=20))(
       params, buffers, batch)
   for k in plain[0]:
     np.testing.assert_allclose(np.asarray(plain[0][k]), np.asarray(chunked[0][k]), rtol=1e-4,
@@ -312,7 +314,7 @@ def test_eval_with_chunked_heads_equals_plain_logits(assets):
 
 def test_weight_decay_mask_spares_vectors():
   params = {"kernel": jnp.ones((2, 3)), "scale": jnp.ones((3,)), "layer_scalar": jnp.ones((1,))}
-  assert trainer.decay_mask(params) == {"kernel": True, "scale": False, "layer_scalar": False}
+  assert optimizer.decay_mask(params) == {"kernel": True, "scale": False, "layer_scalar": False}
 
 
 # ------------------------------------------------------------------------------ records + export
@@ -339,8 +341,8 @@ def test_records_plots_export_and_hf_check(assets, tmp_path):
   assert hf["hf/rounds"] > 0
   assert hf["hf/same_as_trainer"] == 1.0  # HF's assisted greedy == the trainer's JAX greedy
   # The stale-K/V fix makes HF draft exactly as the trainer's walk models: equal up to numerics.
-  fixed = trainer.hf_check(out["export"], out["prompts"], 6, out["stop_ids"], 4,
-                           hf["trainer/tokens_per_round"] * 10)  # forces the fixed run too
+  fixed = export.hf_check(out["export"], out["prompts"], 6, out["stop_ids"], 4,
+                          hf["trainer/tokens_per_round"] * 10)  # forces the fixed run too
   assert abs(fixed["hf_fixed/tokens_per_round"] / hf["trainer/tokens_per_round"] - 1) <= 0.10
   import torch
   import transformers

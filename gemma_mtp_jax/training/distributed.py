@@ -1,4 +1,5 @@
-"""Processes and devices: `jax.distributed` start-up, and moving host data onto (and off) the mesh.
+"""Processes and devices: `jax.distributed` start-up, moving host data onto (and off) the mesh, and
+the stop signal every process agrees on.
 
 One process per host; each holds its own rows of a global batch (`global_batch`) and reads whole
 trees back with `to_host`. Single-process runs take the same paths (they are no-ops there).
@@ -7,6 +8,8 @@ trees back with `to_host`. Single-process runs take the same paths (they are no-
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Mapping
 
 import jax
@@ -61,3 +64,35 @@ def global_prompts(prompts: list[np.ndarray], max_len: int) -> list[np.ndarray]:
   arr = multihost_utils.process_allgather(arr)
   lens = multihost_utils.process_allgather(lens)
   return [a[:n] for a, n in zip(arr.reshape(-1, max_len), lens.reshape(-1))]
+
+
+class StopFlag:
+  """SIGTERM / SIGINT set a flag the loop reads after each step (TPU preemption notices come as
+  SIGTERM). A second SIGINT interrupts at once. Handlers are restored on exit."""
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.signum is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def stop(self) -> bool:
+    """Whether a signal came, on any process."""
+    flag = self.signum is not None
+    if jax.process_count() > 1:  # every process must stop at the same step, or the save hangs
+      from jax.experimental import multihost_utils
+      flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    return flag

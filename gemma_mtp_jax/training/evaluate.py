@@ -44,8 +44,8 @@ import numpy as np
 from gemma_mtp_jax.decoding import speculative
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import flops
-from gemma_mtp_jax.model.flops import flops_ratio  # re-exported: training/loop.py reads it here
 from gemma_mtp_jax.training import distributed
+from gemma_mtp_jax.training.config import TrainConfig
 from gemma_mtp_jax.training import losses
 from gemma_mtp_jax.training import objective as joint
 
@@ -60,7 +60,7 @@ def accepted_lengths(hits_ABT: Array) -> Array:
 
 def eval_sums(params: Mapping, buffers: Mapping | None, batch: Mapping[str, Array],
               base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-              jcfg: joint.JointConfig, anchor_BT: Array | None = None):
+              jcfg: TrainConfig, anchor_BT: Array | None = None):
   """Sums over one batch (add them up over batches, then divide): base and per-step stats, the
   histogram of per-anchor accepted lengths, and the lengths themselves.
 
@@ -100,7 +100,7 @@ def eval_sums(params: Mapping, buffers: Mapping | None, batch: Mapping[str, Arra
 
 
 def make_eval_step(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-                   jcfg: joint.JointConfig):
+                   jcfg: TrainConfig):
   """`eval_sums` jitted with the configs closed over: f(params, buffers, batch, anchor=None)."""
   return jax.jit(functools.partial(eval_sums, base_cfg=base_cfg, dcfg=dcfg, jcfg=jcfg))
 
@@ -215,7 +215,7 @@ def decode_metrics(results: Sequence[tuple[speculative.GenerateResult, int]],
 
 def greedy_acceptance(params: Mapping, buffers: Mapping | None, prompts: Sequence[np.ndarray],
                       num_new: int, stop_ids: Sequence[int], base_cfg: config_lib.ModelConfig,
-                      dcfg: config_lib.DrafterConfig, jcfg: joint.JointConfig, *,
+                      dcfg: config_lib.DrafterConfig, jcfg: TrainConfig, *,
                       eval_fn=None, batch_size: int = 16, length: int | None = None) -> dict:
   """Greedy speculative decoding of `prompts` with the shipped decoder, then the teacher-forced
   histogram of its continuations (see the module docstring).
@@ -274,7 +274,7 @@ class Evaluator:
   batch_sharding: Any
   base_cfg: config_lib.ModelConfig
   dcfg: config_lib.DrafterConfig
-  jcfg: joint.JointConfig
+  jcfg: TrainConfig
   eval_batches: list
   prompts: list
   stop_ids: list
@@ -305,7 +305,7 @@ class Evaluator:
 
 
 def make_evaluator(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-                   jcfg: joint.JointConfig, eval_batches: list, prompts: list, stop_ids: list,
+                   jcfg: TrainConfig, eval_batches: list, prompts: list, stop_ids: list,
                    num_new: int, batch_sharding, rows: int, length: int) -> Evaluator:
   """The trainer's held-out eval: call it with (params, buffers) -> (metrics, continuations)."""
   return Evaluator(make_eval_step(base_cfg, dcfg, jcfg), batch_sharding, base_cfg, dcfg, jcfg,

@@ -19,7 +19,7 @@ t (up to t + k - 1) and sits at RoPE position t. At inference those positions ar
 meets when drafting, with a gap that grows with k. Here the mask is built from the anchor's position
 and is the same [T, S] mask for every k.
 
-Training switches (`JointConfig`):
+Training switches (fields of `training.config.TrainConfig`):
   freeze_base: the base gets no gradient and no optimizer state (its leaves are left out of the
     differentiated and optimized tree, `partition`).
   share_embedding_with_base: the drafter's input embedding IS the base's table (HF feeds
@@ -36,69 +36,21 @@ scan body is checkpointed too, so the backward keeps one carried hidden per step
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter as drafter_lib
 from gemma_mtp_jax.model import layers
 from gemma_mtp_jax.training import losses
+from gemma_mtp_jax.training.config import TrainConfig
 from gemma_mtp_jax.model import transformer
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class JointConfig:
-  """Joint-training options (the `train` section of a preset maps onto these, `from_train_config`)."""
-
-  num_draft_steps: int = 4  # K drafter steps per anchor row
-  drafter_loss_weight: float = 0.01  # lambda
-  step_weights: tuple[float, ...] | None = None  # w_k, all 1 if None
-  draft_query_position: str = "next"  # "next" (HF/MLX) or "anchor" (vLLM/tpu-inference)
-  freeze_base: bool = False
-  share_embedding_with_base: bool = True
-  drafter_grads_to_base: bool = True
-  # The full tied head in training even with ordered embeddings: the masked (centroid) head's top-k
-  # selection has no gradient; its selected entries equal these logits. Centroids learn from their
-  # own loss: cross-entropy of the label's cluster (weight mu, ordered embeddings only).
-  dense_head: bool = True
-  centroid_loss_weight: float = 1.0
-  drafter_logit_softcap: float | None = None  # HF's assistant caps nothing; match your inference
-  z_loss_weight: float = 0.0
-  # > 0: compute the base's and each step's head + cross-entropy in chunks of this many positions
-  # (never materialising [B, T, V] logits; see `losses.chunked_head_stats`). 0: plain logits.
-  loss_chunk_size: int = 0
-
-  def __post_init__(self):
-    if self.num_draft_steps < 1:
-      raise config_lib.ConfigError(
-          f"train.num_draft_steps must be >= 1, got {self.num_draft_steps}")
-    if self.draft_query_position not in drafter_lib.QUERY_POSITIONS:
-      raise config_lib.ConfigError(
-          f"train.draft_query_position must be one of {drafter_lib.QUERY_POSITIONS}, got "
-          f"{self.draft_query_position!r}")
-    if self.step_weights is not None:
-      object.__setattr__(self, "step_weights", tuple(float(w) for w in self.step_weights))
-      if len(self.step_weights) != self.num_draft_steps:
-        raise config_lib.ConfigError(f"train.step_weights has {len(self.step_weights)} entries for "
-                                     f"{self.num_draft_steps} draft steps")
-
-  @classmethod
-  def from_train_config(cls, train: Mapping[str, Any]) -> "JointConfig":
-    """From a preset's `train` ConfigDict/dict; keys that are not joint options are ignored."""
-    train = train.to_dict() if hasattr(train, "to_dict") else dict(train)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in train.items() if k in names and v is not None}
-    return cls(**kw)
 
 
 # ------------------------------------------------------------------------------ batch layout
@@ -166,7 +118,7 @@ def base_head(params: Mapping, base_cfg: config_lib.ModelConfig) -> losses.Head:
 
 
 def drafter_head(params: Mapping, buffers: Mapping | None, dcfg: config_lib.DrafterConfig,
-                 jcfg: JointConfig) -> losses.Head:
+                 jcfg: TrainConfig) -> losses.Head:
   """The drafter's tied head as trained: dense, or centroid-masked without `jcfg.dense_head`; with
   ordered embeddings it also knows each token's centroid (for the masked head and its argmax)."""
   ordered = dcfg.use_ordered_embeddings
@@ -190,7 +142,7 @@ def _step_logits(head: losses.Head):
 
 def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
                   base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-                  jcfg: JointConfig, step_fn: Callable | None = None,
+                  jcfg: TrainConfig, step_fn: Callable | None = None,
                   centroids: bool = False) -> JointOutput:
   """Base forward + K teacher-forced drafter steps for every anchor row (see the module docstring).
 
@@ -257,7 +209,7 @@ def token_clusters(buffers: Mapping, dcfg: config_lib.DrafterConfig) -> Array:
 
 def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
             base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-            jcfg: JointConfig) -> tuple[Array, dict[str, Array]]:
+            jcfg: TrainConfig) -> tuple[Array, dict[str, Array]]:
   """L = L_base + lambda * sum_k w_k L_k (means over valid targets); returns (loss, metrics)."""
   head = drafter_head(params, buffers, dcfg, jcfg)
   kw = dict(chunk=jcfg.loss_chunk_size, z_loss_weight=jcfg.z_loss_weight)
@@ -280,75 +232,3 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
   return losses.combine(base, step_stats, jcfg.drafter_loss_weight,
                         losses.step_weights(jcfg.num_draft_steps, jcfg.step_weights), cent_stats,
                         jcfg.centroid_loss_weight)
-
-
-# ------------------------------------------------------------------------------ params and state
-def init_params(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig, rng: Array):
-  """(params {"base", "drafter"} as plain arrays, drafter buffers or None)."""
-  dcfg.check_fits(base_cfg)
-
-  @jax.jit  # one compiled init instead of hundreds of small eager ops
-  def init(rng):
-    rb, rd = jax.random.split(rng)
-    base = nn.unbox(transformer.init_params(base_cfg, rb))
-    variables = nn.unbox(drafter_lib.init_variables(dcfg, rd))
-    return {"base": base, "drafter": variables["params"]}, variables.get("buffers")
-
-  return init(rng)
-
-
-def trainable_mask(params: Mapping, jcfg: JointConfig):
-  """Bool pytree like `params`: False on every base leaf when the base is frozen."""
-  return {"base": jax.tree.map(lambda _: not jcfg.freeze_base, params["base"]),
-          "drafter": jax.tree.map(lambda _: True, params["drafter"])}
-
-
-def partition(params, mask):
-  """(trainable, frozen): two trees shaped like `params` with None where the other one holds the
-  leaf. Differentiating and optimizing only `trainable` is what gives a frozen leaf no gradient and
-  no optimizer state."""
-  trainable = jax.tree.map(lambda m, x: x if m else None, mask, params)
-  frozen = jax.tree.map(lambda m, x: None if m else x, mask, params)
-  return trainable, frozen
-
-
-def merge(trainable, frozen):
-  """Inverse of `partition`."""
-  return jax.tree.map(lambda a, b: b if a is None else a, trainable, frozen,
-                      is_leaf=lambda x: x is None)
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: Array
-  params: Any  # {"base", "drafter"}, frozen leaves included
-  opt_state: Any  # optimizer state of the trainable leaves only
-
-
-def init_train_state(params, tx: optax.GradientTransformation, jcfg: JointConfig) -> TrainState:
-  trainable, _ = partition(params, trainable_mask(params, jcfg))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
-
-
-def train_step(state: TrainState, buffers, batch: Batch, *, base_cfg: config_lib.ModelConfig,
-               dcfg: config_lib.DrafterConfig, jcfg: JointConfig,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
-  """One optimizer step on the joint loss (pure; jit it, e.g. with `make_train_step`)."""
-  trainable, frozen = partition(state.params, trainable_mask(state.params, jcfg))
-
-  def loss_of(tr):
-    return loss_fn(merge(tr, frozen), buffers, batch, base_cfg, dcfg, jcfg)
-
-  (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
-  updates, opt_state = tx.update(grads, state.opt_state, trainable)
-  trainable = optax.apply_updates(trainable, updates)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  return state.replace(step=state.step + 1, params=merge(trainable, frozen),
-                       opt_state=opt_state), metrics
-
-
-def make_train_step(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
-                    jcfg: JointConfig, tx: optax.GradientTransformation, donate: bool = True):
-  """`train_step` jitted with the configs and optimizer closed over: f(state, buffers, batch)."""
-  fn = functools.partial(train_step, base_cfg=base_cfg, dcfg=dcfg, jcfg=jcfg, tx=tx)
-  return jax.jit(fn, donate_argnums=(0,) if donate else ())
