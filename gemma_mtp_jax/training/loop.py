@@ -310,8 +310,9 @@ class _StepLog:
   def _stop_non_finite(self, step: int, m: dict) -> None:
     bad = "loss" if not math.isfinite(m["loss"]) else "grad_norm"
     raise TrainingError(f"non-finite {bad} ({m[bad]}) at step {step}: training stopped. "
-                        + run_dir.keep_good_checkpoint(self.r.manager, step, self.r.start,
-                                                                self.r.tcfg.keep_checkpoints))
+                        + run_dir.keep_good_checkpoint(
+                            self.r.manager, step, self.r.start, self.r.tcfg.keep_checkpoints,
+                            self.r.progs.abstract_vars))
 
 
 def _loop(r: _Run, state: step_lib.TrainState, stop_after: int | None) -> _LoopEnd:

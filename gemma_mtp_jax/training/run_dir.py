@@ -322,7 +322,19 @@ def _set_aside(mgr, step: int, is_main: bool) -> None:
   mgr.reload()
 
 
-def keep_good_checkpoint(manager, step: int, start: int, keep_checkpoints: int) -> str:
+def _params_problem(manager, step: int, abstract_vars) -> str | None:
+  """Why checkpoint `step`'s params would be refused on resume (non-finite, wrong dtype), or None."""
+  try:
+    out = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_vars)))
+    trees.check_tree(dict(out["params"]), f"step {step}")
+  except Exception as e:  # noqa: BLE001 (any reason the resume would refuse it)
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+  return None
+
+
+def keep_good_checkpoint(manager, step: int, start: int, keep_checkpoints: int,
+                         abstract_vars) -> str:
   """After a non-finite value at `step` of a run that started after step `start`: deletes
   checkpoint step - 1 (its params produced the value) only if an older one is left and it is not
   the one the run resumed from (so the last checkpoint a rerun could resume from is never
@@ -340,7 +352,11 @@ def keep_good_checkpoint(manager, step: int, start: int, keep_checkpoints: int) 
     why = ("the step this run resumed from" if step - 1 == start else
            f"the only checkpoint (train.keep_checkpoints={keep_checkpoints} removed older "
            "ones)")
-    return (f"Kept: checkpoint step {step - 1} in {where}, {why}, although its params gave this "
-            f"value; a rerun resumes from it, so {fix} first, or start over in a new --workdir")
+    kept = f"Kept: checkpoint step {step - 1} in {where}, {why}, although its params gave this value"
+    problem = _params_problem(manager, step - 1, abstract_vars)
+    if problem:
+      return (f"{kept}; its params are not finite ({problem}), so a rerun cannot resume from it "
+              "and refuses it: start over in a new --workdir")
+    return f"{kept}; a rerun resumes from it, so {fix} first, or start over in a new --workdir"
   return (f"Last good checkpoint: step {steps[-1]} in {where} (kept; a rerun resumes from it); "
           f"{fix}, then rerun to resume from it")
