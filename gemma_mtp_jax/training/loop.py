@@ -8,8 +8,11 @@ phases, each a function of the `_Run` that setup builds:
            section becomes a `TrainConfig`), `jax.distributed` if asked, the data
            (`data.make_datasets`: the resumable mixture iterator and the fixed held-out batches), the
            mesh + logical rules (one CPU device is a 1x1 mesh), the compiled programs
-           (`step.programs`), the checkpoint manager
-  resume   the latest step of the checkpoints if any: params, optimizer state, data position, RNG;
+           (`step.programs`); the workdir checks and the run fingerprint (`run_dir`). Nothing is
+           written before the workdir is locked (`run_dir.claim`); a run that fails before its
+           loop removes the workdir (or empty checkpoints dir) it created; then the manager
+  resume   the newest intact step of the checkpoints if any (`run_dir.restore_checkpoint`):
+           params, optimizer state, data position, RNG;
            else random init sharded at creation, or `checkpoint.load_pair` of `hf_base` +
            `hf_drafter` (HF dirs or hub ids, converted in memory onto the shardings)
   loop     one jitted train step (`step.train_step`: donated state, in/out shardings, compiled
