@@ -9,7 +9,9 @@ the same shardings, optimizer, gradient accumulation, remat, chunked loss and at
 only the devices are a TPU topology's. Needs the `tpu` extra (libtpu at the same jax version); no
 TPU is needed: the program is lowered and compiled on this CPU machine, and XLA's own
 `memory_analysis()` / `cost_analysis()` report what one chip would hold and compute.
-Exit codes: 0 fits, 1 does not fit the chip's HBM, 2 bad configuration.
+Exit codes (`gemma_mtp_jax.cli`): 0 fits, 1 does not fit the chip's HBM (only that), 2 bad
+configuration (one `error:` line: a mesh that does not divide the topology, a batch that does not
+split over its devices, ...), 70 a bug (traceback).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma_mtp_jax.model.flops import model_flops_per_token
+from gemma_mtp_jax import cli
 from gemma_mtp_jax import sharding
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.training import config as train_config
@@ -94,8 +97,8 @@ def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
   """Compiles the trainer's step for `cfg` (a preset ConfigDict, overrides applied) on `topology`."""
   base_cfg, dcfg, tcfg = train_config.validate_config(cfg)
   devices = topology_devices(topology)
-  mesh = sharding.make_mesh(train_config.as_dict(cfg.mesh.axes), devices)
-  rules = sharding.rules_from_config(cfg.mesh.rules)
+  # The trainer's own checks: the mesh divides the chips, the batch splits over them.
+  mesh, rules = step_lib.run_mesh(cfg.mesh, tcfg, devices)
   batch, seq, accum = tcfg.batch_size, tcfg.seq_len, tcfg.grad_accum_steps
   progs = step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules)
   _, buffers_abs = step_lib.split_vars(progs.abstract_vars)
@@ -181,15 +184,13 @@ def main() -> None:
 
   def run(argv) -> int:
     del argv
-    try:
-      r = plan(config.value, topology.value, step_time.value)
-    except config_lib.ConfigError as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+    r = plan(config.value, topology.value, step_time.value)
     print(json.dumps(dataclasses.asdict(r)) if as_json.value else describe(r))
-    return 0 if r.fits else 1
+    return cli.OK if r.fits else cli.NOT_FIT
 
-  app.run(run, flags_parser=parse)
+  # Known errors: one `error:` line, exit 2; a bug: its traceback, exit 70 (never 1, which says
+  # "does not fit").
+  app.run(lambda argv: cli.exit_with(run, argv), flags_parser=parse)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 
 With no flags it runs the embedded default: configs/tiny.py into runs/tiny (a random-init tiny pair on
 the local corpus, on CPU: train, eval, export to runs/tiny/hf). Running it again resumes from the
-workdir's latest checkpoint. Exit codes: 0 finished or preempted (checkpoint saved), 1 training error,
-2 bad configuration or data.
+workdir's latest intact checkpoint. Exit codes (`gemma_mtp_jax.cli`): 0 finished or preempted
+(checkpoint saved), 2 bad configuration, data or environment and training errors (a non-finite
+loss, a workdir in use), one line `error: ...`, 70 a bug (traceback), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from gemma_mtp_jax import cli
 from gemma_mtp_jax.training import config as train_config
 from gemma_mtp_jax.training import loop as trainer
 
@@ -43,7 +45,7 @@ def _parse(argv):
     _fail(e)
 
 
-def main(argv) -> int:
+def _main(argv) -> int:
   del argv
   # absl's default verbosity is INFO, which lets orbax narrate every save; the trainer prints what
   # matters. --verbosity=0 (or -v 0) brings the INFO logs back.
@@ -55,16 +57,17 @@ def main(argv) -> int:
   except Exception as e:  # noqa: BLE001
     _fail(e)
   workdir = _WORKDIR.value or f"runs/{name or 'run'}"
-  try:
-    summary = trainer.run(cfg, workdir)
-  except (trainer.ConfigError, trainer.DataError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except trainer.TrainingError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  return 0 if summary["status"] in ("finished", "preempted") else 1
+  summary = trainer.run(cfg, workdir)
+  return cli.OK if summary["status"] in ("finished", "preempted") else cli.BUG
+
+
+def main(argv) -> int:
+  """The command after flag parsing, through the one error boundary (`cli.run`): a known error
+  is one `error:` line and exit 2, a bug keeps its traceback."""
+  return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse)
+  # absl parses the flags, then `cli.exit_with` runs main: known errors exit 2 with one line, a
+  # bug prints its traceback and exits 70, Ctrl-C outside the loop's own handling exits 130.
+  app.run(lambda argv: cli.exit_with(_main, argv), flags_parser=_parse)

@@ -10,15 +10,18 @@ import contextlib
 import errno
 import glob
 import hashlib
+import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
@@ -338,3 +341,233 @@ def test_real_commands_print_one_line_and_exit_2(src, tmp_path):
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and culprit in errors[0], res.stderr
   assert _hashes(wd) == before
+
+
+# ------------------------------------------------------------------------------ the trainer
+# Tiny runs of the small pair of tests/test_trainer.py (one compiled step shared by most tests).
+from gemma_mtp_jax.training import config as train_config  # noqa: E402
+from gemma_mtp_jax.training import loop as trainer  # noqa: E402
+from gemma_mtp_jax.training import run_dir  # noqa: E402
+from tests import test_trainer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  return test_trainer.write_assets(str(tmp_path_factory.mktemp("hostile_assets")))
+
+
+def _small(assets, **train):
+  return test_trainer.small_config(assets, **dict(dict(num_steps=3, save_every=1, eval_prompts=0),
+                                                  **train))
+
+
+def _train(cfg, wd, stop_after=None):
+  return lambda argv: trainer.run(cfg, str(wd), stop_after=stop_after) and None
+
+
+def _tree(root):
+  """{path: sha256} of the files and the set of dirs under root: nothing added, removed or changed."""
+  dirs = {p for p in glob.glob(os.path.join(root, "**"), recursive=True) if os.path.isdir(p)}
+  return _hashes(root), dirs
+
+
+@pytest.mark.parametrize("case", ["missing_hf_base", "hf_config_is_a_list", "mesh", "file_workdir",
+                                  "foreign_workdir", "read_only_workdir"])
+def test_train_setup_errors_are_one_line_before_anything_is_written(assets, tmp_path, monkeypatch,
+                                                                    case):
+  cfg, wd = _small(assets), tmp_path / "run"
+  culprits = []
+  if case == "missing_hf_base":
+    cfg.hf_base = str(tmp_path / "no_base")
+    culprits = ["hf_base", "no_base", "no such directory"]
+  elif case == "hf_config_is_a_list":
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("[1, 2]")
+    cfg.hf_base = str(tmp_path / "base")
+    culprits = [str(tmp_path / "base" / "config.json"), "JSON object"]
+  elif case == "mesh":
+    cfg.mesh.axes.fsdp = 3
+    culprits = ["mesh.axes", "3 devices"]
+  elif case == "file_workdir":
+    wd.write_text("mine")
+    culprits = [str(wd), "not a directory"]
+  elif case == "foreign_workdir":
+    wd.mkdir()
+    (wd / "thesis.tex").write_text("precious")
+    culprits = [str(wd), "thesis.tex", "did not write"]
+  else:  # a read-only disk (the tests run as root, where chmod does not stop writes)
+    real = files.tempfile.mkstemp
+
+    def read_only(*a, dir=None, **k):
+      if dir == str(wd):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), dir)
+      return real(*a, dir=dir, **k)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
+    culprits = [str(wd), "read-only file system"]
+  before = _tree(str(tmp_path))
+  _refused(lambda argv: cli.run(_train(cfg, wd), argv), [], *culprits)
+  assert _tree(str(tmp_path)) == before  # not even the workdir or its lock was left
+
+
+def test_train_cli_batch_not_divisible_by_devices_exits_2_at_once(assets, tmp_path):
+  cfg = tmp_path / "small.py"
+  cfg.write_text("import sys\n"
+                 f"sys.path.insert(0, {REPO!r})\n"
+                 "from tests.test_trainer import small_config\n\n"
+                 "def get_config():\n"
+                 f"  return small_config({dict(assets)!r})\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  before = _tree(str(tmp_path))
+  res = subprocess.run([sys.executable, "-m", "gemma_mtp_jax.train", f"--config={cfg}",
+                        f"--workdir={tmp_path / 'run'}", "--config.train.batch_size=3",
+                        "--config.train.grad_accum_steps=1"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr
+  errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+  assert len(errors) == 1 and "train.batch_size" in errors[0] and "2 devices" in errors[0], errors
+  assert _tree(str(tmp_path)) == before
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("--config.train.batch_size=3", "train.batch_size"),
+    ("--config.mesh.axes.fsdp=3", "mesh.axes"),
+])
+def test_aot_config_errors_exit_2_not_the_does_not_fit_code(override, culprit):
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.fail("the AOT path needs the `tpu` extra: pip install -e '.[tpu]' (libtpu)")
+  res = subprocess.run([sys.executable, "-m", "gemma_mtp_jax.aot", "--config=configs/tiny.py",
+                        "--topology=v5e-4", "--config.train.seq_len=32",
+                        "--config.train.batch_size=4", override], cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 2, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr
+  errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+  assert len(errors) == 1 and culprit in errors[0], res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("warmup_steps", -1, ">= 0"), ("adam_b1", 1.0, "[0, 1)"), ("adam_b2", -0.1, "[0, 1)"),
+    ("adam_eps", 0.0, "> 0"), ("learning_rate", float("nan"), "finite"),
+    ("learning_rate", float("inf"), "finite"), ("weight_decay", -0.1, ">= 0"),
+    ("grad_clip_norm", -1.0, ">= 0"), ("drafter_loss_weight", -0.5, ">= 0"),
+    ("drafter_loss_weight", float("nan"), "finite"), ("z_loss_weight", float("nan"), "finite"),
+    ("min_learning_rate_ratio", float("nan"), "[0, 1]"), ("step_weights", (1.0, float("nan")),
+                                                          "finite"),
+    ("drafter_logit_softcap", 0.0, "> 0"), ("init_embedding_std", -1.0, ">= 0"),
+    ("eval_new_tokens", 0, ">= 1"), ("loss_chunk_size", -8, ">= 0"),
+])
+def test_every_numeric_train_knob_is_range_checked(key, value, fragment):
+  extra = {"num_draft_steps": 2} if key == "step_weights" else {}
+  with pytest.raises(train_config.ConfigError, match=rf"'train\.{key}'.*{re.escape(fragment)}"):
+    train_config.TrainConfig(**{key: value}, **extra)
+
+
+def test_bad_train_knob_through_the_boundary(assets, tmp_path):
+  _refused(lambda argv: cli.run(_train(_small(assets, adam_b1=1.5), tmp_path / "run"), argv), [],
+           "train.adam_b1", "[0, 1)")
+  assert not os.path.exists(tmp_path / "run")
+
+
+def _poison_adam(wd, step):
+  """NaN Adam moments in checkpoint `step`: the next update makes the params NaN."""
+  mgr = checkpoint.open_manager(str(wd))
+  restored = mgr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(), opt_state=ocp.args.StandardRestore(),
+      meta=ocp.args.JsonRestore()))
+  opt = jax.tree.map(lambda x: np.full_like(x, np.nan) if x.ndim else x, restored["opt_state"])
+  mgr.delete(step)
+  mgr.save(step, args=checkpoint.save_args(dict(restored["params"]), opt, restored["meta"]))
+  mgr.wait_until_finished()
+  mgr.close()
+
+
+def test_nan_stop_never_deletes_the_only_checkpoint_and_says_what_is_kept(assets, tmp_path):
+  wd = tmp_path / "run"
+  cfg = _small(assets, keep_checkpoints=1)
+  assert cli.run(_train(cfg, wd, stop_after=1), []) == 0
+  _poison_adam(wd, 1)  # step 2's params go NaN (checkpoint 2 replaces 1), step 3's loss is NaN
+  err = _refused(lambda argv: cli.run(_train(cfg, wd), argv), [], "non-finite loss", "step 3",
+                 "Kept: checkpoint step 2", "only checkpoint", "keep_checkpoints=1",
+                 "not finite", "cannot resume")
+  assert test_trainer.saved_steps(str(wd)) == [2], err
+  # The message is the truth: the rerun refuses the kept step, naming it and the tensor.
+  _refused(lambda argv: cli.run(_train(cfg, wd), argv), [], "step 2", "non-finite")
+  assert test_trainer.saved_steps(str(wd)) == [2]
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(assets, tmp_path):
+  wd = tmp_path / "run"
+  assert cli.run(_train(_small(assets), wd, stop_after=1), []) == 0
+  fp = json.load(open(wd / run_dir.FINGERPRINT_JSON))
+  assert fp["model"]["sliding_window"] == 8 and fp["train"]["batch_size"] == 4
+  before = _tree(str(wd))
+  changed = _small(assets)
+  changed.model.sliding_window = 16
+  changed.data.sources[0]["weight"] = 0.5
+  _refused(lambda argv: cli.run(_train(changed, wd), argv), [],
+           "model.sliding_window: 8 (workdir) vs 16 (config)",
+           "data.sources[0].weight: 0.8 (workdir) vs 0.5 (config)", "allow_config_change")
+  wider = _small(assets)
+  wider.model.hidden_dim = 96  # a shape change: the same one line naming the key
+  _refused(lambda argv: cli.run(_train(wider, wd), argv), [],
+           "model.hidden_dim: 64 (workdir) vs 96 (config)")
+  wider.train.allow_config_change = True  # allowed, but shapes cannot change: names the tensor
+  err = _refused(lambda argv: cli.run(_train(wider, wd), argv), [], "model.hidden_dim",
+                 "does not fit the config", "(checkpoint) vs")
+  assert re.search(r"mlp\S*: \([\d, ]*64[\d, ]*\) \(checkpoint\) vs \([\d, ]*96", err), err
+  assert _tree(str(wd)) == before
+  # Allowed on purpose: the workdir's files now all say sliding_window 16.
+  changed.train.allow_config_change = True
+  assert cli.run(_train(changed, wd, stop_after=2), []) == 0
+  assert json.load(open(wd / "pair.json"))["base"]["sliding_window"] == 16
+  assert json.load(open(wd / run_dir.FINGERPRINT_JSON))["model"]["sliding_window"] == 16
+  assert json.load(open(wd / "config.json"))["model"]["sliding_window"] == 16
+  changed.train.allow_config_change = False  # the new config is the workdir's now
+  assert cli.run(_train(changed, wd, stop_after=3), []) == 0
+
+
+def test_one_trainer_per_workdir(assets, tmp_path, caplog):
+  wd = tmp_path / "run"
+  wd.mkdir()
+  lock = wd / files.LOCK_NAME
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+  try:
+    lock.write_text(json.dumps({"pid": live.pid, "host": __import__("socket").gethostname(),
+                                "start": files._process_start(live.pid)}))
+    before = _tree(str(tmp_path))
+    _refused(lambda argv: cli.run(_train(_small(assets), wd, stop_after=1), argv), [],
+             f"workdir {wd} is in use by pid {live.pid} on host")
+    assert _tree(str(tmp_path)) == before
+  finally:
+    live.kill()
+    live.wait()
+  # The holder is gone: its stale lock is taken over with a warning, and released at the end.
+  assert cli.run(_train(_small(assets), wd, stop_after=1), []) == 0
+  assert any("stale lock" in r.getMessage() and str(live.pid) in r.getMessage()
+             for r in caplog.records)
+  assert not lock.exists() and test_trainer.saved_steps(str(wd)) == [1]
+  # Released on an exception too.
+  with files.dir_lock(str(wd)):
+    with pytest.raises(files.LockedError, match=f"pid {os.getpid()}"):
+      with files.dir_lock(str(wd)):
+        pass
+  assert not lock.exists()
+
+
+def test_resume_skips_a_truncated_latest_step(assets, tmp_path, capsys):
+  wd = tmp_path / "run"
+  assert cli.run(_train(_small(assets), wd, stop_after=2), []) == 0
+  _truncate_latest(str(wd), step=2)
+  bad = _hashes(os.path.join(wd, "checkpoints", "2"))
+  assert cli.run(_train(_small(assets), wd, stop_after=3), []) == 0
+  out = capsys.readouterr()
+  assert "Traceback" not in out.err and "resumed from step 1" in out.out, out
+  assert "step(s) [2]" in out.out and "unreadable" in out.out
+  aside = glob.glob(os.path.join(wd, "checkpoints", "2.unreadable-*"))
+  assert len(aside) == 1  # kept, byte for byte, under another name
+  assert sorted(h for h in _hashes(aside[0]).values()) == sorted(bad.values())
+  assert test_trainer.saved_steps(str(wd)) == [1, 2, 3]
+  assert [r["step"] for r in test_trainer._train_records(str(wd))] == [1, 2, 3]

@@ -127,6 +127,7 @@ OVERRIDES = {
     "adam_eps": ("1e-6", 1e-6), "grad_clip_norm": ("0.5", 0.5), "seed": ("3", 3),
     "init_embedding_std": ("0.5", 0.5), "log_every": ("2", 2), "eval_every": ("0", 0),
     "save_every": ("9", 9), "keep_checkpoints": ("1", 1), "checkpoint_dir": ("gs://b/ck", "gs://b/ck"),
+    "allow_config_change": ("True", True),
     "eval_prompts": ("4", 4), "eval_new_tokens": ("5", 5), "eval_max_prompt_len": ("33", 33),
     "export_hf": ("False", False), "export_dtype": ("bfloat16", "bfloat16"),
     "hf_check": ("False", False), "compilation_cache_dir": ("/tmp/cc", "/tmp/cc"),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -80,6 +81,9 @@ class TrainConfig:
   # "" : WORKDIR/checkpoints. Any orbax path, e.g. gs://bucket/run/checkpoints on Cloud TPU:
   # checkpoints outlive the VM, and a run on a new VM with the same value resumes from them.
   checkpoint_dir: str = ""
+  # Resume a workdir whose run fingerprint (model, drafter, data-shaping keys: `loop.fingerprint`)
+  # differs from this config's; the workdir's pair.json, config.json and fingerprint are rewritten.
+  allow_config_change: bool = False
   eval_prompts: int = 32  # held-out prompts the base continues greedily for the accepted length
   eval_new_tokens: int = 64
   eval_max_prompt_len: int = 256
@@ -103,11 +107,30 @@ class TrainConfig:
           f"batch_size {self.batch_size} is not divisible by {self.grad_accum_steps} micro-batches")
     _need(self.seq_len > self.num_draft_steps + 1, "seq_len",
           f"{self.seq_len} leaves no room for {self.num_draft_steps} draft steps")
-    _need(self.learning_rate >= 0, "learning_rate", "must be >= 0")
-    _need(0 <= self.min_learning_rate_ratio <= 1, "min_learning_rate_ratio", "must be in [0, 1]")
-    _need(self.eval_every >= 0, "eval_every", "must be >= 0 (0: only at the end)")
+    self._check_ranges()
     _need(self.export_dtype in EXPORT_DTYPES, "export_dtype",
           f"must be '', 'bfloat16' or 'float32', got {self.export_dtype!r}")
+
+  def _check_ranges(self) -> None:
+    """Every numeric knob in its range; NaN and inf fail every check (they compare False)."""
+    for key in ("drafter_loss_weight", "centroid_loss_weight", "z_loss_weight", "learning_rate",
+                "weight_decay", "grad_clip_norm", "init_embedding_std", "warmup_steps",
+                "loss_chunk_size", "seed", "eval_every", "eval_prompts"):
+      v = getattr(self, key)
+      _need(math.isfinite(v) and v >= 0, key, f"must be a finite number >= 0, got {v}")
+    for key in ("eval_new_tokens", "eval_max_prompt_len"):
+      _need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+    for key in ("adam_b1", "adam_b2"):
+      _need(0 <= getattr(self, key) < 1, key, f"must be in [0, 1), got {getattr(self, key)}")
+    _need(math.isfinite(self.adam_eps) and self.adam_eps > 0, "adam_eps",
+          f"must be a finite number > 0, got {self.adam_eps}")
+    _need(0 <= self.min_learning_rate_ratio <= 1, "min_learning_rate_ratio",
+          f"must be in [0, 1], got {self.min_learning_rate_ratio}")
+    _need(all(math.isfinite(w) and w >= 0 for w in self.step_weights or ()), "step_weights",
+          f"must be finite numbers >= 0, got {self.step_weights}")
+    cap = self.drafter_logit_softcap
+    _need(cap is None or (math.isfinite(cap) and cap > 0), "drafter_logit_softcap",
+          f"must be None or a finite number > 0, got {cap}")
 
   @classmethod
   def from_config(cls, train: Mapping[str, Any]) -> "TrainConfig":
@@ -128,7 +151,7 @@ class TrainConfig:
 # Fields read only by the loop around the compiled step.
 _NOT_IN_PROGRAMS = ("seed", "log_every", "eval_every", "save_every",
                     "keep_checkpoints", "checkpoint_dir", "eval_prompts", "eval_new_tokens",
-                    "eval_max_prompt_len", "export_hf", "export_dtype", "hf_check",
+                    "eval_max_prompt_len", "allow_config_change", "export_hf", "export_dtype", "hf_check",
                     "compilation_cache_dir")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 

@@ -52,6 +52,13 @@ def to_host(tree):
   return jax.device_get(tree)
 
 
+def barrier(name: str) -> None:
+  """Every process waits here for the others (a no-op in a single-process run)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def global_prompts(prompts: list[np.ndarray], max_len: int) -> list[np.ndarray]:
   """The same prompt list on every process (each process packed different held-out rows)."""
   if jax.process_count() == 1:

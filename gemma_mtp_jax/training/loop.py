@@ -8,8 +8,11 @@ phases, each a function of the `_Run` that setup builds:
            section becomes a `TrainConfig`), `jax.distributed` if asked, the data
            (`data.make_datasets`: the resumable mixture iterator and the fixed held-out batches), the
            mesh + logical rules (one CPU device is a 1x1 mesh), the compiled programs
-           (`step.programs`), the checkpoint manager
-  resume   the latest step of the checkpoints if any: params, optimizer state, data position, RNG;
+           (`step.programs`); the workdir checks and the run fingerprint (`run_dir`). Nothing is
+           written before the workdir is locked (`run_dir.claim`); a run that fails before its
+           loop removes the workdir (or empty checkpoints dir) it created; then the manager
+  resume   the newest intact step of the checkpoints if any (`run_dir.restore_checkpoint`):
+           params, optimizer state, data position, RNG;
            else random init sharded at creation, or `checkpoint.load_pair` of `hf_base` +
            `hf_drafter` (HF dirs or hub ids, converted in memory onto the shardings)
   loop     one jitted train step (`step.train_step`: donated state, in/out shardings, compiled
@@ -39,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from gemma_mtp_jax import sharding
 from gemma_mtp_jax.checkpoint import pair as checkpoint
@@ -50,8 +52,10 @@ from gemma_mtp_jax.training import distributed
 from gemma_mtp_jax.training import evaluate as eval_lib
 from gemma_mtp_jax.training import export as export_lib
 from gemma_mtp_jax.training import metrics as metrics_lib
+from gemma_mtp_jax.training import run_dir
 from gemma_mtp_jax.training import step as step_lib
 from gemma_mtp_jax.utils import compiles
+from gemma_mtp_jax.utils import files
 
 ConfigError = train_config.ConfigError
 DataError = data_lib.DataError
@@ -80,8 +84,12 @@ class _Run:
   mesh: Any
   rules: Any
   progs: step_lib.Programs
-  manager: Any
+  checkpoint_path: str  # where the manager keeps the steps (local or remote)
+  checkpoint_dir: str | None  # train.checkpoint_dir as the manager takes it (None: WORKDIR/checkpoints)
+  fingerprint: dict  # `run_dir.fingerprint` of this config
+  config_change: list  # the keys that differ from the workdir's (allowed by train.allow_config_change)
   t_start: float
+  manager: Any = None  # opened once the workdir is locked
   # --- set by resume
   start: int = 0  # the step the loop starts after
   rng: Any = None
@@ -110,18 +118,31 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, stop_after: int | None = N
   "wall_time_s", and (finished runs) "xla_compiles" and the greedy eval's "prompts" and "stop_ids".
   Raises ConfigError / DataError / TrainingError with messages that name the cause.
   """
-  r = _setup(cfg, workdir)
-  with sharding.use_mesh(r.mesh, r.rules):
-    state = _resume(r)
-    end = _loop(r, state, stop_after)
-    return _finish(r, end)
+  r = _setup(cfg, workdir)  # checks only: nothing is written before the workdir is locked
+  try:
+    with run_dir.claim(r.workdir, r.checkpoint_path, r.is_main) as claim:
+      r.manager = checkpoint.open_manager(r.workdir, max_to_keep=r.tcfg.keep_checkpoints,
+                                          directory=r.checkpoint_dir)
+      with sharding.use_mesh(r.mesh, r.rules):
+        try:
+          state = _resume(r)
+        except BaseException:
+          r.manager.close()  # before the claim rolls back what this run created
+          raise
+        claim.started = True
+        end = _loop(r, state, stop_after)
+        return _finish(r, end)
+  except files.LockedError as e:
+    raise TrainingError(str(e)) from None
 
 
 def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
-  """Config checks, processes, data, mesh, programs and the checkpoint manager."""
+  """Config checks, processes, mesh, workdir checks, data and programs; writes nothing."""
   t_start = time.time()
   base_cfg, dcfg, tcfg = train_config.validate_config(cfg)
   distributed.initialize_distributed(cfg.mesh)
+  # First: a mesh or batch that does not fit the devices is a config error, found in no time.
+  mesh, rules = step_lib.run_mesh(cfg.mesh, tcfg, process_count=jax.process_count())
   if tcfg.compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(tcfg.compilation_cache_dir))
   is_main = jax.process_index() == 0
@@ -134,6 +155,10 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
   if workdir != remote:
     say(f"[train] --workdir {remote} is remote storage: checkpoints go to {checkpoint_dir} "
         f"(orbax), metrics, plots and the HF export to the local {workdir}")
+  checkpoint_path = checkpoint_dir or os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)
+  run_dir.check_workdir(workdir, checkpoint_path, cfg)
+  fingerprint = run_dir.fingerprint(cfg, base_cfg, dcfg, tcfg)
+  config_change = run_dir.check_fingerprint(workdir, fingerprint, tcfg.allow_config_change)
 
   tokenizer = data_lib.tokenizer_from_config(cfg.data)
   if len(tokenizer) > base_cfg.vocab_size:
@@ -146,29 +171,24 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
       eval_lib.prompts_from_batches(eval_batches, tcfg.eval_prompts, tcfg.eval_max_prompt_len),
       tcfg.eval_max_prompt_len)
 
-  mesh = sharding.make_mesh(train_config.as_dict(cfg.mesh.axes))
-  rules = sharding.rules_from_config(cfg.mesh.rules)
-  if is_main:
-    os.makedirs(workdir, exist_ok=True)
-  manager = checkpoint.open_manager(workdir, max_to_keep=tcfg.keep_checkpoints,
-                                    directory=checkpoint_dir)
   return _Run(cfg=cfg, base_cfg=base_cfg, dcfg=dcfg, tcfg=tcfg, workdir=workdir, is_main=is_main,
               say=say, tokenizer=tokenizer, train_iter=train_iter, eval_batches=eval_batches,
               prompts=prompts, stop_ids=_stop_ids(tokenizer), mesh=mesh, rules=rules,
-              progs=step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules), manager=manager,
-              t_start=t_start)
+              progs=step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules),
+              checkpoint_path=checkpoint_path, checkpoint_dir=checkpoint_dir,
+              fingerprint=fingerprint, config_change=config_change, t_start=t_start)
 
 
 def _resume(r: _Run) -> step_lib.TrainState:
-  """The train state to start from: the latest checkpoint's, else a fresh one (random init or the
-  HF pair); writes the workdir's pair files and config.json, opens the metric writer, builds the
-  evaluator and prints the run's "[train]" line."""
+  """The train state to start from: the newest intact checkpoint's, else a fresh one (random init
+  or the HF pair); then (everything that can fail having passed) writes the workdir's pair files,
+  fingerprint and config.json, opens the metric writer, builds the evaluator and prints the run's
+  "[train]" line."""
   cfg, tcfg = r.cfg, r.tcfg
-  start = r.manager.latest_step()
   r.rng = jax.random.PRNGKey(tcfg.seed)
   opt_state = None
-  if start is not None:
-    params, r.buffers, opt_state, meta = _restore(r.manager, start, r.progs)
+  if r.manager.all_steps():
+    start, params, r.buffers, opt_state, meta = _restore(r)
     r.train_iter.set_state(meta["data"])
     r.rng = jnp.asarray(meta["rng"], jnp.uint32)
     source = f"resumed from step {start} of {r.manager.directory}"
@@ -197,8 +217,11 @@ def _resume(r: _Run) -> step_lib.TrainState:
   r.start = start
   state = r.progs.new_state(params, opt_state, start)
   if r.is_main:
-    with open(os.path.join(r.workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+    if r.config_change:
+      r.say(f"[train] train.allow_config_change: continuing {r.workdir} with "
+            f"{'; '.join(r.config_change)}; its pair.json, config.json and fingerprint are updated")
+    run_dir.adopt_config(r.workdir, r.fingerprint, r.base_cfg, r.dcfg, cfg,
+                         rewrite_pair=bool(r.config_change))
   rows = tcfg.batch_size // jax.process_count()
   r.evaluator = eval_lib.make_evaluator(r.base_cfg, r.dcfg, tcfg, r.eval_batches, r.prompts,
                                         r.stop_ids, tcfg.eval_new_tokens, r.progs.batch_sh, rows,
@@ -289,16 +312,10 @@ class _StepLog:
 
   def _stop_non_finite(self, step: int, m: dict) -> None:
     bad = "loss" if not math.isfinite(m["loss"]) else "grad_norm"
-    manager = self.r.manager
-    # The params of checkpoint step - 1 produced this value: that one is not a good one.
-    manager.wait_until_finished()
-    if manager.latest_step() == step - 1 and step - 1 > self.r.start:
-      manager.delete(step - 1)
-    good = manager.latest_step()
-    raise TrainingError(
-        f"non-finite {bad} ({m[bad]}) at step {step}: training stopped. Last good checkpoint: "
-        f"{'step ' + str(good) + ' in ' + str(manager.directory) if good is not None else 'none'}"
-        "; lower train.learning_rate or raise train.warmup_steps, then rerun to resume from it")
+    raise TrainingError(f"non-finite {bad} ({m[bad]}) at step {step}: training stopped. "
+                        + run_dir.keep_good_checkpoint(
+                            self.r.manager, step, self.r.start, self.r.tcfg.keep_checkpoints,
+                            self.r.progs.abstract_vars))
 
 
 def _loop(r: _Run, state: step_lib.TrainState, stop_after: int | None) -> _LoopEnd:
@@ -469,13 +486,9 @@ def _fmt(v: float) -> str:
   return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _restore(manager, step: int, progs: step_lib.Programs):
-  """(params, buffers, opt_state, meta) of checkpoint `step`, placed on the run's shardings."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(progs.abstract_vars),
-      opt_state=ocp.args.StandardRestore(progs.opt_abs),
-      meta=ocp.args.JsonRestore()))
-  params, buffers = step_lib.split_vars(dict(restored["params"]))
-  return params, buffers, restored["opt_state"], restored["meta"]
-
-
+def _restore(r: _Run):
+  """(step, params, buffers, opt_state, meta) of the newest checkpoint that restores intact."""
+  step, variables, opt_state, meta = run_dir.restore_checkpoint(
+      r.manager, r.progs.abstract_vars, r.progs.opt_abs, r.config_change, r.is_main, r.say)
+  params, buffers = step_lib.split_vars(variables)
+  return step, params, buffers, opt_state, meta

@@ -268,3 +268,34 @@ def _programs(base_cfg, dcfg, tcfg: TrainConfig, mesh, rules) -> Programs:
       abstract_vars=abstract_vars, params_abs=params_abs, trainable_abs=trainable_abs,
       opt_abs=with_shardings(opt_abs, opt_sh),
       opt_init=jax.jit(tx.init, in_shardings=(trainable_sh,), out_shardings=opt_sh), step=step)
+
+
+# ------------------------------------------------------------------------------ the mesh
+def run_mesh(mesh_cfg, tcfg: TrainConfig, devices=None, process_count: int = 1):
+  """(mesh, rules) of a run's `mesh` section over `devices` (default: all), after checking, before
+  anything is compiled or written, that the mesh divides the devices and that the global batch
+  splits evenly over the devices and processes that share it. ConfigError names the key."""
+  devices = list(devices if devices is not None else jax.devices())
+  axes = {k: v for k, v in (mesh_cfg.axes.to_dict() if hasattr(mesh_cfg.axes, "to_dict")
+                            else dict(mesh_cfg.axes)).items()}
+  try:
+    mesh = sharding.make_mesh(axes, devices)
+  except sharding.ShardingError as e:
+    raise config_lib.ConfigError(f"config key 'mesh.axes' {axes}: {e}") from None
+  rules = sharding.rules_from_config(mesh_cfg.rules)
+  spec = sharding.batch_sharding(mesh, rules).spec
+  names = [a for part in spec[:1] if part is not None
+           for a in ((part,) if isinstance(part, str) else part)]
+  shards = 1
+  for a in names:
+    shards *= int(mesh.shape[a])
+  if tcfg.batch_size % shards:
+    raise config_lib.ConfigError(
+        f"config key 'train.batch_size': {tcfg.batch_size} rows do not split over the {shards} "
+        f"devices of mesh axes {names} (mesh {dict(mesh.shape)}, {len(devices)} devices); use a "
+        f"multiple of {shards}")
+  if tcfg.batch_size % process_count:
+    raise config_lib.ConfigError(
+        f"config key 'train.batch_size': {tcfg.batch_size} rows do not split over "
+        f"{process_count} processes; use a multiple of {process_count}")
+  return mesh, rules

@@ -197,3 +197,88 @@ def atomic_dir(out_dir: str, *, replace: bool = False, marker: str | None = None
       raise FileExistsError(errno.EEXIST, "output directory exists", out)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------ the workdir lock
+LOCK_NAME = ".gemma_mtp_jax.lock"
+
+
+class LockedError(RuntimeError):
+  """The directory is locked by another live process; the message names its pid and host."""
+
+
+def _process_start(pid: int) -> str | None:
+  """The kernel's start time of `pid` (/proc/PID/stat field 22), to tell a reused pid apart."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _read_lock(path: str) -> dict | None:
+  try:
+    with open(path, encoding="utf-8") as f:
+      j = json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError):
+    return {}
+  return j if isinstance(j, dict) else {}
+
+
+def _holder_alive(holder: dict) -> bool:
+  """Whether the process a lock names still runs; a lock from another host counts as alive (its
+  pid cannot be checked from here)."""
+  import socket
+  if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    return True
+  if not _pid_alive(holder["pid"]):
+    return False
+  start = holder.get("start")
+  return start is None or _process_start(holder["pid"]) in (None, start)
+
+
+@contextlib.contextmanager
+def dir_lock(directory: str, what: str = "directory") -> Iterator[str]:
+  """Holds `directory/LOCK_NAME` (pid, host, process start time) for the block: one holder at a
+  time. The file is created complete and atomically (written to a temp file, then hard-linked to
+  its name, which fails if it exists: the O_EXCL of a whole file). A lock left by a dead process
+  on this host is taken over with a warning; a live one (or one from another host) raises
+  LockedError naming pid and host. Released when the block ends, however it ends (exceptions,
+  a signal the caller turns into a stop); a SIGKILL leaves a stale lock, taken over next time.
+  Creates `directory` if needed. Yields the lock file's path."""
+  import socket
+  path = os.path.join(directory, LOCK_NAME)
+  os.makedirs(directory, exist_ok=True)
+  me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _process_start(os.getpid())}
+  fd, tmp = tempfile.mkstemp(prefix=f"{LOCK_NAME}.", dir=directory)
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(me, f)
+    for _ in range(2):
+      try:
+        os.link(tmp, path)
+        break
+      except FileExistsError:
+        holder = _read_lock(path)
+        if holder is None:  # released in between
+          continue
+        if not holder or _holder_alive(holder):
+          who = (f"pid {holder.get('pid')} on host {holder.get('host')}" if holder
+                 else f"an unknown process (unreadable {path})")
+          raise LockedError(f"{what} {directory} is in use by {who} (lock file {path}; remove it "
+                            "only if that process is gone)") from None
+        log.warning("taking over the stale lock %s of pid %s on this host (no longer running)",
+                    path, holder.get("pid"))
+        os.remove(path)
+    else:
+      raise LockedError(f"{what} {directory} is in use (lock file {path} keeps reappearing)")
+  finally:
+    os.remove(tmp)
+  try:
+    yield path
+  finally:
+    if _read_lock(path) == me:  # still ours (nobody took it over meanwhile)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
