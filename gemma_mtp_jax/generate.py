@@ -105,6 +105,7 @@ def _configs_of(path: str):
   when they cannot be read without loading weights (hub ids)."""
   from gemma_mtp_jax import checkpoint
   from gemma_mtp_jax.model import config as config_lib
+  from gemma_mtp_jax.model import families
   from gemma_mtp_jax.checkpoint import safetensors_io
 
   if not os.path.isdir(path):
@@ -112,7 +113,7 @@ def _configs_of(path: str):
   kind = checkpoint.detect_kind(path)
   if kind == "hf":
     hf = safetensors_io.read_json(os.path.join(path, safetensors_io.CONFIG_NAME))
-    if hf.get("model_type") == "gemma4_assistant":
+    if hf.get("model_type") in families.ASSISTANT_TYPES:
       return None, config_lib.DrafterConfig.from_hf_config(hf)
     return config_lib.ModelConfig.from_hf_config(hf), None
   pj = checkpoint.read_pair_json(path)

@@ -2,8 +2,9 @@
 the benchmarks and the parity tests need from `transformers` beyond loading a model.
 
   hf_assistant_patch   lets transformers 5.23 build Gemma 4 assistants (every layer KV-shared: its
-                       `Gemma4TextConfig.kv_sharing_modes` raises for them)
-  hf_assistant         a random-weight Gemma4AssistantForCausalLM from a config dict
+                       `kv_sharing_modes` raises for them) and run them with bases that share no
+                       K/V (12B, 26B-A4B, 31B: it makes no "store" layers for them)
+  hf_assistant         a random-weight Gemma4(Unified)AssistantForCausalLM from a config dict
   torch_composite_loss the joint loss written with HF modules (the benchmark's torch side, and the
                        reference `training.objective.loss_fn` is tested against)
   hf_stale_kv_fix      drops the stale K/V transformers 5.23 hands the assistant after a partial
@@ -22,36 +23,74 @@ from typing import Sequence
 import numpy as np
 
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import families
+
+
+def _text_config_classes():
+  """The transformers text-config classes whose `kv_sharing_modes` the patch replaces (the unified
+  ones are copies, not subclasses, of gemma4's; transformers < 5.10 has no unified family)."""
+  from transformers.models.gemma4 import configuration_gemma4 as c4
+  classes = [c4.Gemma4TextConfig]
+  try:
+    from transformers.models.gemma4_unified import configuration_gemma4_unified as cu
+    classes.append(cu.Gemma4UnifiedTextConfig)
+  except ImportError:
+    pass
+  return classes
 
 
 @contextlib.contextmanager
 def hf_assistant_patch():
-  """Lets transformers 5.23 build Gemma 4 assistants (all layers KV-shared); restores on exit."""
-  from transformers.models.gemma4 import configuration_gemma4 as c4
-  original = c4.Gemma4TextConfig.kv_sharing_modes
+  """Lets transformers 5.23 build and run every released Gemma 4 pair; restores on exit.
 
-  def kv_sharing_modes(self):
-    if self.num_kv_shared_layers and self.num_kv_shared_layers == self.num_hidden_layers:
-      return ["reuse"] * self.num_hidden_layers
-    return original.fget(self)
+  Replaces `kv_sharing_modes` of `Gemma4TextConfig` and `Gemma4UnifiedTextConfig` in two cases:
+  - an assistant (every layer KV-shared), which 5.23 refuses to build: all layers "reuse";
+  - a base that shares no K/V between its own layers (12B, 26B-A4B, 31B), for which 5.23 makes no
+    "store" layer, so `generate(assistant_model=...)` finds no `shared_kv_states` (KeyError
+    'full_attention'): the last layer of each type "stores", which is what the assistant reads
+    (`ModelConfig.store_layers`). A store layer only records its K/V; the logits are unchanged.
+  Other bases (E2B/E4B) keep 5.23's own modes. Layers read the modes when they are built, so build
+  or `from_pretrained` both models of a pair inside this context.
+  """
+  classes = _text_config_classes()
+  originals = [cls.kv_sharing_modes for cls in classes]
 
-  c4.Gemma4TextConfig.kv_sharing_modes = property(kv_sharing_modes)
+  def patched(original):
+    def kv_sharing_modes(self):
+      n, shared = self.num_hidden_layers, self.num_kv_shared_layers
+      if shared and shared == n:
+        return ["reuse"] * n
+      if not shared:
+        modes = [None] * n
+        for lt in set(self.layer_types):
+          modes[max(i for i, t in enumerate(self.layer_types) if t == lt)] = "store"
+        return modes
+      return original.fget(self)
+    return property(kv_sharing_modes)
+
+  for cls, original in zip(classes, originals):
+    cls.kv_sharing_modes = patched(original)
   try:
     yield
   finally:
-    c4.Gemma4TextConfig.kv_sharing_modes = original
+    for cls, original in zip(classes, originals):
+      cls.kv_sharing_modes = original
 
 
 def hf_assistant(assistant_config: dict, seed: int = 0, attn_implementation: str = "eager"):
-  """A Gemma4AssistantForCausalLM (float32, eval) from a `DrafterConfig.to_hf_config()`-style dict."""
+  """A Gemma4AssistantForCausalLM or Gemma4UnifiedAssistantForCausalLM (after the dict's
+  model_type; float32, eval) from a `DrafterConfig.to_hf_config()`-style dict."""
   import torch
   import transformers
+  assistant_config = dict(assistant_config)
+  assistant_config.pop("architectures", None)
+  fam = families.of_model_type(assistant_config.pop("model_type", None))
   with hf_assistant_patch():
-    cfg = transformers.Gemma4AssistantConfig(**assistant_config)
+    cfg = getattr(transformers, fam.assistant_config_class)(**assistant_config)
     cfg._attn_implementation = attn_implementation
     cfg.text_config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = transformers.Gemma4AssistantForCausalLM(cfg).eval().float()
+    model = getattr(transformers, fam.assistant_lm)(cfg).eval().float()
   return model
 
 

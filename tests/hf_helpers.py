@@ -70,3 +70,42 @@ def hf_causal_lm(variant: str, seed: int = 0, **over):
 
 def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+# 12B-style ("gemma4_unified"): k_eq_v global layers with one global kv head, no PLE, no MoE, no KV
+# sharing; the last sliding layer (4) sits right before the last full one (5), as 46/47 do in the 12B.
+UNIFIED = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+    num_global_key_value_heads=1, attention_k_eq_v=True, layer_types=[S, S, S, F, S, F],
+    sliding_window=4, final_logit_softcapping=30.0)
+
+
+def hf_unified_text_config(**over):
+  """A tiny `Gemma4UnifiedTextConfig` (eager attention)."""
+  cfg = transformers.Gemma4UnifiedTextConfig(**{**UNIFIED, **over})
+  cfg._attn_implementation = "eager"
+  return cfg
+
+
+def hf_unified_causal_lm(seed: int = 0, **over):
+  """A tiny random `Gemma4UnifiedForCausalLM`. Build it inside `hf_torch.hf_assistant_patch` to
+  get the store layers an assistant reads."""
+  torch.manual_seed(seed)
+  model = transformers.Gemma4UnifiedForCausalLM(hf_unified_text_config(**over)).eval().float()
+  return randomize_(model, seed)
+
+
+def hf_unified_assistant_config(vocab_size: int = 256, backbone: int = 64, ordered: bool = False,
+                                **text_over) -> dict:
+  """A `DrafterConfig.to_hf_config()`-style dict of a tiny 12B-style assistant ([s, s, s, f],
+  reading the UNIFIED base's K/V: kv heads 2 / 1, head_dim 16 / 32, k_eq_v)."""
+  text = dict(model_type="gemma4_unified_text", vocab_size=vocab_size, hidden_size=32,
+              intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+              attention_k_eq_v=True, layer_types=[S, S, S, F], sliding_window=4,
+              num_kv_shared_layers=4, final_logit_softcapping=None)
+  text.update(text_over)
+  return dict(model_type="gemma4_unified_assistant", text_config=text,
+              backbone_hidden_size=backbone, use_ordered_embeddings=ordered, num_centroids=16,
+              centroid_intermediate_top_k=4)

@@ -55,6 +55,30 @@ def tiny_configs(ordered: bool = True, window: int = 3, small: bool = False, **b
   return base, dcfg
 
 
+def tiny_unified_configs(ordered: bool = True, window: int = 3):
+  """A small 12B-style ("gemma4_unified") pair: a base without PLE, MoE or KV sharing, its global
+  layers k_eq_v with one KV head; the drafter [s, s, s, f] reads its last sliding (3) and last
+  full (4) layer."""
+  base = config_lib.ModelConfig(
+      vocab_size=64, embed_dim=32, num_layers=5, num_heads=2, num_kv_heads=2, num_global_kv_heads=1,
+      attention_k_eq_v=True, head_dim=8, global_head_dim=16, hidden_dim=48,
+      layer_types=(S, F, S, S, F), sliding_window=window, hf_family="gemma4_unified")
+  text = config_lib.ModelConfig(
+      vocab_size=64, embed_dim=16, num_layers=4, num_heads=2, num_kv_heads=2, num_global_kv_heads=1,
+      attention_k_eq_v=True, head_dim=8, global_head_dim=16, hidden_dim=32,
+      layer_types=(S, S, S, F), sliding_window=window, final_logit_softcap=None,
+      hf_family="gemma4_unified")
+  dcfg = config_lib.DrafterConfig(text=text, backbone_hidden_size=32, use_ordered_embeddings=ordered,
+                                  num_centroids=8, centroid_intermediate_top_k=2)
+  dcfg.check_fits(base)
+  assert base.store_layers == {S: 3, F: 4}
+  return base, dcfg
+
+
+# The families the joint-training tests run over: E2B-style (PLE, KV sharing) and 12B-style.
+FAMILY_CONFIGS = {"gemma4": tiny_configs, "gemma4_unified": tiny_unified_configs}
+
+
 def random_params(base, dcfg, seed: int = 0, amp: float = 1.2):
   """Joint params with non-trivial values everywhere (norm scales 1 +- 0.2, fan-in scaled matrices)
   and a random token ordering, so a wrong layout, scale or mask shows in the outputs."""

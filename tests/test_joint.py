@@ -3,7 +3,7 @@
 Alignment proof: for random weights and a random sequence, the training forward's step-k logits at
 anchor row t equal `drafter.draft` run from the prefix x_0..x_{t+1} (base K/V of x_0..x_t only, the
 slots after t filled with garbage tokens) with teacher-forced tokens, for every t and k, under both
-query-position conventions.
+query-position conventions, for each model family (E2B-style and 12B-style pairs).
 """
 
 import jax
@@ -14,7 +14,7 @@ import pytest
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.training import objective as joint
 from gemma_mtp_jax.training.config import TrainConfig
-from tests.test_drafter import jit_base, jit_draft, random_params, tiny_configs
+from tests.test_drafter import FAMILY_CONFIGS, jit_base, jit_draft, random_params, tiny_configs
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -33,9 +33,10 @@ def _forward(params, buffers, batch, base, dcfg, jcfg):
   return jax.jit(lambda p, b: joint.joint_forward(p, buffers, b, base, dcfg, jcfg))(params, batch)
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 @pytest.mark.parametrize("query_position", ["next", "anchor"])
-def test_training_forward_equals_draft_api(query_position):
-  base, dcfg = tiny_configs(ordered=True, window=3)
+def test_training_forward_equals_draft_api(query_position, family):
+  base, dcfg = FAMILY_CONFIGS[family](ordered=True, window=3)
   params, buffers = random_params(base, dcfg, seed=0)
   b, t_len, k_steps = 2, 10, 3
   rng = np.random.default_rng(0)

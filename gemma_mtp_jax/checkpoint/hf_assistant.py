@@ -1,4 +1,6 @@
-"""HF Gemma 4 assistant (`Gemma4AssistantForCausalLM`) state dict <-> Flax drafter variables, in memory.
+"""HF Gemma 4 assistant (`Gemma4AssistantForCausalLM`, and the 12B's
+`Gemma4UnifiedAssistantForCausalLM`: the same tensors) state dict <-> Flax drafter variables, in
+memory.
 
 HF tensors and where they go:
   model.embed_tokens.weight            [V, D]     params/embedding (also the tied lm_head)

@@ -2,7 +2,10 @@
 
 Handles both HF layouts: `Gemma4ForCausalLM` (`model.*`) and `Gemma4ForConditionalGeneration`
 (`model.language_model.*`, with vision/audio towers beside it, which are returned untouched as
-`extra` so an export can carry them through). `lm_head.weight` is tied to the embedding in every
+`extra` so an export can carry them through). The 12B's `Gemma4UnifiedForCausalLM` /
+`Gemma4UnifiedForConditionalGeneration` use the same text names; their multimodal tensors are the
+embedders `model.vision_embedder.*`, `model.embed_vision.embedding_projection.weight` and
+`model.embed_audio.embedding_projection.weight` (as stored; transformers renames them on load). `lm_head.weight` is tied to the embedding in every
 released model: it is accepted on input when equal to it and never written on output.
 
 The Flax model is `gemma_mtp_jax.model.transformer`; the per-layer entries are in `hf_names`. Files

@@ -25,6 +25,7 @@ from gemma_mtp_jax.checkpoint import safetensors_io
 from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import families
 from gemma_mtp_jax.utils import files
 
 log = logging.getLogger("gemma_mtp_jax.convert")
@@ -95,13 +96,14 @@ def _base_config_json(cfg: config_lib.ModelConfig, info: Mapping, dtype_name: st
     out = copy.deepcopy(orig)
   else:
     import transformers
-    text = _fresh_config_json(transformers.Gemma4TextConfig(**cfg.to_hf_config()))
-    if orig is not None and orig.get("model_type") == "gemma4":
+    fam = families.FAMILIES[cfg.hf_family]
+    text = _fresh_config_json(getattr(transformers, fam.text_config_class)(**cfg.to_hf_config()))
+    if orig is not None and orig.get("model_type") == fam.multimodal_type:
       out = copy.deepcopy(orig)
       text.pop("dtype", None)
       out["text_config"] = text
     else:
-      out = dict(text, architectures=["Gemma4ForCausalLM"])
+      out = dict(text, architectures=[fam.causal_lm])
     log.info("base config.json generated from the JAX config (%s)",
              "no source config" if orig is None else "the architecture differs from the source's")
   if dtype_name in trees.DTYPES and out.get("dtype") != dtype_name:
@@ -119,10 +121,12 @@ def _drafter_config_json(dcfg: config_lib.DrafterConfig, info: Mapping,
     out = copy.deepcopy(orig)
   else:
     import transformers
+    fam = families.FAMILIES[dcfg.text.hf_family]
     d = dcfg.to_hf_config()
-    text = _fresh_config_json(transformers.Gemma4TextConfig(**d.pop("text_config")))
-    out = _fresh_config_json(transformers.Gemma4AssistantConfig(text_config=text, **d))
-    out["architectures"] = ["Gemma4AssistantForCausalLM"]
+    text = _fresh_config_json(getattr(transformers, fam.text_config_class)(**d.pop("text_config")))
+    out = _fresh_config_json(getattr(transformers, fam.assistant_config_class)(text_config=text,
+                                                                               **d))
+    out["architectures"] = [fam.assistant_lm]
     log.info("drafter config.json generated from the JAX config")
   if dtype_name in trees.DTYPES and out.get("dtype") != dtype_name:
     out["dtype"] = dtype_name

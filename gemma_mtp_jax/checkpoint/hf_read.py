@@ -20,11 +20,13 @@ from gemma_mtp_jax.checkpoint import safetensors_io
 from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import families
 
 log = logging.getLogger("gemma_mtp_jax.convert")
 
-HF_MODEL_TYPES = ("gemma4", "gemma4_text", "gemma4_assistant")
-ASSISTANT_MODEL_TYPE = "gemma4_assistant"
+# gemma4, gemma4_text, gemma4_assistant and the 12B's gemma4_unified{,_text,_assistant}.
+HF_MODEL_TYPES = families.MODEL_TYPES
+ASSISTANT_MODEL_TYPES = families.ASSISTANT_TYPES
 
 
 def hf_model_type(path: str) -> str | None:
@@ -75,7 +77,7 @@ def read_base(src_dir: str, dtype, shardings):
   """(ModelConfig, params, hf_extra info) of an HF Gemma 4 base dir, streamed and placed."""
   cfg_path = os.path.join(src_dir, safetensors_io.CONFIG_NAME)
   hf_config = safetensors_io.read_json(cfg_path)
-  if hf_config.get("model_type") == ASSISTANT_MODEL_TYPE:
+  if hf_config.get("model_type") in ASSISTANT_MODEL_TYPES:
     raise ConversionError(f"{cfg_path}: this is an assistant (drafter) checkpoint; pass it as the "
                           "drafter (--drafter), with the base model as the base")
   try:
@@ -100,9 +102,9 @@ def read_drafter(src_dir: str, base_cfg: config_lib.ModelConfig, base_where: str
   """(DrafterConfig, variables, hf_extra info) of an HF assistant dir, checked against the base."""
   cfg_path = os.path.join(src_dir, safetensors_io.CONFIG_NAME)
   hf_config = safetensors_io.read_json(cfg_path)
-  if hf_config.get("model_type") != ASSISTANT_MODEL_TYPE:
+  if hf_config.get("model_type") not in ASSISTANT_MODEL_TYPES:
     raise ConversionError(f"{cfg_path}: model_type is {hf_config.get('model_type')!r}; the drafter "
-                          f"must be a '{ASSISTANT_MODEL_TYPE}' checkpoint")
+                          f"must be a {' or '.join(map(repr, ASSISTANT_MODEL_TYPES))} checkpoint")
   try:
     dcfg = config_lib.DrafterConfig.from_hf_config(hf_config)
   except config_lib.ConfigError as e:

@@ -13,6 +13,8 @@ import difflib
 import functools
 from typing import Any, Mapping, Sequence
 
+from gemma_mtp_jax.model import families
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
@@ -76,6 +78,9 @@ class ModelConfig:
   pad_token_id: int = 0
   bos_token_id: int = 2
   eos_token_id: int | tuple[int, ...] = 1
+  # The transformers family (`families`): "gemma4" or "gemma4_unified" (12B). Same computation;
+  # it decides the model_type / classes an export writes.
+  hf_family: str = families.GEMMA4
   # Numerics and compilation (not part of the HF config).
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
@@ -133,6 +138,10 @@ class ModelConfig:
          "attention_chunk_size", f"must be an integer >= 0, got {self.attention_chunk_size!r}")
     need(self.hidden_activation in ("gelu_pytorch_tanh", "gelu", "silu"), "hidden_activation",
          f"unsupported activation {self.hidden_activation!r}")
+    need(self.hf_family in families.FAMILIES, "hf_family",
+         f"unknown family {self.hf_family!r}; expected one of {sorted(families.FAMILIES)}")
+    need(self.hf_family != families.UNIFIED or not (self.ple_dim or self.enable_moe), "hf_family",
+         "gemma4_unified models have no per-layer embeddings and no MoE block")
 
   def architecture(self) -> "ModelConfig":
     """This config with the numerics and compilation settings reset: two configs describe the same
@@ -200,14 +209,12 @@ class ModelConfig:
   # ------------------------------------------------------------------ HF mapping
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
-    """Builds from an HF Gemma4TextConfig dict (or a Gemma4Config dict with `text_config`)."""
-    hf = dict(hf)
-    model_type = hf.get("model_type")
-    if "text_config" in hf and model_type in ("gemma4", "gemma4_assistant", None):
-      hf = dict(hf["text_config"])
-      model_type = hf.get("model_type", "gemma4_text")
-    if model_type not in (None, "gemma4_text"):
-      raise ConfigError(f"config model_type is {model_type!r}; expected 'gemma4_text' or 'gemma4'")
+    """Builds from an HF text config dict (gemma4_text, gemma4_unified_text) or a multimodal /
+    assistant one holding it as `text_config` (gemma4, gemma4_unified, their assistants)."""
+    hf, family, model_type = families.split_text_config(hf)
+    if family is None:
+      raise ConfigError(f"config model_type is {model_type!r}; expected a Gemma 4 model "
+                        f"({', '.join(families.TEXT_TYPES + families.MULTIMODAL_TYPES)})")
     n = hf.get("num_hidden_layers", 30)
     layer_types = hf.get("layer_types") or [
         SLIDING if (i + 1) % 6 else FULL for i in range(n)]
@@ -220,13 +227,14 @@ class ModelConfig:
     num_global_kv = hf.get("num_global_key_value_heads")
     per_layer = hf.get("per_layer_config")
     if per_layer is not None:  # {} (global layers == sliding ones) too: global_head_dim = head_dim
-      global_head_dim, num_global_kv = _global_overrides(hf, per_layer, layer_types)
+      global_head_dim, num_global_kv = families.per_layer_geometry(hf, per_layer, layer_types)
     # "vision" (shipped by 26B-A4B and 31B) only lets image tokens attend both ways; text tokens stay
     # causal, so a text decoder is unaffected. "all" turns the model into an encoder.
     if hf.get("use_bidirectional_attention") == "all":
       raise ConfigError("config 'use_bidirectional_attention' = 'all' is not supported "
                         "(causal text decoders only)")
     kw = dict(
+        hf_family=family.name,
         vocab_size=hf.get("vocab_size", 262_144),
         embed_dim=hf.get("hidden_size", 2304),
         num_layers=n,
@@ -270,7 +278,8 @@ class ModelConfig:
     return cls(**kw)
 
   def to_hf_config(self) -> dict[str, Any]:
-    """The `Gemma4TextConfig` keyword dict (model_type gemma4_text)."""
+    """The keyword dict of the family's HF text config class (`Gemma4TextConfig`, model_type
+    gemma4_text; or `Gemma4UnifiedTextConfig`, gemma4_unified_text, without PLE/MoE keys)."""
     rope = {
         SLIDING: {"rope_type": self.local_rope_type, "rope_theta": self.rope_local_theta},
         FULL: {"rope_type": self.global_rope_type, "rope_theta": self.rope_global_theta},
@@ -316,43 +325,13 @@ class ModelConfig:
       out["num_global_key_value_heads"] = self.num_global_kv_heads
     if self.attn_logit_softcap is not None:
       out["attn_logit_softcapping"] = self.attn_logit_softcap
-    return out
-
-
-def _global_overrides(hf: Mapping[str, Any], per_layer: Mapping[Any, Mapping[str, Any]],
-                      layer_types: Sequence[str]) -> tuple[int, int | None]:
-  """(global_head_dim, num_global_kv_heads) from transformers >= 5.23's `per_layer_config`.
-
-  HF builds layer i from the top-level attributes updated by `per_layer_config[i]` (keys are layer
-  indices, serialised as strings such as "05") and ignores the top-level `global_head_dim` and
-  `num_global_key_value_heads` once it is present. ModelConfig holds one sliding and one global
-  geometry, so a config that needs more is refused rather than misread.
-  """
-  head_dim, kv = hf.get("head_dim", 256), hf.get("num_key_value_heads", 4)
-  full, explicit_kv = set(), False
-  for key, over in per_layer.items():
-    i = int(key)
-    if not 0 <= i < len(layer_types):
-      raise ConfigError(f"config 'per_layer_config' names layer {key!r} of {len(layer_types)}")
-    geometry = (over.get("head_dim", head_dim), over.get("num_key_value_heads", kv))
-    if layer_types[i] == FULL:
-      full.add(geometry)
-      explicit_kv |= "num_key_value_heads" in over
-    elif geometry != (head_dim, kv):
-      raise ConfigError(f"config 'per_layer_config' gives sliding layer {i} (head_dim, kv heads) = "
-                        f"{geometry}; only global layers may differ from the top level")
-  if len(full) > 1:
-    raise ConfigError(f"config 'per_layer_config' gives global layers different geometries {full}")
-  global_head_dim, global_kv = full.pop() if full else (head_dim, kv)
-  if explicit_kv and global_kv != kv and not hf.get("attention_k_eq_v", False):
-    raise ConfigError("config 'per_layer_config' gives global layers their own KV head count; "
-                      "ModelConfig supports that only with attention_k_eq_v")
-  return global_head_dim, global_kv if explicit_kv else None
+    return families.text_config_out(self.hf_family, out)
 
 
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
-  """The Gemma 4 assistant (HF `gemma4_assistant`): a small decoder whose layers own no K/V."""
+  """The Gemma 4 assistant (HF `gemma4_assistant` / `gemma4_unified_assistant`, after
+  `text.hf_family`): a small decoder whose layers own no K/V."""
 
   text: ModelConfig
   backbone_hidden_size: int
@@ -408,11 +387,14 @@ class DrafterConfig:
   @classmethod
   def from_hf_config(cls, hf: Mapping[str, Any], **text_overrides) -> "DrafterConfig":
     hf = dict(hf)
-    if hf.get("model_type") not in (None, "gemma4_assistant"):
-      raise ConfigError(f"config model_type is {hf.get('model_type')!r}; expected 'gemma4_assistant'")
+    if hf.get("model_type") not in (None,) + families.ASSISTANT_TYPES:
+      raise ConfigError(f"config model_type is {hf.get('model_type')!r}; expected one of "
+                        f"{families.ASSISTANT_TYPES}")
     if "text_config" not in hf:
       raise ConfigError("assistant config has no 'text_config'")
+    family = families.of_model_type(hf.get("model_type"))
     tc = dict(hf["text_config"])
+    tc.setdefault("model_type", family.text_type)
     tc.setdefault("hidden_size_per_layer_input", 0)
     tc.setdefault("vocab_size_per_layer_input", 0)
     if not tc.get("num_kv_shared_layers"):
@@ -420,7 +402,7 @@ class DrafterConfig:
     text = ModelConfig.from_hf_config(tc, **text_overrides)
     return cls(
         text=text,
-        backbone_hidden_size=hf.get("backbone_hidden_size", 1536),
+        backbone_hidden_size=hf.get("backbone_hidden_size", family.assistant_backbone),
         use_ordered_embeddings=bool(hf.get("use_ordered_embeddings", False)),
         num_centroids=hf.get("num_centroids", 2048),
         centroid_intermediate_top_k=hf.get("centroid_intermediate_top_k", 32),
@@ -428,9 +410,10 @@ class DrafterConfig:
 
   def to_hf_config(self) -> dict[str, Any]:
     tc = self.text.to_hf_config()
+    family = families.FAMILIES[self.text.hf_family]
     return dict(
-        model_type="gemma4_assistant",
-        architectures=["Gemma4AssistantForCausalLM"],
+        model_type=family.assistant_type,
+        architectures=[family.assistant_lm],
         text_config=tc,
         backbone_hidden_size=self.backbone_hidden_size,
         use_ordered_embeddings=self.use_ordered_embeddings,
