@@ -71,6 +71,8 @@ def eval_sums(params: Mapping, buffers: Mapping | None, batch: Mapping[str, Arra
   Returns (sums dict of float32 arrays, accepted int32 [B, T], anchor bool [B, T]).
   """
   num_draft_steps = jcfg.num_draft_steps
+  # The eval scores the task drafting meets whatever objective trained the drafter.
+  jcfg = dataclasses.replace(jcfg, drafter_objective="aligned")
   head = joint.drafter_head(params, buffers, dcfg, jcfg).replace(masked=False)
   chunk = jcfg.loss_chunk_size
 
