@@ -194,7 +194,7 @@ def train_fields(**overrides: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the run config
-_TOP_KEYS = ("name", "hf_base", "hf_drafter", "model", "drafter", "train", "data", "mesh")
+_TOP_KEYS = ("name", "hf_base", "hf_drafter", "model", "drafter", "train", "data", "mesh", "eval")
 _SOURCE_KEYS = ("name", "path", "weight", "schema", "split", "subset", "limit")
 
 
@@ -231,10 +231,26 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
   for i, src in enumerate(data.get("sources") or ()):
     if isinstance(src, Mapping) or hasattr(src, "keys"):
       check_keys(f"data.sources[{i}]", as_dict(src), _SOURCE_KEYS)
+  eval_cost_ratio(cfg)  # the optional `eval` section: keys and value
   base_cfg, dcfg = presets.model_configs(cfg)
   if dcfg is None:
     raise ConfigError("config has no 'drafter': the joint trainer trains a (base, drafter) pair")
   return base_cfg, dcfg, TrainConfig.from_config(cfg.train)
+
+
+def eval_cost_ratio(cfg: ml_collections.ConfigDict) -> float:
+  """`eval.cost_ratio` of a run config (0.0 without an `eval` section: configs written before it);
+  ConfigError for an unknown key there (naming the closest) or a value that is not a number >= 0."""
+  section = cfg.get("eval")
+  if section is None:
+    return 0.0
+  section = as_dict(section)
+  check_keys("eval", section, list(presets.eval_fields()))
+  c = section.get("cost_ratio", 0.0)
+  if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+    raise ConfigError(f"config key 'eval.cost_ratio': must be a number >= 0 (0: the ratio "
+                      f"measured by the eval), got {c!r}")
+  return float(c)
 
 
 # ------------------------------------------------------------------------------ CLI errors
