@@ -97,7 +97,6 @@ class Targets:
     # Documents are contiguous, so the same document at t and t + j covers every token between.
     return tok, self.anchor_ok_BT & lm & (seg == self.anchor_seg_BT)
 
-
   def same_doc(self, j) -> Array:
     """bool [B, T]: column t + j is in row t's document (False past the row end)."""
     t = self.anchor_ok_BT.shape[1]
@@ -186,6 +185,12 @@ def nemo_composite_pairing(dcfg: config_lib.DrafterConfig,
     post-projected final-norm hidden), not detached: the scan's carry, as in the aligned objective.
   - mask: `composite_mask` (the HF drafter's eager masks on a whole row, per document).
   - loss normaliser: `loss_fn` (each round's summed CE over the base's label count).
+  Kept from this project, so that only the objective changes (issue #16: same losses otherwise):
+  the dense head and centroid loss of `drafter_head` (NeMo's HF assistant scores the centroid-
+  masked head with ordered embeddings and has no centroid loss), the step weights (NeMo: none;
+  the default w_k = 1 matches) and the switches `freeze_base`, `share_embedding_with_base`,
+  `drafter_grads_to_base` (NeMo's recipe: False, True, True, the defaults).
+  `draft_query_position` is not read in training (NeMo: the anchor); decoding still uses it.
   """
   masks = {}
   for lt in sorted(set(dcfg.text.layer_types)):
