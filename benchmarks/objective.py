@@ -58,6 +58,14 @@ def _run(cfg, workdir: str) -> dict:
           "wall_s": time.time() - t0}
 
 
+def _record(res: dict, workdir: str, name: str, r: dict) -> None:
+  """Prints one run's row as soon as it is done and keeps WORKDIR/results.json current, so a
+  long benchmark's finished runs are not lost if a later one fails."""
+  print(_row(name, r), flush=True)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(res, f, indent=1)
+
+
 def _config(a, objective: str, steps: int):
   from gemma_mtp_jax import presets
 
@@ -87,6 +95,7 @@ def bench_objective(argv) -> dict:
     cfg = _config(a, obj, a.steps)
     res["steps"] = cfg.train.num_steps
     res["scratch"][obj] = _run(cfg, os.path.join(a.workdir, f"scratch_{obj}"))
+    _record(res, a.workdir, f"scratch {obj} ({res['steps']})", res["scratch"][obj])
   start = res["scratch"]["aligned"]
   ft_steps = res["steps"] if a.finetune_steps < 0 else a.finetune_steps
   if ft_steps and start["export"]:
@@ -100,7 +109,8 @@ def bench_objective(argv) -> dict:
       r = _run(cfg, os.path.join(a.workdir, f"finetune_{obj}"))
       r["kept"] = r["hf_tokens_per_forward"] / start["hf_tokens_per_forward"]
       res["finetune"][obj] = r
-    res["finetune_steps"], res["finetune_lr"] = ft_steps, cfg.train.learning_rate
+      res["finetune_steps"], res["finetune_lr"] = ft_steps, cfg.train.learning_rate
+      _record(res, a.workdir, f"finetune {obj} (+{ft_steps})", r)
   s = res["scratch"]
   res["aligned_over_nemo_hf"] = (s["aligned"]["hf_tokens_per_forward"]
                                  / s["nemo_composite"]["hf_tokens_per_forward"])
