@@ -51,6 +51,8 @@ def _run(cfg, workdir: str) -> dict:
     shutil.rmtree(workdir)
   t0 = time.time()
   out = loop.run(cfg, workdir)
+  if out["status"] != "finished":  # a signal stops the trainer gracefully: stop here too
+    raise SystemExit(f"benchmark objective: the run in {workdir} was {out['status']}; stopping")
   ev, hf = out["eval"], out["hf"] or {}
   k = cfg.train.num_draft_steps
   return {"hf_tokens_per_forward": hf.get("hf/tokens_per_round", float("nan")),
