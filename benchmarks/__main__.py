@@ -6,6 +6,7 @@
   python -m benchmarks joint ...    (see benchmarks/joint.py)
   python -m benchmarks convert ...  (see benchmarks/convert.py)
   python -m benchmarks decode ...   (see benchmarks/decode.py)
+  python -m benchmarks objective ... (see benchmarks/objective.py)
 """
 
 from __future__ import annotations
@@ -119,6 +120,11 @@ def main(argv=None):
   try:
     from benchmarks import decode as bench_decode
     commands["decode"] = bench_decode.bench_decode
+  except ImportError:
+    pass
+  try:
+    from benchmarks import objective as bench_objective
+    commands["objective"] = bench_objective.bench_objective
   except ImportError:
     pass
   if not argv or argv[0] not in commands:

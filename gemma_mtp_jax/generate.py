@@ -13,7 +13,9 @@ pair dir / workdir; without either (or with --plain) decoding is plain. Greedy a
 Without --json the new text is printed (token ids when there is no tokenizer); with --json one
 JSON object: tokens (new ids), text, target_forwards (base forwards after the prefill),
 draft_rounds, drafted, accepted, mean_accepted_length (new tokens per target forward, the prefill's
-first token excluded), rounds (per round: drafted ids and the number accepted), tokens_per_second
+first token excluded), rounds (per round: drafted ids and the number accepted), acceptance (per
+draft position k = 1..K: "rate" P(accepted >= k) over the rounds, "alpha" P(accepted >= k | >= k - 1);
+`speculative.acceptance_rates`), tokens_per_second
 (new tokens per second of prefill + decode), prefill_seconds, decode_seconds, compile_seconds (not
 counted in the others).
 
@@ -237,7 +239,8 @@ def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
   tok = loaded["tokenizer"]
   out = dict(tokens=tokens, text=tok.decode(tokens, skip_special_tokens=True) if tok else None)
   out.update(res.row_stats(0))
-  out.update(rounds=res.rounds[0], tokens_per_second=res.tokens_per_second,
+  out.update(rounds=res.rounds[0], acceptance=res.acceptance(0),
+             tokens_per_second=res.tokens_per_second,
              prefill_seconds=res.prefill_seconds, decode_seconds=res.decode_seconds,
              compile_seconds=res.compile_seconds, num_draft_tokens=res.num_draft_tokens,
              speculative=loaded["drafter_cfg"] is not None, prompt_length=len(ids),

@@ -4,7 +4,8 @@ A preset file is a plain Python file with `get_config()` returning a ConfigDict 
 fields), `drafter` (DrafterConfig fields, `text` holding ModelConfig fields), `hf_base`, `hf_drafter`,
 `train` (`training.config.train_fields`: the fields of `TrainConfig`, the joint objective, schedule,
 optimizer, eval, checkpoints, export), `data` (a `gemma_mtp_jax.data` config: sources, mixture
-weights, eval split, tokenizer) and `mesh` (`mesh_fields`: mesh axes and logical sharding rules).
+weights, eval split, tokenizer), `mesh` (`mesh_fields`: mesh axes and logical sharding rules) and
+`eval` (`eval_fields`: the draft-length advice's cost ratio).
 `training.config.validate_config` checks every key of every section, so a typo fails with the
 closest valid key. The files are loaded by path
 (the `ml_collections.config_flags` convention, `path:arg` included), so `configs/` is a directory, not
@@ -103,6 +104,16 @@ def mesh_fields(**overrides: Any) -> dict[str, Any]:
   return _overridden("mesh", out, overrides)
 
 
+def eval_fields(**overrides: Any) -> dict[str, Any]:
+  """The `eval` entry of a preset: the draft-length advice of the held-out eval.
+
+  cost_ratio: c, the cost of one drafter step over one base forward on the hardware you will serve
+  on; the eval advises the draft length K' maximising E(K') / (1 + K' c) with it (0: with the c it
+  measures on the machine running the eval, `training.evaluate.measure_cost_ratio`).
+  """
+  return _overridden("eval", dict(cost_ratio=0.0), overrides)
+
+
 def _overridden(section: str, defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
   """`defaults` updated with `overrides`; a key that is not a default is an error naming the
   closest ones."""
@@ -115,12 +126,13 @@ def _overridden(section: str, defaults: dict[str, Any], overrides: dict[str, Any
 
 def make_config(*, name: str, model: dict, drafter: dict | None, hf_base: str | None,
                 hf_drafter: str | None, train: dict, data: Any = None,
-                mesh: dict | None = None) -> ml_collections.ConfigDict:
+                mesh: dict | None = None, eval_cfg: dict | None = None) -> ml_collections.ConfigDict:
   """Assembles a preset's ConfigDict (the one layout every preset file returns).
 
   data: a `gemma_mtp_jax.data` config (`default_data_config()` / `tulu_magicoder_data_config()`);
   None: the local corpus for a random-init pair, the Tulu-3 / Magicoder mix (with the base's
-  tokenizer) for a pair loaded from `hf_base`. mesh: `mesh_fields()` by default.
+  tokenizer) for a pair loaded from `hf_base`. mesh: `mesh_fields()` by default; eval_cfg:
+  `eval_fields()` by default.
   """
   cfg = ml_collections.ConfigDict()
   cfg.name = name
@@ -137,6 +149,7 @@ def make_config(*, name: str, model: dict, drafter: dict | None, hf_base: str | 
       data.tokenizer = hf_base
   cfg.data = data
   cfg.mesh = mesh if mesh is not None else mesh_fields()
+  cfg.eval = eval_cfg if eval_cfg is not None else eval_fields()
   return cfg
 
 

@@ -3,10 +3,12 @@ the tokens per target forward (and the per-position acceptance, and the continua
 equal what `python -m gemma_mtp_jax.generate --json` reports, prompt by prompt, aggregated the same
 way (sum of new tokens - 1 over the sum of target forwards)."""
 
+import dataclasses
 import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -90,6 +92,14 @@ def test_eval_accepted_length_equals_generate_json(copy_pair, capsys, scan_layer
   assert evaluator.last_continuations is conts
   for k in range(1, K + 1):
     assert metrics[f"greedy/decode/rate_{k}"] == pytest.approx(np.mean(rounds >= k), rel=1e-12)
+    assert metrics[f"greedy/decode/alpha_{k}"] == pytest.approx(
+        np.mean(rounds >= k) / np.mean(rounds >= k - 1), rel=1e-12)
+  # Draft-length advice from those rates, with the c measured on this machine (no eval.cost_ratio).
+  adv = evaluate.draft_length_advice([metrics[f"greedy/decode/rate_{k}"] for k in range(1, K + 1)],
+                                     metrics["greedy/draft_len/measured/cost_ratio"])
+  assert metrics["greedy/draft_len/best_k"] == adv["best_k"]
+  assert metrics["greedy/draft_len/cost_ratio"] == evaluator.measured_cost_ratio >= 0
+  assert "greedy/draft_len/config/best_k" not in metrics
   # The teacher-forced histogram scores the same continuations; its anchors include every round's.
   assert metrics["greedy/accept/anchors"] >= len(rounds)
   assert 1.0 <= metrics["greedy/accept/len_mean"] <= K + 1
@@ -97,3 +107,100 @@ def test_eval_accepted_length_equals_generate_json(copy_pair, capsys, scan_layer
   assert metrics["flops_ratio"] == c
   assert metrics["greedy/expected_speedup"] == pytest.approx(
       metrics["greedy/tokens_per_round"] / (K * c + 1))
+
+
+# ------------------------------------------------------------------------------ draft length
+def test_per_position_rates_and_best_k_from_round_counts():
+  """Synthetic per-round accepted counts (K = 3): the rates, alpha and the advice by hand."""
+  from gemma_mtp_jax.decoding import speculative
+  acc = speculative.acceptance_rates([0, 1, 1, 2, 3, 3, 3, 0], 3)
+  assert acc["rate"] == pytest.approx([6 / 8, 4 / 8, 3 / 8])
+  assert acc["alpha"] == pytest.approx([0.75, 0.5 / 0.75, 0.375 / 0.5])
+  adv = evaluate.draft_length_advice(acc["rate"], 0.2)
+  assert adv["expected_tokens"] == pytest.approx([1.0, 1.75, 2.25, 2.625])
+  assert adv["speedup"] == pytest.approx([1.0, 1.75 / 1.2, 2.25 / 1.4, 2.625 / 1.6])
+  assert adv["best_k"] == 3
+  assert evaluate.draft_length_advice(acc["rate"], 0.5)["best_k"] == 1  # 1.75 / 1.5 = 1.167 best
+  assert evaluate.draft_length_advice(acc["rate"], 1.0)["best_k"] == 0  # drafting never pays
+  assert speculative.acceptance_rates([], 2) == {"rate": [0.0, 0.0], "alpha": [0.0, 0.0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedOracle:
+  """Drafts the base's greedy continuation `aux["ref"]` with draft m + 1 corrupted: every round
+  accepts exactly m (m = K: all)."""
+  vocab: int
+  m: int
+
+  def __call__(self, aux, params, cfg, state, k, sampling, rng):
+    idx_BA = state.num_out_B[:, None] + jnp.arange(k)  # ref[num_out - 1] is state.token_B
+    d_BA = jnp.take_along_axis(aux["ref"], idx_BA, axis=1)
+    return jnp.where(jnp.arange(k) == self.m, (d_BA + 1) % self.vocab, d_BA), None
+
+
+def test_oracle_drafter_rates_and_best_k():
+  """Through the decoder and the eval's aggregation: an oracle accepting exactly 2 of K = 3 drafts
+  every round has rates [1, 1, 0], E(K') = 1, 2, 3, 3, and best K' = 2 at c = 0.1 and 0.6
+  (3 / 1.2 = 2.5 > 3 / 1.3; 3 / 2.2 = 1.36 > 2 / 1.6 = 1.25) but 0 at c = 1.5."""
+  from gemma_mtp_jax.decoding import speculative
+  from tests.test_speculative import _configs, _prompts, _random_base
+  base, _ = _configs()
+  params = _random_base(base)
+  prompts = _prompts(np.random.default_rng(0), base.vocab_size, [5, 9])
+  n, k = 13, 3
+  plain = speculative.decode_prompts(params, base, prompts, max_new_tokens=n + k + 1)
+  ref = jnp.asarray(np.asarray(plain.tokens, np.int32))
+  res = speculative.decode_prompts(params, base, prompts, max_new_tokens=n, num_draft_tokens=k,
+                                   propose=FixedOracle(base.vocab_size, 2), aux={"ref": ref})
+  assert [t for t in res.tokens] == [t[:n] for t in plain.tokens]
+  m = evaluate.decode_metrics([(res, 2)], k)
+  assert [m[f"eval/greedy/decode/rate_{j}"] for j in (1, 2, 3)] == [1.0, 1.0, 0.0]
+  assert [m[f"eval/greedy/decode/alpha_{j}"] for j in (1, 2, 3)] == [1.0, 1.0, 0.0]
+  rates = [1.0, 1.0, 0.0]
+  adv = evaluate.advice_metrics(rates, measured=0.1, configured=0.6)
+  p = "eval/greedy/draft_len/"
+  assert [adv[p + f"expected_tokens_{j}"] for j in (1, 2, 3)] == [2.0, 3.0, 3.0]
+  assert adv[p + "measured/best_k"] == 2 and adv[p + "config/best_k"] == 2
+  assert adv[p + "best_k"] == 2 and adv[p + "cost_ratio"] == 0.6
+  assert adv[p + "best_speedup"] == pytest.approx(3 / 2.2)
+  assert adv[p + "config/speedup_3"] == pytest.approx(3 / 2.8)
+  assert evaluate.advice_metrics(rates, measured=1.5)[p + "best_k"] == 0
+  # The [eval] line names the best K' and the c it used.
+  line = evaluate.draft_length_message({k[len("eval/"):]: v for k, v in {**m, **adv}.items()}, k)
+  assert "best K' = 2 (1.36x)" in line and "c = 0.600 (eval.cost_ratio)" in line
+
+
+def test_measured_cost_ratio_is_a_nonnegative_number():
+  from tests.test_speculative import _configs, _random_base, _random_drafter
+  base, dcfg = _configs()
+  pair = dict(base_params=_random_base(base), base_cfg=base, drafter_vars=_random_drafter(dcfg),
+              drafter_cfg=dcfg)
+  c = evaluate.measure_cost_ratio(pair, [3, 4, 5, 6], 2, 8)
+  assert np.isfinite(c) and c >= 0
+
+
+def test_eval_section_cost_ratio_config():
+  """`eval.cost_ratio` is in every preset (0: measured), validated, and a typo names the key."""
+  from gemma_mtp_jax import presets
+  from gemma_mtp_jax.model.config import ConfigError
+  from gemma_mtp_jax.training import config as train_config
+  cfg = presets.load_config("tiny")
+  assert cfg.eval.cost_ratio == 0.0
+  train_config.validate_config(cfg)
+  cfg.eval.cost_ratio = 0.25  # as --config.eval.cost_ratio=0.25 sets it
+  train_config.validate_config(cfg)
+  assert train_config.eval_cost_ratio(cfg) == 0.25
+  cfg.eval.cost_ratio = -1.0
+  with pytest.raises(ConfigError, match="eval.cost_ratio"):
+    train_config.validate_config(cfg)
+  bad = presets.load_config("tiny")
+  bad.eval = {"cost_ratoi": 0.1}
+  with pytest.raises(ConfigError, match="unknown config key 'eval.cost_ratoi'.*cost_ratio"):
+    train_config.validate_config(bad)
+  msg = train_config.explain_override_error(
+      ["train", "--config.eval.cost_ratoi=0.1"], KeyError("cost_ratoi"))
+  assert "eval.cost_ratio" in msg
+  # Configs written before the section (a resumed workdir's config.json) mean "measured".
+  old = presets.load_config("tiny")
+  del old["eval"]
+  assert train_config.eval_cost_ratio(old) == 0.0

@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -23,7 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 448  # the tiny tokenizer's vocab (> 256 byte pieces + chars); 16 centroids divide it
 MAX_POS = 96  # the base's max_position_embeddings: the cache limit
 KEYS = {"tokens", "text", "target_forwards", "draft_rounds", "drafted", "accepted",
-        "mean_accepted_length", "rounds", "tokens_per_second", "prefill_seconds", "decode_seconds"}
+        "mean_accepted_length", "rounds", "acceptance", "tokens_per_second", "prefill_seconds",
+        "decode_seconds"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,6 +96,13 @@ def test_json_report_and_speculative_equals_plain(dirs, capsys):
   assert fast["drafted"] == 3 * fast["draft_rounds"]
   assert fast["accepted"] == sum(r["accepted"] for r in fast["rounds"])
   assert all(len(r["drafted"]) == 3 for r in fast["rounds"])
+  # Per-position acceptance: P(accepted >= k) over the rounds, and alpha_k given k - 1 accepted.
+  acc = np.asarray([r["accepted"] for r in fast["rounds"]])
+  rate = [np.mean(acc >= k) for k in (1, 2, 3)]
+  assert fast["acceptance"]["rate"] == pytest.approx(rate)
+  assert fast["acceptance"]["alpha"] == pytest.approx(
+      [r / p if p else 0.0 for r, p in zip(rate, [1.0] + rate[:2])])
+  assert 1 + sum(rate) >= fast["mean_accepted_length"]  # the last round may be cut at max_new
   assert fast["mean_accepted_length"] == pytest.approx(19 / fast["target_forwards"])
   assert plain["target_forwards"] == 19 and plain["draft_rounds"] == 0
   assert plain["mean_accepted_length"] == 1.0

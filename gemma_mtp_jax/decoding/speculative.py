@@ -292,11 +292,28 @@ class GenerateResult:
         drafted=self.drafted_per_row[b], accepted=self.accepted_per_row[b],
         mean_accepted_length=decoded / fwd if fwd else 0.0)
 
+  def acceptance(self, b: int | None = None) -> dict:
+    """Per-position acceptance of row b's rounds (every row's: None): `acceptance_rates`."""
+    rows = range(len(self.rounds)) if b is None else [b]
+    return acceptance_rates([r["accepted"] for i in rows for r in self.rounds[i]],
+                            self.num_draft_tokens)
+
   @property
   def tokens_per_second(self) -> float:
     """New tokens (all rows) per second of prefill + decode."""
     t = self.prefill_seconds + self.decode_seconds
     return self.new_tokens / t if t > 0 else float("inf")
+
+
+def acceptance_rates(accepted_R: Sequence[int], num_draft: int) -> dict:
+  """Per draft position k = 1..num_draft, from the drafts accepted in each round (R rounds):
+  "rate" P(accepted >= k), the fraction of rounds whose first k drafts were all kept, and "alpha"
+  P(accepted >= k | accepted >= k - 1), draft k's acceptance given it was reached (0 when no
+  round reached it). Tokens per target forward = 1 + sum_k rate_k (before stop/max_new cuts)."""
+  acc_R = np.asarray(accepted_R, np.int64)
+  rate = [float(np.mean(acc_R >= k)) if acc_R.size else 0.0 for k in range(1, num_draft + 1)]
+  prev = [1.0 if acc_R.size else 0.0] + rate[:-1]
+  return dict(rate=rate, alpha=[r / p if p > 0 else 0.0 for r, p in zip(rate, prev)])
 
 
 def bucket(n: int, size: int) -> int:

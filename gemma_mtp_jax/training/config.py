@@ -31,6 +31,9 @@ from gemma_mtp_jax.model import drafter as drafter_lib
 ConfigError = config_lib.ConfigError
 DEFAULT_CONFIG = "tiny"  # the embedded default run: configs/tiny.py into runs/tiny
 EXPORT_DTYPES = ("", "bfloat16", "float32")
+# `train.drafter_objective` (training/objective.py): the inference-aligned task, or a faithful port
+# of NeMo-Automodel's Gemma4WithDrafter training forward (for the ablation of issue #16).
+DRAFTER_OBJECTIVES = ("aligned", "nemo_composite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,9 @@ class TrainConfig:
   drafter_loss_weight: float = 0.01  # lambda: weight of the drafter loss next to the base LM loss
   step_weights: tuple[float, ...] | None = None  # w_k of the K step losses; None: all 1
   draft_query_position: str = "next"  # RoPE position of the drafter queries: "next" (HF) or "anchor"
+  # "aligned": each draft step trains the task it meets at inference; "nemo_composite": NeMo's
+  # composite forward (shifted pairing, whole-row K/V, anchor positions, N_base normaliser)
+  drafter_objective: str = "aligned"
   freeze_base: bool = False  # drafter-only: the base gets no gradient and no optimizer state
   share_embedding_with_base: bool = True  # the drafter reads the base's (tied) embedding table
   drafter_grads_to_base: bool = True  # the drafter loss also trains the base through h_t and K/V
@@ -100,6 +106,8 @@ class TrainConfig:
       _need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
     _need(self.draft_query_position in drafter_lib.QUERY_POSITIONS, "draft_query_position",
           f"must be one of {drafter_lib.QUERY_POSITIONS}, got {self.draft_query_position!r}")
+    _need(self.drafter_objective in DRAFTER_OBJECTIVES, "drafter_objective",
+          f"must be one of {DRAFTER_OBJECTIVES}, got {self.drafter_objective!r}")
     _need(self.step_weights is None or len(self.step_weights) == self.num_draft_steps,
           "step_weights", f"has {len(self.step_weights or ())} entries for "
           f"{self.num_draft_steps} draft steps")
@@ -209,7 +217,7 @@ def train_fields(**overrides: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------ the run config
-_TOP_KEYS = ("name", "hf_base", "hf_drafter", "model", "drafter", "train", "data", "mesh")
+_TOP_KEYS = ("name", "hf_base", "hf_drafter", "model", "drafter", "train", "data", "mesh", "eval")
 _SOURCE_KEYS = ("name", "path", "weight", "schema", "split", "subset", "limit")
 
 
@@ -246,10 +254,26 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
   for i, src in enumerate(data.get("sources") or ()):
     if isinstance(src, Mapping) or hasattr(src, "keys"):
       check_keys(f"data.sources[{i}]", as_dict(src), _SOURCE_KEYS)
+  eval_cost_ratio(cfg)  # the optional `eval` section: keys and value
   base_cfg, dcfg = presets.model_configs(cfg)
   if dcfg is None:
     raise ConfigError("config has no 'drafter': the joint trainer trains a (base, drafter) pair")
   return base_cfg, dcfg, TrainConfig.from_config(cfg.train)
+
+
+def eval_cost_ratio(cfg: ml_collections.ConfigDict) -> float:
+  """`eval.cost_ratio` of a run config (0.0 without an `eval` section: configs written before it);
+  ConfigError for an unknown key there (naming the closest) or a value that is not a number >= 0."""
+  section = cfg.get("eval")
+  if section is None:
+    return 0.0
+  section = as_dict(section)
+  check_keys("eval", section, list(presets.eval_fields()))
+  c = section.get("cost_ratio", 0.0)
+  if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+    raise ConfigError(f"config key 'eval.cost_ratio': must be a number >= 0 (0: the ratio "
+                      f"measured by the eval), got {c!r}")
+  return float(c)
 
 
 # ------------------------------------------------------------------------------ CLI errors

@@ -71,6 +71,8 @@ def eval_sums(params: Mapping, buffers: Mapping | None, batch: Mapping[str, Arra
   Returns (sums dict of float32 arrays, accepted int32 [B, T], anchor bool [B, T]).
   """
   num_draft_steps = jcfg.num_draft_steps
+  # The eval scores the task drafting meets whatever objective trained the drafter.
+  jcfg = dataclasses.replace(jcfg, drafter_objective="aligned")
   head = joint.drafter_head(params, buffers, dcfg, jcfg).replace(masked=False)
   chunk = jcfg.loss_chunk_size
 
@@ -205,11 +207,12 @@ def decode_metrics(results: Sequence[tuple[speculative.GenerateResult, int]],
       new += len(res.tokens[b])
       forwards += res.forwards_per_row[b]
       accepted_R += [r["accepted"] for r in res.rounds[b]]
-  accepted_R = np.asarray(accepted_R, np.int64)
   out = {prefix + "tokens_per_round": decoded / max(forwards, 1), prefix + "rounds": forwards,
          prefix + "new_tokens": float(new)}
+  acc = speculative.acceptance_rates(accepted_R, num_draft_steps)
   for k in range(1, num_draft_steps + 1):
-    out[prefix + f"decode/rate_{k}"] = float(np.mean(accepted_R >= k)) if accepted_R.size else 0.0
+    out[prefix + f"decode/rate_{k}"] = acc["rate"][k - 1]
+    out[prefix + f"decode/alpha_{k}"] = acc["alpha"][k - 1]
   return out
 
 
@@ -259,6 +262,89 @@ def expected_speedup(tokens_per_forward: float, num_draft_steps: int, c: float) 
   return tokens_per_forward / (num_draft_steps * c + 1.0)
 
 
+# ------------------------------------------------------------------------------ draft length
+def draft_length_advice(rates: Sequence[float], cost_ratio: float) -> dict:
+  """The draft length K' = 0..K to serve with, from the greedy walk's per-position rates.
+
+  rates[k-1] = P(accepted >= k) over the rounds of a walk drafting K tokens. Drafting K' <= K,
+  greedy speculative decoding yields E(K') = 1 + sum_{j<=K'} P(accepted >= j) tokens per target
+  forward -- an approximation: the rates were measured with K drafts per round and are truncated
+  at K' (a round with fewer drafts would restart earlier, from other positions). Its expected
+  speedup over plain decoding is E(K') / (1 + K' c), c the cost of one drafter step over one base
+  forward. K' = 0 is plain decoding (speedup 1): the best K' is 0 when drafting does not pay.
+  Returns {"expected_tokens": [E(0..K)], "speedup": [..], "best_k", "best_speedup"}.
+  """
+  e = np.concatenate([[1.0], 1.0 + np.cumsum(np.asarray(rates, np.float64))])
+  speedup = e / (1.0 + np.arange(len(e)) * float(cost_ratio))
+  best = int(np.argmax(speedup))  # the smallest K' on a tie: fewer drafter steps
+  return dict(expected_tokens=e.tolist(), speedup=speedup.tolist(), best_k=best,
+              best_speedup=float(speedup[best]))
+
+
+def measure_cost_ratio(pair: Mapping, prompt: Sequence[int], num_draft_steps: int, num_new: int,
+                       query_position: str = "next", repeats: int = 2) -> float:
+  """c on the running machine, with the compiled decode programs at batch 1: the time of a round
+  drafting K tokens over a plain decode step's, per draft: c = (t_K / t_0 - 1) / K (>= 0).
+
+  A round's extra cost is K drafter steps plus the verify forward's K extra tokens; folding both
+  into c makes E / (1 + K c) the measured speedup at K (the verify's extra tokens are nearly free
+  on an accelerator, not on a CPU). Each timing is the fastest of `repeats` compiled runs."""
+  def per_round(k: int) -> float:
+    kw = pair if k else dict(pair, drafter_vars=None, drafter_cfg=None)
+    best = float("inf")
+    for _ in range(repeats):
+      res = speculative.decode_prompts(prompts=[list(map(int, prompt))], num_draft_tokens=max(k, 1),
+                                       max_new_tokens=num_new, query_position=query_position, **kw)
+      best = min(best, res.decode_seconds / max(res.target_forwards, 1))
+    return best
+
+  t0 = per_round(0)
+  return max((per_round(num_draft_steps) / t0 - 1.0) / num_draft_steps, 0.0) if t0 > 0 else 0.0
+
+
+def advice_metrics(rates: Sequence[float], measured: float, configured: float = 0.0,
+                   prefix: str = "eval/greedy/draft_len/") -> dict[str, float]:
+  """The eval's draft-length metrics: E(K') for K' = 1..K, and the speedup and best K' under c
+  measured here (`measured/`) and, when `eval.cost_ratio` > 0, under that c (`config/`); the
+  top-level best_k / best_speedup / cost_ratio use the configured c if set, else the measured."""
+  out = {}
+  chosen = None
+  for name, c in (("measured", measured), ("config", configured)):
+    if name == "config" and not configured > 0:
+      continue
+    adv = draft_length_advice(rates, c)
+    for k in range(1, len(adv["speedup"])):
+      out[prefix + f"expected_tokens_{k}"] = adv["expected_tokens"][k]
+      out[prefix + f"{name}/speedup_{k}"] = adv["speedup"][k]
+    out[prefix + f"{name}/best_k"] = float(adv["best_k"])
+    out[prefix + f"{name}/cost_ratio"] = float(c)
+    chosen = (adv, c)
+  adv, c = chosen
+  out.update({prefix + "best_k": float(adv["best_k"]), prefix + "best_speedup": adv["best_speedup"],
+              prefix + "cost_ratio": float(c)})
+  return out
+
+
+def draft_length_message(m: Mapping[str, float], num_draft_steps: int) -> str | None:
+  """The "[eval] draft length" line from an eval's metrics (None without a greedy walk)."""
+  p = "greedy/draft_len/"
+  if p + "best_k" not in m:
+    return None
+  row = lambda key: "[" + ", ".join(f"{m[key.format(k)]:.2f}"
+                                    for k in range(1, num_draft_steps + 1)) + "]"
+  src = "config" if p + "config/best_k" in m else "measured"
+  line = (f"[eval] draft length: per-position acceptance alpha {row('greedy/decode/alpha_{}')}, "
+          f"P(accepted >= k) {row('greedy/decode/rate_{}')}; E(K') {row(p + 'expected_tokens_{}')};"
+          f" speedup E(K')/(1 + K' c) at c = {m[p + 'cost_ratio']:.3f} "
+          f"({'eval.cost_ratio' if src == 'config' else 'measured here'}) "
+          f"{row(p + src + '/speedup_{}')}; best K' = {int(m[p + 'best_k'])} "
+          f"({m[p + 'best_speedup']:.2f}x)")
+  if src == "config":
+    line += (f"; with the c measured here ({m[p + 'measured/cost_ratio']:.3f}) best K' = "
+             f"{int(m[p + 'measured/best_k'])}")
+  return line
+
+
 # ------------------------------------------------------------------------------ the trainer's eval
 @dataclasses.dataclass
 class Evaluator:
@@ -283,6 +369,8 @@ class Evaluator:
   rows: int  # the eval batches' shape, reused for the greedy rows when they fit (one compile)
   length: int
   last_continuations: list = dataclasses.field(default_factory=list)
+  cost_ratio: float = 0.0  # `eval.cost_ratio`: c of the serving hardware (0: the measured one)
+  measured_cost_ratio: float | None = None  # measured once, at the first eval with prompts
 
   def __call__(self, params, buffers) -> tuple[dict, list]:
     total = None
@@ -300,14 +388,28 @@ class Evaluator:
       conts = self.last_continuations = g["continuations"]
       out["eval/greedy/expected_speedup"] = expected_speedup(
           out["eval/greedy/tokens_per_round"], self.jcfg.num_draft_steps, self.flops_ratio)
+      out.update(self._advice(params, buffers, out))
     out["eval/flops_ratio"] = self.flops_ratio
     return {k[len("eval/"):]: v for k, v in out.items()}, conts
 
 
+  def _advice(self, params, buffers, out: dict) -> dict:
+    """Draft-length advice (`advice_metrics`) from the walk's rates; c is measured once."""
+    k = self.jcfg.num_draft_steps
+    if self.measured_cost_ratio is None:
+      self.measured_cost_ratio = measure_cost_ratio(
+          decode_pair(params, buffers, self.base_cfg, self.dcfg), self.prompts[0], k,
+          self.num_new, self.jcfg.draft_query_position)
+    rates = [out[f"eval/greedy/decode/rate_{j}"] for j in range(1, k + 1)]
+    return advice_metrics(rates, self.measured_cost_ratio, self.cost_ratio)
+
+
 def make_evaluator(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
                    jcfg: TrainConfig, eval_batches: list, prompts: list, stop_ids: list,
-                   num_new: int, batch_sharding, rows: int, length: int) -> Evaluator:
-  """The trainer's held-out eval: call it with (params, buffers) -> (metrics, continuations)."""
+                   num_new: int, batch_sharding, rows: int, length: int,
+                   cost_ratio: float = 0.0) -> Evaluator:
+  """The trainer's held-out eval: call it with (params, buffers) -> (metrics, continuations).
+  `cost_ratio`: `eval.cost_ratio` (0: advise the draft length with the c measured here)."""
   return Evaluator(make_eval_step(base_cfg, dcfg, jcfg), batch_sharding, base_cfg, dcfg, jcfg,
                    eval_batches, prompts, stop_ids, num_new, flops.flops_ratio(base_cfg, dcfg),
-                   rows, length)
+                   rows, length, cost_ratio=cost_ratio)

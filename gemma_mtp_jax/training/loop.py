@@ -225,7 +225,7 @@ def _resume(r: _Run) -> step_lib.TrainState:
   rows = tcfg.batch_size // jax.process_count()
   r.evaluator = eval_lib.make_evaluator(r.base_cfg, r.dcfg, tcfg, r.eval_batches, r.prompts,
                                         r.stop_ids, tcfg.eval_new_tokens, r.progs.batch_sh, rows,
-                                        tcfg.seq_len)
+                                        tcfg.seq_len, train_config.eval_cost_ratio(r.cfg))
   r.writer = metrics_lib.MetricWriter(r.workdir, resume_step=start, enabled=r.is_main)
   _announce(r, source)
   return state
@@ -268,6 +268,9 @@ def _evaluate(r: _Run, step: int, state: step_lib.TrainState) -> dict:
         f"{_fmt(m.get('accept/len_mean', nan))}; expected speedup "
         f"{_fmt(m.get('greedy/expected_speedup', nan))} (c={m.get('flops_ratio', nan):.3f}); "
         f"{m['eval_time_s']:.0f}s")
+  advice = eval_lib.draft_length_message(m, r.tcfg.num_draft_steps)
+  if advice:
+    r.say(advice)
   return m
 
 

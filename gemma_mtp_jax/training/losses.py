@@ -71,16 +71,23 @@ def step_weights(num_draft_steps: int, weights: Sequence[float] | None) -> jnp.n
 
 def combine(base: TokenStats, steps: TokenStats, drafter_loss_weight: float,
             weights_A: Array, centroid: TokenStats | None = None,
-            centroid_loss_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
+            centroid_loss_weight: float = 0.0,
+            step_norm_A: Array | None = None) -> tuple[Array, dict[str, Array]]:
   """L = L_base + lambda * sum_k w_k (L_k + mu * L_k^centroid), each L a mean over its valid tokens.
 
-  `steps` (and `centroid`) hold [A] arrays, one entry per drafter step. Returns (loss, metrics) with
-  per-step losses and top-1 accuracies as `drafter/loss_k` and `drafter/acc_k` (k from 1).
+  `steps` (and `centroid`) hold [A] arrays, one entry per drafter step. `step_norm_A`: divide each
+  step's summed loss by this count instead of its own (NeMo's composite: the base's count). Returns
+  (loss, metrics) with per-step losses (per-token means) and top-1 accuracies as `drafter/loss_k`
+  and `drafter/acc_k` (k from 1).
   """
   step_loss_A = steps.loss
-  draft_A = step_loss_A
+  if step_norm_A is None:
+    mean = lambda s: s.loss
+  else:
+    mean = lambda s: s.loss_sum / jnp.maximum(step_norm_A, 1.0)
+  draft_A = mean(steps)
   if centroid is not None and centroid_loss_weight:
-    draft_A = draft_A + centroid_loss_weight * centroid.loss
+    draft_A = draft_A + centroid_loss_weight * mean(centroid)
   drafter_loss = jnp.sum(weights_A * draft_A)
   loss = base.loss + drafter_loss_weight * drafter_loss
   metrics = {
