@@ -116,7 +116,8 @@ def test_every_preset_passes_validation():
 OVERRIDES = {
     "num_draft_steps": ("3", 3), "drafter_loss_weight": ("0.25", 0.25),
     "step_weights": ("(1.0,0.5,0.25,0.125)", (1.0, 0.5, 0.25, 0.125)),
-    "draft_query_position": ("anchor", "anchor"), "freeze_base": ("True", True),
+    "draft_query_position": ("anchor", "anchor"),
+    "drafter_objective": ("nemo_composite", "nemo_composite"), "freeze_base": ("True", True),
     "share_embedding_with_base": ("False", False), "drafter_grads_to_base": ("False", False),
     "dense_head": ("False", False), "centroid_loss_weight": ("0.5", 0.5),
     "drafter_logit_softcap": ("30.0", 30.0), "z_loss_weight": ("1e-4", 1e-4),
