@@ -29,8 +29,9 @@ Note: the base shares no K/V between its own layers, so the assistant reads the 
 5.23 builds no such "store" layers: HF assisted generation runs the pair only inside
 `hf_torch.hf_assistant_patch`.
 The `train` numbers are placeholders, not a published recipe; batch_size fits v5p-32 (two rows per chip)
-in the AOT memory plan (README); v5p-16 (four rows per chip) and v5e-32 (one row per chip, 28 GiB of
-16) do not fit.
+in the AOT memory plan (README), and v5e-64 with `--config.mesh.axes.fsdp=32
+--config.mesh.axes.tensor=2` (15.7 of 16 GiB); v5p-16 (four rows per chip) and v5e-32 (one row per chip,
+28 GiB of 16) do not fit.
 """
 
 from gemma_mtp_jax.model import config as mc
