@@ -313,9 +313,11 @@ class HF:
     if threads:
       torch.set_num_threads(threads)
     self.torch = torch
-    self.base = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.join(hf_dir, "base"), dtype=torch.float32).eval()
+    # Both inside the patch: it also marks the store layers of bases that share no K/V (12B,
+    # 26B-A4B, 31B), which transformers 5.23 reads only when the model is built.
     with hf_torch.hf_assistant_patch():
+      self.base = transformers.AutoModelForCausalLM.from_pretrained(
+          os.path.join(hf_dir, "base"), dtype=torch.float32).eval()
       self.assistant = transformers.AutoModelForCausalLM.from_pretrained(
           os.path.join(hf_dir, "drafter"), dtype=torch.float32).eval()
     self.patch = hf_torch.hf_assistant_patch
