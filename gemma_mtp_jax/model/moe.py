@@ -212,10 +212,12 @@ def routed_experts_sharded(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_E
   whenever ep <= k (26B-A4B: k = 8, ep <= 8 on one slice), and `jax.lax.ragged_all_to_all` does
   not run on XLA:CPU (jax 0.10.2: "UNIMPLEMENTED ... ThunkEmitter"), so it could not be tested
   here. When the tokens are not split over `expert` (X not divisible), each shard already holds
-  all of them: no all-gather, and a psum replaces the psum_scatter.
+  all of them: no all-gather, and a psum replaces the psum_scatter. With no `expert` axis (or
+  expert = 1) every shard runs all experts on its own tokens: the sort stays local to the shard
+  (GSPMD would gather the tokens of every shard to sort them).
   """
   mesh = mesh if mesh is not None else jax.sharding.get_abstract_mesh()
-  ep = mesh.shape[EXPERT_AXIS]
+  ep = mesh.shape.get(EXPERT_AXIS, 1)
   e, _, f = gate_EDF.shape
   if e % ep:
     raise ValueError(f"{e} experts do not split over expert={ep} shards")
@@ -230,26 +232,27 @@ def routed_experts_sharded(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_E
     if gather:  # every expert shard sees the tokens of its whole `expert` group
       x_XD, w_Xk, i_Xk = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
                           for a in (x_XD, w_Xk, i_Xk))
-    first = jax.lax.axis_index(EXPERT_AXIS) * e_local
+    first = jax.lax.axis_index(EXPERT_AXIS) * e_local if ep > 1 else 0
     y_XD = _local_experts(x_XD, w_Xk, i_Xk, gate_EDF, up_EDF, down_EFD, first, act, dtype, impl)
     if gather:
       y_XD = jax.lax.psum_scatter(y_XD, EXPERT_AXIS, scatter_dimension=0, tiled=True)
-    else:
+    elif ep > 1:
       y_XD = jax.lax.psum(y_XD, EXPERT_AXIS)
     if f_axis:  # down_proj over an F slice is a partial sum
       y_XD = jax.lax.psum(y_XD, f_axis)
     return y_XD
 
-  specs = (tok_spec, tok_spec, tok_spec, P(EXPERT_AXIS, None, f_axis), P(EXPERT_AXIS, None, f_axis),
-           P(EXPERT_AXIS, f_axis, None))
+  e_axis = EXPERT_AXIS if ep > 1 else None
+  specs = (tok_spec, tok_spec, tok_spec, P(e_axis, None, f_axis), P(e_axis, None, f_axis),
+           P(e_axis, f_axis, None))
   return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=tok_spec)(
       x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD)
 
 
-def expert_parallel_mesh():
-  """The context mesh if it has an `expert` axis of size > 1, else None."""
+def sharded_mesh():
+  """The context mesh if it splits tokens or experts (an axis of BATCH_AXES or tensor > 1)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or EXPERT_AXIS not in mesh.axis_names or mesh.shape[EXPERT_AXIS] <= 1:
+  if mesh.empty or all(mesh.shape.get(a, 1) <= 1 for a in BATCH_AXES + (TENSOR_AXIS,)):
     return None
   return mesh
 
@@ -260,9 +263,10 @@ class RoutedMoE(nn.Module):
 
   Same fields, parameters (router_scale, router_proj, per_expert_scale, gate, up, down: names,
   shapes, logical axes) and call as `layers.MoE`; each token runs only its top-k experts.
-  expert_parallel: True shards the experts over the context mesh's `expert` axis
-  (`routed_experts_sharded`), False runs `routed_experts` (GSPMD shards it as it can), None (the
-  default) shards when the context mesh has `expert` > 1. gmm_impl: see `grouped_mlp`.
+  expert_parallel: True runs `routed_experts_sharded` on the context mesh (experts split over its
+  `expert` axis, tokens over its batch axes), False runs `routed_experts` (GSPMD shards it as it
+  can), None (the default) the former whenever a context mesh splits tokens or experts.
+  gmm_impl: see `grouped_mlp`.
   """
 
   num_experts: int
@@ -291,7 +295,7 @@ class RoutedMoE(nn.Module):
                          self.eps)
     args = (x_BTD.reshape(b * t, d), w_BTk.reshape(b * t, -1), i_BTk.reshape(b * t, -1),
             gate_EDF, up_EDF, down_EFD, self.act, self.dtype, self.gmm_impl)
-    mesh = expert_parallel_mesh() if self.expert_parallel is None else None
+    mesh = sharded_mesh() if self.expert_parallel is None else None
     if self.expert_parallel or mesh is not None:
       y_XD = routed_experts_sharded(*args, mesh=mesh)
     else:
