@@ -1,4 +1,4 @@
-"""MoE block benchmark: routed (`moe.RoutedMoE`) vs dense (`layers.MoE`), forward + backward.
+"""MoE block benchmark: routed (`moe.RoutedMoE`) vs dense (`moe.DenseMoE`), forward + backward.
 
   python -m benchmarks.moe [--experts 128] [--top-k 8] [--embed 256] [--hidden 128]
       [--tokens 4096] [--batch 4] [--repeats 3] [--impl auto] [--json]
@@ -42,11 +42,11 @@ def bench_moe(argv=None) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from gemma_mtp_jax.model import layers, moe
+  from gemma_mtp_jax.model import moe
 
   b, t = a.batch, a.tokens // a.batch
   args = (a.experts, a.top_k, a.hidden)
-  dense = layers.MoE(*args)
+  dense = moe.DenseMoE(*args)
   routed = moe.RoutedMoE(*args, gmm_impl=a.impl)
   kr, kx, kp = jax.random.split(jax.random.PRNGKey(0), 3)
   router_in_BTD = jax.random.normal(kr, (b, t, a.embed), jnp.float32)
@@ -78,7 +78,7 @@ def bench_moe(argv=None) -> dict:
   else:
     print(f"MoE block forward+backward: E={a.experts} top-{a.top_k} D={a.embed} F={a.hidden} "
           f"tokens={a.tokens} ({res['device']}, grouped matmul: {a.impl})")
-    print(f"  dense  (layers.MoE)   : {tps['dense']:10.0f} tokens/s")
+    print(f"  dense  (moe.DenseMoE) : {tps['dense']:10.0f} tokens/s")
     print(f"  routed (moe.RoutedMoE): {tps['routed']:10.0f} tokens/s")
     print(f"  ratio routed/dense: {res['routed_over_dense']:.2f}x   "
           f"max |out diff|: {max_diff:.2e}")

@@ -1,4 +1,4 @@
-"""Routed MoE (`model.moe`) == the dense reference (`layers.MoE`), and sharded == single device.
+"""Routed MoE (`model.moe`) == the dense reference (`moe.DenseMoE`), and sharded == single device.
 
 All float32. The dense block runs every expert with a combine matrix; the routed one sorts the
 (token, expert) pairs and runs grouped matmuls: the same function, so outputs and gradients w.r.t.
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gemma_mtp_jax.model import layers, moe
+from gemma_mtp_jax.model import moe
 
 E, K, D, F, B, T = 8, 2, 16, 8, 2, 7
 TOL = 1e-5
@@ -33,7 +33,7 @@ def _inputs(load: str, b: int = B, t: int = T):
   kr, kx, kp = jax.random.split(jax.random.PRNGKey(0), 3)
   router_in_BTD = jax.random.normal(kr, (b, t, D))
   x_BTD = jax.random.normal(kx, (b, t, D))
-  params = nn.unbox(layers.MoE(E, K, F).init(jax.random.PRNGKey(1), router_in_BTD, x_BTD))["params"]
+  params = nn.unbox(moe.DenseMoE(E, K, F).init(jax.random.PRNGKey(1), router_in_BTD, x_BTD))["params"]
   params = jax.tree.map(lambda p: p * 10.0 if p.ndim == 3 else p, params)  # std 0.2
   rng = np.random.default_rng(0)
   params["router_scale"] = jnp.asarray(rng.uniform(0.5, 1.5, D), jnp.float32)
@@ -73,7 +73,7 @@ def _max_diff(a, b):
 def test_params_match_dense_moe():
   """Same names, shapes, logical axes and initial values: checkpoints and converters unchanged."""
   router_in_BTD, x_BTD, _ = _inputs("random")
-  dense = layers.MoE(E, K, F).init(jax.random.PRNGKey(3), router_in_BTD, x_BTD)
+  dense = moe.DenseMoE(E, K, F).init(jax.random.PRNGKey(3), router_in_BTD, x_BTD)
   routed = moe.RoutedMoE(E, K, F).init(jax.random.PRNGKey(3), router_in_BTD, x_BTD)
   assert jax.tree.structure(dense) == jax.tree.structure(routed)
   assert nn.get_partition_spec(dense) == nn.get_partition_spec(routed)
@@ -93,7 +93,7 @@ def test_skewed_inputs_are_skewed():
 @pytest.mark.parametrize("jit", [False, True])
 def test_routed_equals_dense(load, impl, jit):
   router_in_BTD, x_BTD, params = _inputs(load)
-  y_ref, g_ref = _value_and_grads(layers.MoE(E, K, F), router_in_BTD, x_BTD, params)
+  y_ref, g_ref = _value_and_grads(moe.DenseMoE(E, K, F), router_in_BTD, x_BTD, params)
   y, g = _value_and_grads(moe.RoutedMoE(E, K, F, gmm_impl=impl), router_in_BTD, x_BTD, params, jit)
   assert float(jnp.abs(y_ref).max()) > 0.1  # outputs of O(1): the tolerance means something
   assert float(jnp.abs(y - y_ref).max()) <= TOL
@@ -137,16 +137,16 @@ SCRIPT = textwrap.dedent(r"""
   import jax, jax.numpy as jnp, numpy as np, flax.linen as nn
   jax.config.update("jax_default_matmul_precision", "highest")
   from gemma_mtp_jax import sharding
-  from gemma_mtp_jax.model import layers, moe
+  from gemma_mtp_jax.model import moe
   from tests import test_moe as tm
 
   def run(name, axes, b, t, skew):
     router_in, x, params = tm._inputs("skewed" if skew else "random", b, t)
     ref_y, ref_g = tm._value_and_grads(moe.RoutedMoE(tm.E, tm.K, tm.F), router_in, x, params,
                                        jit=True)
-    dense_y, _ = tm._value_and_grads(layers.MoE(tm.E, tm.K, tm.F), router_in, x, params)
+    dense_y, _ = tm._value_and_grads(moe.DenseMoE(tm.E, tm.K, tm.F), router_in, x, params)
     mesh = sharding.make_mesh(axes)
-    boxed = jax.eval_shape(lambda: layers.MoE(tm.E, tm.K, tm.F).init(
+    boxed = jax.eval_shape(lambda: moe.DenseMoE(tm.E, tm.K, tm.F).init(
         jax.random.PRNGKey(1), router_in, x))
     p = sharding.shard_like(params, nn.unbox(sharding.logical_shardings(boxed, mesh)))
     bs = sharding.batch_sharding(mesh)

@@ -1,18 +1,25 @@
-"""Dropless routed MoE (Gemma 4 26B-A4B) with expert parallelism.
+"""Gemma 4 (26B-A4B) mixture of experts: one router, two implementations, router statistics.
 
-`layers.MoE` runs every token through all E experts and zeroes the unselected ones with a combine
-matrix: E/k times the FLOPs a token needs (16x for 128 experts, top-8) and a [B, T, E, F]
-activation. Here each token visits only its k experts:
+The dense reference (`DenseMoE`, `moe_impl="dense"`) runs every token through all E experts and
+zeroes the unselected ones with a combine matrix: E/k times the FLOPs a token needs (16x for 128
+experts, top-8) and a [B, T, E, F] activation. The default (`RoutedMoE`, `moe_impl="routed"`) is
+dropless and routed: each token visits only its k experts.
 
-  route            HF's router, unchanged (a pure function, shared with the dense reference).
+  route            HF's router, unchanged (`router_logits` + softmax + `top_k_weights`): the one
+                   router of both implementations.
   routed_experts   repeat each token k times, stable-sort the (token, expert) pairs by expert,
                    run the expert MLPs as grouped matmuls over the sorted rows, unsort, weight by
                    the router weights and sum over k. Dropless: no capacity, no token is lost.
   routed_experts_sharded
                    the same under `jax.shard_map` with the experts split over the `expert` mesh axis
                    (see its docstring for the dispatch scheme and its communication cost).
-  RoutedMoE        the Flax module: the parameters of `layers.MoE` (names, shapes, logical axes),
-                   so checkpoints and converters do not change.
+  DenseMoE, RoutedMoE
+                   the Flax modules: the same parameters (names, shapes, logical axes, init), so
+                   checkpoints and converters do not depend on the implementation; `IMPLS` maps
+                   `ModelConfig.moe_impl` to them.
+  router_stats, router_losses
+                   per-layer router statistics, sown when asked, and the optional load-balancing
+                   and z losses computed from them (Gemma 4 publishes none; off by default).
 
 Grouped matmuls (`grouped_mlp`): `jax.lax.ragged_dot` lowers to the native grouped matmul on TPU and
 GPU, but on the CPU backend JAX lowers it to a dense masked product over all E groups (E times the
@@ -22,16 +29,14 @@ ragged_dot), `ragged_dot` on accelerators and `blocked` on the CPU: each expert'
 whole blocks of W rows, one batched matmul over the blocks with the block's expert weights
 gathered ([I, D, F]). Both are exact; neither builds a [tokens, experts, ffn] tensor.
 
-Shape letters beyond the package table (gemma_mtp_jax/model/__init__.py), local to this module:
-  X tokens, flattened (B * T)             Y routed rows, one per (token, chosen expert) pair (X * k)
-  I blocks of the blocked grouped matmul  W rows of one block
-  k (lower case) the router's top-k
+Shape letters (the package table, gemma_mtp_jax/model/__init__.py): X tokens flattened (B * T),
+Y routed rows (X * k), I blocks of the blocked grouped matmul, W rows of one block, k the top-k.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -50,23 +55,36 @@ GMM_IMPLS = ("auto", "ragged_dot", "blocked")
 
 
 # ---------------------------------------------------------------------------- router
+def router_logits(router_in_xD: Array, scale_D: Array, proj_DE: Array, eps: float) -> Array:
+  """HF Gemma 4's router scores [..., E] (float32, before the softmax).
+
+  Scale-free RMSNorm of the router input (in its own dtype, as HF), times the learned per-dim scale
+  and D^-1/2, linear to E scores (in the input's dtype, then float32 for the softmax).
+  """
+  d = router_in_xD.shape[-1]
+  r = layers.rms_normalize(router_in_xD, eps).astype(router_in_xD.dtype)
+  r = r * scale_D.astype(r.dtype) * jnp.asarray(d ** -0.5, r.dtype)
+  return jnp.einsum("...d,de->...e", r, proj_DE.astype(r.dtype)).astype(jnp.float32)
+
+
+def top_k_weights(probs_xE: Array, per_expert_scale_E: Array, top_k: int) -> tuple[Array, Array]:
+  """(weights [..., k] float32, expert ids [..., k] int32) from the router's probabilities: top-k,
+  the k weights renormalised to sum 1, times the chosen experts' learned scales."""
+  top_w_xk, top_i_xk = jax.lax.top_k(probs_xE, top_k)
+  top_w_xk = top_w_xk / jnp.sum(top_w_xk, axis=-1, keepdims=True)
+  top_w_xk = top_w_xk * per_expert_scale_E.astype(jnp.float32)[top_i_xk]
+  return top_w_xk, top_i_xk.astype(jnp.int32)
+
+
 def route(router_in_BTD: Array, scale_D: Array, proj_DE: Array, per_expert_scale_E: Array,
           top_k: int, eps: float) -> tuple[Array, Array]:
   """HF Gemma 4's router: (weights [..., k] float32, expert ids [..., k] int32).
 
-  Scale-free RMSNorm of the router input (in its own dtype, as HF), times the learned per-dim scale
-  and D^-1/2, linear to E scores, softmax in float32, top-k, the k weights renormalised to sum 1,
-  times the chosen experts' learned scales. Leading dims are kept (BTD -> BTk, XD -> Xk).
+  `router_logits`, softmax in float32, `top_k_weights`. Leading dims are kept (BTD -> BTk,
+  XD -> Xk). The one router of both MoE implementations.
   """
-  d = router_in_BTD.shape[-1]
-  r = layers.rms_normalize(router_in_BTD, eps).astype(router_in_BTD.dtype)
-  r = r * scale_D.astype(r.dtype) * jnp.asarray(d ** -0.5, r.dtype)
-  scores_BTE = jnp.einsum("...d,de->...e", r, proj_DE.astype(r.dtype))
-  probs_BTE = jax.nn.softmax(scores_BTE.astype(jnp.float32), axis=-1)
-  top_w_BTk, top_i_BTk = jax.lax.top_k(probs_BTE, top_k)
-  top_w_BTk = top_w_BTk / jnp.sum(top_w_BTk, axis=-1, keepdims=True)
-  top_w_BTk = top_w_BTk * per_expert_scale_E.astype(jnp.float32)[top_i_BTk]
-  return top_w_BTk, top_i_BTk.astype(jnp.int32)
+  probs_BTE = jax.nn.softmax(router_logits(router_in_BTD, scale_D, proj_DE, eps), axis=-1)
+  return top_k_weights(probs_BTE, per_expert_scale_E, top_k)
 
 
 # ---------------------------------------------------------------------------- grouped matmuls
@@ -257,16 +275,16 @@ def sharded_mesh():
   return mesh
 
 
-# ---------------------------------------------------------------------------- module
-class RoutedMoE(nn.Module):
-  """Gemma 4 (26B-A4B) sparse experts, routed: a drop-in for `layers.MoE`.
+# ---------------------------------------------------------------------------- modules
+class _MoEBlock(nn.Module):
+  """Gemma 4 (26B-A4B) sparse experts with HF's router; subclasses say how the experts run.
 
-  Same fields, parameters (router_scale, router_proj, per_expert_scale, gate, up, down: names,
-  shapes, logical axes) and call as `layers.MoE`; each token runs only its top-k experts.
-  expert_parallel: True runs `routed_experts_sharded` on the context mesh (experts split over its
-  `expert` axis, tokens over its batch axes), False runs `routed_experts` (GSPMD shards it as it
-  can), None (the default) the former whenever a context mesh splits tokens or experts.
-  gmm_impl: see `grouped_mlp`.
+  Parameters (names, shapes, logical axes, init): router_scale [D], router_proj [D, E],
+  per_expert_scale [E], gate / up [E, D, F], down [E, F, D]: the same for both implementations, so
+  checkpoints, converters and sharding rules do not depend on `moe_impl`.
+  When the `intermediates` collection is mutable (`apply(..., mutable=[STATS_COLLECTION])`), each
+  call sows its router statistics under the name "router" (`router_stats`; `router_losses` reads
+  them); otherwise nothing is computed for them.
   """
 
   num_experts: int
@@ -276,12 +294,10 @@ class RoutedMoE(nn.Module):
   act: str = "gelu_pytorch_tanh"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  expert_parallel: bool | None = None
-  gmm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, router_in_BTD: Array, x_BTD: Array) -> Array:
-    b, t, d = x_BTD.shape
+    d = x_BTD.shape[-1]
     e, f = self.num_experts, self.hidden_dim
     p = functools.partial(layers.param_with_axes, self, dtype=self.param_dtype)
     r_scale_D = p("router_scale", nn.initializers.ones, (d,), axes=("norm",))
@@ -291,8 +307,49 @@ class RoutedMoE(nn.Module):
     up_EDF = p("up", layers.default_kernel_init, (e, d, f), axes=("exp", "embed", "mlp"))
     down_EFD = p("down", layers.default_kernel_init, (e, f, d), axes=("exp", "mlp", "embed"))
 
-    w_BTk, i_BTk = route(router_in_BTD, r_scale_D, r_proj_DE, per_expert_scale_E, self.top_k,
-                         self.eps)
+    logits_BTE = router_logits(router_in_BTD, r_scale_D, r_proj_DE, self.eps)
+    w_BTk, i_BTk = top_k_weights(jax.nn.softmax(logits_BTE, axis=-1), per_expert_scale_E,
+                                 self.top_k)
+    if self.is_mutable_collection(STATS_COLLECTION):
+      self.sow(STATS_COLLECTION, "router", router_stats(logits_BTE, i_BTk))
+    return self.experts(x_BTD, w_BTk, i_BTk, gate_EDF, up_EDF, down_EFD)
+
+  def experts(self, x_BTD, w_BTk, i_BTk, gate_EDF, up_EDF, down_EFD) -> Array:
+    """sum_k w[b, t, k] * MLP_{i[b, t, k]}(x[b, t]): [B, T, D]."""
+    raise NotImplementedError
+
+
+class DenseMoE(_MoEBlock):
+  """The reference (`moe_impl="dense"`): every token through all E experts, zeroed by a combine
+  matrix for the unselected ones. E/k times the routed FLOPs and a [B, T, E, F] activation; no
+  data-dependent shapes, so GSPMD shards it like any einsum."""
+
+  def experts(self, x_BTD, w_BTk, i_BTk, gate_EDF, up_EDF, down_EFD) -> Array:
+    dt = self.dtype
+    combine_BTE = jnp.sum(jax.nn.one_hot(i_BTk, self.num_experts, dtype=jnp.float32)
+                          * w_BTk[..., None], axis=-2)
+    x = x_BTD.astype(dt)
+    g_BTEF = jnp.einsum("btd,edf->btef", x, gate_EDF.astype(dt))
+    u_BTEF = jnp.einsum("btd,edf->btef", x, up_EDF.astype(dt))
+    h_BTEF = layers.activation(self.act)(g_BTEF) * u_BTEF
+    h_BTEF = h_BTEF * combine_BTE.astype(dt)[..., None]
+    return jnp.einsum("btef,efd->btd", h_BTEF, down_EFD.astype(dt))
+
+
+class RoutedMoE(_MoEBlock):
+  """The default (`moe_impl="routed"`): each token runs only its top-k experts (dropless).
+
+  expert_parallel: True runs `routed_experts_sharded` on the context mesh (experts split over its
+  `expert` axis, tokens over its batch axes), False runs `routed_experts` (GSPMD shards it as it
+  can), None (the default) the former whenever a context mesh splits tokens or experts.
+  gmm_impl: see `grouped_mlp`.
+  """
+
+  expert_parallel: bool | None = None
+  gmm_impl: str = "auto"
+
+  def experts(self, x_BTD, w_BTk, i_BTk, gate_EDF, up_EDF, down_EFD) -> Array:
+    b, t, d = x_BTD.shape
     args = (x_BTD.reshape(b * t, d), w_BTk.reshape(b * t, -1), i_BTk.reshape(b * t, -1),
             gate_EDF, up_EDF, down_EFD, self.act, self.dtype, self.gmm_impl)
     mesh = sharded_mesh() if self.expert_parallel is None else None
@@ -301,3 +358,65 @@ class RoutedMoE(nn.Module):
     else:
       y_XD = routed_experts(*args)
     return y_XD.reshape(b, t, d)
+
+
+IMPLS = {"routed": RoutedMoE, "dense": DenseMoE}
+
+
+# ---------------------------------------------------------------------------- router losses
+STATS_COLLECTION = "intermediates"
+
+
+def router_stats(logits_xE: Array, ids_xk: Array) -> dict[str, Array]:
+  """One MoE layer's router statistics over the tokens of a call (padding included: the block
+  does not see the mask; packed batches carry little of it).
+
+  tokens_E: (token, expert) pairs routed to each expert (sums to tokens * k); probs_E: the mean
+  router probability of each expert (softmax over all E, before top-k); z: the mean over tokens
+  of logsumexp(router logits)^2. All float32; only `probs_E` and `z` carry gradients.
+  """
+  e = logits_xE.shape[-1]
+  logits_XE = logits_xE.reshape(-1, e)
+  tokens_E = jnp.zeros((e,), jnp.float32).at[ids_xk.reshape(-1)].add(1.0)
+  probs_E = jnp.mean(jax.nn.softmax(logits_XE, axis=-1), axis=0)
+  z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_XE, axis=-1)))
+  return {"tokens_E": jax.lax.stop_gradient(tokens_E), "probs_E": probs_E, "z": z}
+
+
+def _collect(tree) -> list[dict]:
+  """Every sown "router" entry of an intermediates tree (sow keeps a tuple per call)."""
+  out = []
+  if isinstance(tree, Mapping):
+    for k, v in tree.items():
+      if k == "router" and isinstance(v, (tuple, list)):
+        out.extend(v)
+      else:
+        out.extend(_collect(v))
+  return out
+
+
+def router_losses(intermediates) -> dict[str, Array]:
+  """Router losses and load statistics, averaged over the MoE layers, from sown `router_stats`.
+
+  intermediates: the `intermediates` collection of a base forward (`Transformer.apply(...,
+  mutable=[STATS_COLLECTION])[1][STATS_COLLECTION]`, or that dict itself); scanned layers carry a
+  leading repeats dim, which counts as that many layers. Returns float32 scalars:
+    router_aux_loss: load balancing (Switch Transformer / GShard), per layer
+      E * sum_e f_e * p_e with f_e = tokens_E / sum(tokens_E), the fraction of the routed
+      (token, expert) pairs that went to e, and p_e = probs_E; 1 when the load is uniform (HF's
+      Mixtral form sums over the k choices instead: k times this). Gradients flow through p_e.
+    router_z_loss: mean over tokens of logsumexp(router logits)^2 (ST-MoE).
+    expert_tokens_min / expert_tokens_max: the fewest / most pairs any expert of any layer got.
+  """
+  stats = _collect(intermediates.get(STATS_COLLECTION, intermediates))
+  if not stats:
+    raise ValueError("no router statistics: the model has no MoE layer, or it was applied "
+                     f"without mutable=[{STATS_COLLECTION!r}]")
+  e = stats[0]["tokens_E"].shape[-1]
+  tokens_LE = jnp.concatenate([s["tokens_E"].reshape(-1, e) for s in stats])
+  probs_LE = jnp.concatenate([s["probs_E"].reshape(-1, e) for s in stats])
+  z_L = jnp.concatenate([s["z"].reshape(-1) for s in stats])
+  f_LE = tokens_LE / jnp.maximum(jnp.sum(tokens_LE, axis=-1, keepdims=True), 1.0)
+  return {"router_aux_loss": jnp.mean(e * jnp.sum(f_LE * probs_LE, axis=-1)),
+          "router_z_loss": jnp.mean(z_L),
+          "expert_tokens_min": jnp.min(tokens_LE), "expert_tokens_max": jnp.max(tokens_LE)}
