@@ -203,3 +203,53 @@ def test_sharded_equals_single_device(case, sharded_results):
   assert r["out_diff"] <= TOL, r
   assert r["grad_diff"] <= TOL, r
   assert r["dense_diff"] <= TOL, r
+
+
+# ---------------------------------------------------------------------------- router losses
+def test_router_stats_by_hand():
+  """Two tokens, E = 2, k = 1: logits [0, 0] and [ln 3, 0] both pick expert 0."""
+  logits_XE = jnp.asarray([[0.0, 0.0], [np.log(3.0), 0.0]], jnp.float32)
+  ids_Xk = jnp.asarray([[0], [0]], jnp.int32)
+  s = moe.router_stats(logits_XE, ids_Xk)
+  np.testing.assert_allclose(s["tokens_E"], [2.0, 0.0])
+  np.testing.assert_allclose(s["probs_E"], [(0.5 + 0.75) / 2, (0.5 + 0.25) / 2], rtol=1e-6)
+  # logsumexp: ln 2 and ln 4 = 2 ln 2 -> mean of squares 2.5 (ln 2)^2
+  np.testing.assert_allclose(s["z"], 2.5 * np.log(2.0) ** 2, rtol=1e-6)
+
+
+def test_router_losses_by_hand():
+  """Layer a: uniform load and probs -> 1; layer b (scanned, 2 repeats): all on expert 0 -> E = 4
+  and half on 0/1 with probs (.5, .5, 0, 0) -> 4 * (.5 * .5 + .5 * .5) = 2. Mean (1 + 4 + 2) / 3."""
+  stat = lambda t, p, z: {"tokens_E": jnp.asarray(t, jnp.float32),
+                          "probs_E": jnp.asarray(p, jnp.float32), "z": jnp.asarray(z, jnp.float32)}
+  inter = {"intermediates": {
+      "layer_0": {"moe": {"router": (stat([2, 2, 2, 2], [0.25] * 4, 1.0),)}},
+      "scan_1": {"layer_0": {"moe": {"router": (
+          stat([[8, 0, 0, 0], [4, 4, 0, 0]], [[1, 0, 0, 0], [0.5, 0.5, 0, 0]], [3.0, 5.0]),)}}}}}
+  out = moe.router_losses(inter)
+  np.testing.assert_allclose(out["router_aux_loss"], (1 + 4 + 2) / 3, rtol=1e-6)
+  np.testing.assert_allclose(out["router_z_loss"], (1 + 3 + 5) / 3, rtol=1e-6)
+  assert float(out["expert_tokens_min"]) == 0 and float(out["expert_tokens_max"]) == 8
+  with pytest.raises(ValueError, match="no router statistics"):
+    moe.router_losses({"intermediates": {}})
+
+
+@pytest.mark.parametrize("impl", ["routed", "dense"])
+def test_blocks_sow_router_stats_only_when_asked(impl):
+  """Both blocks sow the same statistics under `intermediates/router` when that collection is
+  mutable, leave the output unchanged, and the losses have gradients w.r.t. the router."""
+  router_in_BTD, x_BTD, params = _inputs("skewed")
+  module = moe.IMPLS[impl](E, K, F)
+  y, state = module.apply(params, router_in_BTD, x_BTD, mutable=[moe.STATS_COLLECTION])
+  np.testing.assert_array_equal(y, module.apply(params, router_in_BTD, x_BTD))
+  (s,) = state[moe.STATS_COLLECTION]["router"]
+  np.testing.assert_array_equal(s["tokens_E"], _loads(router_in_BTD, params))
+  assert float(s["tokens_E"].sum()) == B * T * K
+
+  def aux(p):
+    _, st = module.apply(p, router_in_BTD, x_BTD, mutable=[moe.STATS_COLLECTION])
+    out = moe.router_losses(st)
+    return out["router_aux_loss"] + out["router_z_loss"]
+
+  g = jax.grad(aux)(params)["params"]
+  assert float(jnp.abs(g["router_proj"]).max()) > 0 and float(jnp.abs(g["gate"]).max()) == 0
