@@ -1,4 +1,5 @@
-"""Equivalences of the base model: cache == no cache, scan == loop, remat == no remat."""
+"""Equivalences of the base model: cache == no cache, scan == loop, remat == no remat, routed MoE ==
+dense MoE (and decoding through the routed MoE)."""
 
 import flax.linen as nn
 import jax
@@ -6,10 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma_mtp_jax.decoding import speculative
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import drafter
 from gemma_mtp_jax.model import kv_cache
+from gemma_mtp_jax.model import moe
 from gemma_mtp_jax.model import transformer
 from tests import hf_helpers
+from tests import test_drafter
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -194,3 +199,94 @@ def test_chunked_attention_equals_full_attention():
                                             cache=cache).logits
   np.testing.assert_allclose(prefill(cfg.replace(attention_chunk_size=4)), prefill(cfg),
                              atol=2e-5)
+
+
+# ---------------------------------------------------------------------------- MoE: routed == dense
+def _moe_params(cfg, load):
+  """The 26B-style tiny model's params; "skewed": every MoE router sends each token to expert 3
+  and none to experts 5, 6, 7 (a large embedding component on dim 5 that those router columns
+  weigh with +-10), so the routed path sees empty experts and one in every token's top-k."""
+  params = _params(cfg)
+  if load == "skewed":
+    params["embedding"] = params["embedding"].at[:, 5].add(4.0)
+    for i in range(cfg.num_layers):
+      m = params[f"layer_{i}"]["moe"]
+      m["router_proj"] = m["router_proj"].at[5, 3].add(10.0).at[5, 5:].add(-10.0)
+  return params
+
+
+def _router_loads(cfg, params, tokens, pos):
+  """tokens_E of every MoE layer (router statistics sown by the blocks)."""
+  _, state = transformer.Transformer(cfg).apply({"params": params}, tokens, pos,
+                                                mutable=[moe.STATS_COLLECTION])
+  inter = state[moe.STATS_COLLECTION]
+  return [np.asarray(inter[f"layer_{i}"]["moe"]["router"][0]["tokens_E"])
+          for i in range(cfg.num_layers)]
+
+
+def _scaled_diff(a, b):
+  """max |a - b| relative to the reference's own scale (max |b|, at least 1): float32 rounding of
+  sums in a different order is ~1e-7 of the summands, so O(10) gradients differ by ~1e-6 raw."""
+  return float(jnp.abs(a - b).max() / jnp.maximum(jnp.abs(b).max(), 1.0))
+
+
+@pytest.mark.parametrize("load,scan,remat", [("random", False, "none"), ("skewed", False, "none"),
+                                             ("skewed", True, "full")])
+def test_routed_moe_equals_dense_moe(load, scan, remat):
+  """The whole base with `moe_impl="routed"` (the default) == `"dense"`: logits and gradients of
+  every parameter, float32, <= 1e-5 (of each array's scale), on packed rows with a padded tail;
+  uneven expert loads; scan_layers with full remat (the 26B-A4B preset's setting)."""
+  cfg = _cfg("moe", scan_layers=scan, remat_policy=remat)
+  assert cfg.enable_moe and cfg.moe_impl == "routed"
+  loop_cfg = cfg.replace(scan_layers=False, remat_policy="none")
+  params = _moe_params(loop_cfg, load)  # loop layout; stacked below for scan_layers
+  rng = np.random.default_rng(6)
+  t = 13
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, t)))
+  seg = jnp.asarray([[1] * 6 + [2] * 5 + [0] * 2, [1] * t])
+  pos = jnp.asarray([list(range(6)) + list(range(5)) + [0] * 2, list(range(t))])
+  valid = seg > 0
+  loads = np.stack(_router_loads(loop_cfg, params, tokens, pos))
+  if load == "skewed":  # every layer: experts 5-7 empty, expert 3 in every token's top-k
+    assert (loads[:, 5:] == 0).all() and (loads[:, 3] == 2 * t).all(), loads
+  c_BTV = jnp.asarray(rng.normal(size=(2, t, cfg.vocab_size)), jnp.float32)
+  if scan:
+    params = transformer.stack_layer_params(cfg, params)
+
+  def loss(p, c):
+    logits = transformer.Transformer(c).apply({"params": p}, tokens, pos, valid, seg).logits
+    return jnp.sum(jnp.where(valid[..., None], logits * c_BTV, 0.0)) / jnp.sum(valid), logits
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (v0, l0), g0 = grad_fn(params, cfg.replace(moe_impl="dense"))
+  (v1, l1), g1 = grad_fn(params, cfg)
+  assert float(jnp.abs(l0).max()) > 1.0  # logits of O(1) and more: the tolerance means something
+  assert _scaled_diff(l1, l0) <= 1e-5
+  assert _scaled_diff(v1, v0) <= 1e-5
+  last = f"layer_{cfg.num_layers - 1}"
+  # The final RMSNorm is invariant to scaling its input, so the last layer's layer_scalar has an
+  # exact gradient of 0 (up to eps): both values are rounding noise of O(100) summands.
+  noise = [g1[last].pop("layer_scalar"), g0[last].pop("layer_scalar")]
+  assert max(float(jnp.abs(g).max()) for g in noise) <= 1e-3, noise
+  diffs = jax.tree.map(_scaled_diff, g1, g0)
+  assert max(jax.tree.leaves(diffs)) <= 1e-5, diffs
+  moe_g = g0[last]["moe"]  # the global layer: unscanned in both layouts
+  assert all(float(jnp.abs(g).max()) > 1e-3 for g in jax.tree.leaves(moe_g))  # every MoE param
+
+
+def test_moe_decode_runs_routed_and_matches_dense():
+  """Plain and speculative decoding of a tiny MoE base go through the routed block (the default):
+  greedy tokens equal the dense reference's, and speculative greedy equals plain greedy."""
+  base, dcfg = test_drafter.tiny_configs(ordered=False, small=True, enable_moe=True, num_experts=8,
+                                         top_k_experts=2, moe_hidden_dim=16)
+  assert base.moe_impl == "routed"
+  params = nn.unbox(transformer.init_params(base, jax.random.PRNGKey(0)))
+  dvars = nn.unbox(drafter.init_variables(dcfg, jax.random.PRNGKey(1)))
+  prompts = [[5, 9, 11, 3, 7], [4, 8, 15, 16, 23, 42 % base.vocab_size, 12]]
+  plain = speculative.decode_prompts(params, base, prompts, max_new_tokens=6)
+  dense = speculative.decode_prompts(params, base.replace(moe_impl="dense"), prompts,
+                                     max_new_tokens=6)
+  spec = speculative.decode_prompts(params, base, prompts, drafter_vars=dvars, drafter_cfg=dcfg,
+                                    num_draft_tokens=2, max_new_tokens=6)
+  assert all(len(t) == 6 for t in plain.tokens)
+  assert plain.tokens == dense.tokens == spec.tokens

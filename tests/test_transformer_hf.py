@@ -35,9 +35,17 @@ def _left_padded(rng, batch, length, vocab, pads):
   return tokens, mask, positions
 
 
-@pytest.mark.parametrize("variant", sorted(hf_helpers.VARIANTS))
-def test_logits_hidden_and_store_kv_equal_hf(variant):
+# The MoE variant runs both implementations: "routed" (the default from an HF config) and "dense".
+CASES = [(v, None) for v in sorted(hf_helpers.VARIANTS) if v != "moe"] + [
+    ("moe", "routed"), ("moe", "dense")]
+
+
+@pytest.mark.parametrize("variant,moe_impl", CASES)
+def test_logits_hidden_and_store_kv_equal_hf(variant, moe_impl):
   hf, cfg, params = _setup(variant)
+  if moe_impl is not None:
+    assert cfg.enable_moe and cfg.moe_impl == "routed"  # the default
+    cfg = cfg.replace(moe_impl=moe_impl)
   rng = np.random.default_rng(1)
   # Longer than every variant's sliding window; batch 3 with left padding of different sizes.
   tokens, mask, positions = _left_padded(rng, 3, 17, cfg.vocab_size, pads=(0, 4, 9))

@@ -16,8 +16,12 @@ a letter means the same thing in every module of the package:
   O  output (new) tokens                  Q  prompt tokens
   U  positions of one chunk (chunked attention / chunked loss)
   Z  token slots of centroid lists (V / C per centroid; k * V / C for the masked head's top-k)
+  X  tokens, flattened (B * T)            Y  routed rows of the MoE, one per (token, chosen expert)
+  I  blocks of the MoE's grouped matmul   W  rows of one such block (`moe.grouped_mlp`, "blocked")
+  k  (lower case) the MoE router's top-k: weights_Xk, ids_BTk
   x  (lower case) any leading dims: a function of [..., V] is written `logits_xV`
 
 Modules: `config` (frozen ModelConfig / DrafterConfig, the HF config mapping), `layers`, `attention`,
-`kv_cache`, `transformer` (the base), `drafter` (the assistant), `flops` (the one FLOP model).
+`kv_cache`, `moe` (the MoE block: routed and dense), `transformer` (the base), `drafter` (the
+assistant), `flops` (the one FLOP model).
 """

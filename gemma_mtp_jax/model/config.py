@@ -30,7 +30,7 @@ def _closest(key: str, valid: Sequence[str]) -> str:
 
 
 # Fields that change how a model computes, not what it is (never part of an HF config).
-NUMERICS_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_chunk_size")
+NUMERICS_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_chunk_size", "moe_impl")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +72,7 @@ class ModelConfig:
   num_experts: int = 0
   top_k_experts: int = 0
   moe_hidden_dim: int = 0
+  moe_impl: str = "routed"  # numerics: "routed" (model/moe.py, top-k only) or "dense" (reference)
   hidden_activation: str = "gelu_pytorch_tanh"
   tie_word_embeddings: bool = True
   max_position_embeddings: int = 131_072
@@ -128,6 +129,8 @@ class ModelConfig:
         need(getattr(self, f) > 0, f, "must be > 0 when enable_moe is set")
       need(self.top_k_experts <= self.num_experts, "top_k_experts",
            f"{self.top_k_experts} > num_experts={self.num_experts}")
+    need(self.moe_impl in ("routed", "dense"), "moe_impl",
+         f"model.moe_impl must be 'routed' or 'dense', got {self.moe_impl!r}")
     need(self.global_rope_type in ("proportional", "default"), "global_rope_type",
          f"unknown rope type {self.global_rope_type!r}")
     need(self.local_rope_type in ("proportional", "default"), "local_rope_type",

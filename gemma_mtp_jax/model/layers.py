@@ -1,4 +1,4 @@
-"""Small building blocks shared by the base model and the drafter: norms, RoPE, MLP, MoE.
+"""Small building blocks shared by the base model and the drafter: norms, RoPE, MLP (MoE: `moe`).
 
 Every parameter carries logical axis names (MaxText style) so sharding is a rule change in the
 config, never an edit here. Names in shapes: B batch, T sequence, D embed, N query heads, K kv heads,
@@ -139,7 +139,7 @@ def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
   return x_BTNH * cos + rot * sin
 
 
-# ---------------------------------------------------------------------------- MLP / MoE
+# ---------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
   """Gated MLP: down(act(gate(x)) * up(x))."""
 
@@ -161,54 +161,3 @@ class MLP(nn.Module):
     h_BTF = activation(self.act)(g_BTF) * u_BTF
     h_BTF = nn.with_logical_constraint(h_BTF, ("activation_batch", "activation_length", "activation_mlp"))
     return jnp.einsum("btf,fd->btd", h_BTF, down_FD.astype(self.dtype))
-
-
-class MoE(nn.Module):
-  """Gemma 4 (26B-A4B) sparse experts with HF's router.
-
-  Router: scale-free RMSNorm, times a learned per-dim scale and D^-1/2, linear to E scores, softmax
-  in float32, top-k, renormalise the k weights to sum 1, times a learned per-expert scale.
-
-  Experts run as dense einsums over an [E, ...] weight stack with a combine matrix that is zero for
-  unselected experts: no Python loop over experts and no data-dependent shapes, so the `expert`
-  axis of every weight can be sharded by the mesh rules. (Compute is E/k times the sparse ideal;
-  fine for tests and the tiny config, and the layout is what an all-to-all dispatch would shard.)
-  """
-
-  num_experts: int
-  top_k: int
-  hidden_dim: int
-  eps: float = 1e-6
-  act: str = "gelu_pytorch_tanh"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, router_in_BTD: Array, x_BTD: Array) -> Array:
-    d = x_BTD.shape[-1]
-    e, f = self.num_experts, self.hidden_dim
-    p = functools.partial(param_with_axes, self, dtype=self.param_dtype)
-    r_scale_D = p("router_scale", nn.initializers.ones, (d,), axes=("norm",))
-    r_proj_DE = p("router_proj", default_kernel_init, (d, e), axes=("embed", "exp"))
-    per_expert_scale_E = p("per_expert_scale", nn.initializers.ones, (e,), axes=("exp",))
-    gate_EDF = p("gate", default_kernel_init, (e, d, f), axes=("exp", "embed", "mlp"))
-    up_EDF = p("up", default_kernel_init, (e, d, f), axes=("exp", "embed", "mlp"))
-    down_EFD = p("down", default_kernel_init, (e, f, d), axes=("exp", "mlp", "embed"))
-
-    # Router (HF computes it in the activation dtype, softmax in float32).
-    r = rms_normalize(router_in_BTD, self.eps).astype(router_in_BTD.dtype)
-    r = r * r_scale_D.astype(r.dtype) * jnp.asarray(d ** -0.5, r.dtype)
-    scores_BTE = jnp.einsum("btd,de->bte", r, r_proj_DE.astype(r.dtype))
-    probs_BTE = jax.nn.softmax(scores_BTE.astype(jnp.float32), axis=-1)
-    top_w_BTk, top_i_BTk = jax.lax.top_k(probs_BTE, self.top_k)
-    top_w_BTk = top_w_BTk / jnp.sum(top_w_BTk, axis=-1, keepdims=True)
-    top_w_BTk = top_w_BTk * per_expert_scale_E.astype(jnp.float32)[top_i_BTk]
-    combine_BTE = jnp.sum(jax.nn.one_hot(top_i_BTk, e, dtype=jnp.float32) * top_w_BTk[..., None],
-                          axis=-2)
-
-    x = x_BTD.astype(self.dtype)
-    g_BTEF = jnp.einsum("btd,edf->btef", x, gate_EDF.astype(self.dtype))
-    u_BTEF = jnp.einsum("btd,edf->btef", x, up_EDF.astype(self.dtype))
-    h_BTEF = activation(self.act)(g_BTEF) * u_BTEF
-    h_BTEF = h_BTEF * combine_BTE.astype(self.dtype)[..., None]
-    return jnp.einsum("btef,efd->btd", h_BTEF, down_EFD.astype(self.dtype))

@@ -24,6 +24,7 @@ from gemma_mtp_jax.model import attention
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import kv_cache as kv_cache_lib
 from gemma_mtp_jax.model import layers
+from gemma_mtp_jax.model import moe
 
 Array = jax.Array
 
@@ -66,7 +67,11 @@ def window_for(cfg: config_lib.ModelConfig, layer_type: str) -> int | None:
 
 
 class Block(nn.Module):
-  """One decoder layer: attention, (MoE +) MLP, optional per-layer-embedding residual."""
+  """One decoder layer: attention, (MoE +) MLP, optional per-layer-embedding residual.
+
+  The MoE block is `moe.IMPLS[cfg.moe_impl]` (routed by default, dense as the reference): the same
+  parameters either way, and the same module in training, prefill and decode.
+  """
 
   cfg: config_lib.ModelConfig
   layer_idx: int
@@ -103,9 +108,9 @@ class Block(nn.Module):
         norm(name="pre_ffw_norm")(x_BTD))
     if cfg.enable_moe:
       h1_BTD = norm(name="post_ffw_norm_1")(h_BTD)
-      moe = layers.MoE(cfg.num_experts, cfg.top_k_experts, cfg.moe_hidden_dim, cfg.rms_norm_eps,
-                       cfg.hidden_activation, dt, pdt, name="moe")
-      h2_BTD = moe(residual_BTD, norm(name="pre_ffw_norm_2")(residual_BTD))
+      experts = moe.IMPLS[cfg.moe_impl](cfg.num_experts, cfg.top_k_experts, cfg.moe_hidden_dim,
+                                        cfg.rms_norm_eps, cfg.hidden_activation, dt, pdt, name="moe")
+      h2_BTD = experts(residual_BTD, norm(name="pre_ffw_norm_2")(residual_BTD))
       h_BTD = h1_BTD + norm(name="post_ffw_norm_2")(h2_BTD)
     x_BTD = residual_BTD + norm(name="post_ffw_norm")(h_BTD)
 
@@ -190,7 +195,9 @@ class ScanPeriod(nn.Module):
 
 
 def scanned_layers(cfg: config_lib.ModelConfig, first: int, period: int, repeats: int, name: str):
-  return nn.scan(ScanPeriod, variable_axes={"params": 0}, split_rngs={"params": True},
+  # Sown router statistics (`moe.STATS_COLLECTION`) stack over the repeats like the params.
+  return nn.scan(ScanPeriod, variable_axes={"params": 0, moe.STATS_COLLECTION: 0},
+                 split_rngs={"params": True},
                  in_axes=(0, nn.broadcast), length=repeats,
                  metadata_params={nn.PARTITION_NAME: "layers"})(cfg, first, period, name=name)
 
