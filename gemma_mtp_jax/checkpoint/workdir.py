@@ -13,6 +13,7 @@ actually restores, falling back past bad ones with a warning naming each.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -188,22 +189,28 @@ def params_dir(workdir: str, step: int) -> str:
   return os.path.join(workdir, CHECKPOINTS_DIR, str(step), "params")
 
 
+def restore_step(mgr, step: int, params_target, opt_state_target):
+  """(params, opt_state, meta) of one saved step, placed on the targets' shardings (abstract trees
+  of ShapeDtypeStructs, as `manager.restore` takes them); the params are checked
+  (`trees.check_tree`: dtypes, NaN/inf). Raises what orbax raises for an unreadable step, which
+  `restore_newest_intact` turns into a fallback."""
+  out = mgr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(params_target),
+      opt_state=ocp.args.StandardRestore(opt_state_target),
+      meta=ocp.args.JsonRestore()))
+  params = dict(out["params"])
+  trees.check_tree(params, os.path.join(_steps_dir(mgr), str(step), "params"))
+  return params, out["opt_state"], out["meta"]
+
+
 def restore_train_state(workdir: str, params_target, opt_state_target, step: int | None = None):
   """(step, params, opt_state, meta) of a train workdir's step: `step`, or the newest one that
   restores intact (`restore_newest_intact`: bad newer steps are skipped with a warning). The
   targets are abstract trees (ShapeDtypeStructs with shardings) as `manager.restore` takes them;
   the params are checked (`trees.check_tree`: dtypes, NaN/inf)."""
   mgr = open_manager(workdir)
-
-  def restore(s):
-    out = mgr.restore(s, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(params_target),
-        opt_state=ocp.args.StandardRestore(opt_state_target),
-        meta=ocp.args.JsonRestore()))
-    params = dict(out["params"])
-    trees.check_tree(params, os.path.join(_steps_dir(mgr), str(s), "params"))
-    return params, out["opt_state"], out["meta"]
-
+  restore = functools.partial(restore_step, mgr, params_target=params_target,
+                              opt_state_target=opt_state_target)
   try:
     step, (params, opt_state, meta) = restore_newest_intact(mgr, restore, step)
   finally:

@@ -20,6 +20,7 @@ run uses it, rolled back if the run fails before it starts, and fingerprinted.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -292,15 +293,8 @@ def restore_checkpoint(mgr, abstract_vars, opt_abs, config_change: list, is_main
   newest = max(mgr.all_steps())
   check_shapes(mgr, newest, abstract_vars, opt_abs, config_change)
 
-  def restore(s):
-    out = mgr.restore(s, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_vars),
-        opt_state=ocp.args.StandardRestore(opt_abs),
-        meta=ocp.args.JsonRestore()))
-    variables = dict(out["params"])
-    trees.check_tree(variables, os.path.join(str(mgr.directory), str(s), "params"))
-    return variables, out["opt_state"], out["meta"]
-
+  restore = functools.partial(workdir_lib.restore_step, mgr, params_target=abstract_vars,
+                              opt_state_target=opt_abs)
   step, (variables, opt_state, meta) = workdir_lib.restore_newest_intact(mgr, restore)
   if step != newest:
     say(f"[train] checkpoint step(s) {[s for s in mgr.all_steps() if s > step]} in "
