@@ -464,7 +464,7 @@ def bench_decode(argv: Sequence[str] | None = None) -> dict:
   out_dir = a.out or (os.path.join(a.workdir, "bench_decode") if os.path.isdir(a.workdir)
                       else os.path.join("runs", "bench_decode"))
   os.makedirs(out_dir, exist_ok=True)
-  rows, components, traces0 = [], {}, dict(speculative.TRACES)
+  rows, components, traces0 = [], {}, dict(speculative.compiled_programs())
   n_prompts = max(a.prompts, max(a.batch))
   t_start = time.time()
   for pair in pairs:
@@ -492,7 +492,7 @@ def bench_decode(argv: Sequence[str] | None = None) -> dict:
           print(f"[decode bench] {pair['name']} B={b} T={t:g} K={k}: speedup {row['speedup']:.2f} "
                 f"(E {row['E']:.2f}, c {row['c']:.2f}, v {row['v']:.2f}, ideal "
                 f"{row['ideal']:.2f})", flush=True)
-  compiles = {k: v - traces0.get(k, 0) for k, v in speculative.TRACES.items()}
+  compiles = {k: v - traces0.get(k, 0) for k, v in speculative.compiled_programs().items()}
   res = dict(
       device=jax.devices()[0].device_kind, max_new_tokens=a.max_new_tokens, prompts=a.prompts,
       repeats=a.repeats, rows=rows, components=components, compiles=compiles,

@@ -141,13 +141,13 @@ def test_text_prompts_use_the_tokenizer(dirs, capsys):
     (("--prompt-ids", "2,x"), "comma-separated integers"),
 ])
 def test_bad_input_exits_2_before_any_compute(dirs, capsys, argv, match):
-  before = dict(speculative.TRACES)
+  before = dict(speculative.compiled_programs())
   argv = [a.format(**dirs) if isinstance(a, str) else a for a in argv]
   code, out, err = _run(capsys, "--base", dirs["base"], *argv)
   assert code == 2 and out == ""
   assert err.startswith("error: ")
   assert re.search(match, err), err
-  assert dict(speculative.TRACES) == before
+  assert dict(speculative.compiled_programs()) == before
 
 
 def test_misfit_drafter_is_refused_before_weights_are_read(dirs, capsys, monkeypatch):

@@ -231,13 +231,13 @@ def test_compiles_once_per_shape_and_max_new_one(pair):
   (the shapes of the K = 3 property test above)."""
   base = pair[0]
   rng = np.random.default_rng(5)
-  before = dict(spec.TRACES)
+  before = dict(spec.compiled_programs())
   _spec(pair, _prompts(rng, base.vocab_size, [5, 6, 14]), 12, 3, seed=1)
-  mid = dict(spec.TRACES)
+  mid = dict(spec.compiled_programs())
   assert sum(mid.values()) - sum(before.values()) <= 2
   second = _spec(pair, _prompts(rng, base.vocab_size, [9, 2, 1]), 12, 3, seed=2,
                  stop_tokens=(5, 7))
-  assert dict(spec.TRACES) == mid and second.compile_seconds == 0.0
+  assert dict(spec.compiled_programs()) == mid and second.compile_seconds == 0.0
   one = _spec(pair, [[5, 6, 7]], 1, 2)
   assert len(one.tokens[0]) == 1 and one.target_forwards == 0
 
@@ -319,7 +319,7 @@ def test_speculative_sampling_keeps_the_base_distribution(sampling):
 # ------------------------------------------------------------------------------ errors
 def test_bad_requests_fail_before_any_compute(pair):
   base, params, dcfg, dvars = pair
-  before = dict(spec.TRACES)
+  before = dict(spec.compiled_programs())
 
   def fails(match, **kw):
     args = dict(drafter_vars=dvars, drafter_cfg=dcfg, num_draft_tokens=2, max_new_tokens=4)
@@ -340,4 +340,4 @@ def test_bad_requests_fail_before_any_compute(pair):
         prompts=[list(range(3, 43))], max_new_tokens=30, max_cache_length=64)
   with pytest.raises(spec.GenerateError, match="top_p"):
     spec.Sampling(1.0, top_p=0.0)
-  assert dict(spec.TRACES) == before
+  assert dict(spec.compiled_programs()) == before

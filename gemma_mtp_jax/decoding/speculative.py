@@ -62,8 +62,6 @@ from gemma_mtp_jax.model import transformer
 Array = jax.Array
 
 CACHE_BUCKET = 16  # cache lengths are rounded up to a multiple of this (fewer programs)
-# Number of times each program was traced (= compiled); the benchmark and tests read it.
-TRACES: collections.Counter = collections.Counter()
 
 
 # ------------------------------------------------------------------------------ state
@@ -139,7 +137,6 @@ def prefill(params, prompt_BQ: Array, valid_BQ: Array, stop_ids: Array, rng: Arr
   """Base forward over the prompt into a fresh cache; the first new token is chosen from the last
   column's logits (left padding puts every row's last prompt token there). stop_ids: stop token ids,
   padded with -1 (an array, so stop sets of one size share the programs)."""
-  TRACES["prefill"] += 1
   b, _ = prompt_BQ.shape
   pos_BQ = prefill_positions(valid_BQ)
   cache = kv_cache_lib.init_cache(cfg, b, cache_length)
@@ -251,7 +248,6 @@ def _round(state: DecodeState, params, aux, *, cfg, propose, num_draft, max_new,
 def decode(params, aux, state: DecodeState, *, cfg: config_lib.ModelConfig, propose,
            num_draft: int, max_new: int, sampling: Sampling) -> DecodeState:
   """Rounds until every row is done (`lax.while_loop`: one program for the whole generation)."""
-  TRACES["decode"] += 1
   body = functools.partial(_round, params=params, aux=aux, cfg=cfg, propose=propose,
                            num_draft=num_draft, max_new=max_new, sampling=sampling)
   # Every round emits >= 1 token per live row and the prefill emitted the first one.
@@ -434,6 +430,13 @@ def decode_prompts(base_params, base_cfg: config_lib.ModelConfig, prompts: Seque
 
 
 _EXECUTABLES: dict = {}
+
+
+def compiled_programs() -> collections.Counter:
+  """How many executables each decode program ("prefill", "decode") has compiled in this process,
+  one per (shapes, options) set: a request that reuses them compiles nothing (`_compiled` is the
+  only way the programs are compiled). XLA compiles of everything else: `utils.compiles`."""
+  return collections.Counter(key[0] for key in _EXECUTABLES)
 
 
 def _compiled(fn, args, **static):
