@@ -10,6 +10,7 @@ counts equal HF's meta-device builds of the released configs.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -352,3 +353,38 @@ def test_generate_cli_takes_the_pair(src, capsys):
   fast = run("--base", src["mm"], "--drafter", src["drafter"], "--num-draft-tokens", 3)
   plain = run("--base", src["mm"])
   assert fast["tokens"] == plain["tokens"] and fast["draft_rounds"] > 0
+
+
+def test_trainer_trains_evaluates_and_exports_a_12b_style_pair_from_hf_dirs(tmp_path_factory):
+  """`train` with `hf_base` / `hf_drafter` naming local 12B-style (gemma4_unified) HF dirs: it loads
+  them, trains both, runs the eval (the shipped decoder) and the end-of-run HF assisted-generation
+  check, and exports unified HF dirs again."""
+  from tests import test_trainer as tt
+
+  from gemma_mtp_jax.model import families
+  from gemma_mtp_jax.training import config as train_config
+  from gemma_mtp_jax.training import loop as trainer
+  from gemma_mtp_jax.training import step as step_lib
+
+  assets = tt.write_assets(str(tmp_path_factory.mktemp("unified_assets")))
+  cfg = tt.small_config(assets, eval_prompts=2, eval_new_tokens=6, export_hf=True, hf_check=True)
+  cfg.model.update(dict(hf_family=families.UNIFIED, ple_dim=0, ple_vocab_size=0,
+                        num_kv_shared_layers=0))
+  cfg.drafter.text.update(dict(hf_family=families.UNIFIED))
+  base_cfg, dcfg, _ = train_config.validate_config(cfg)
+  variables = jax.device_get(step_lib.random_variables(base_cfg, dcfg, 7, 0.02))
+  pair = trainer.random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
+  pair.params = variables
+  src = str(tmp_path_factory.mktemp("unified_hf") / "hf")
+  checkpoint.export_hf(pair, src)
+  for d, model_type in (("base", "gemma4_unified_text"), ("drafter", "gemma4_unified_assistant")):
+    with open(os.path.join(src, d, "config.json")) as f:
+      assert json.load(f)["model_type"] == model_type
+  cfg.hf_base, cfg.hf_drafter = os.path.join(src, "base"), os.path.join(src, "drafter")
+  cfg.data.tokenizer = cfg.hf_base
+  out = trainer.run(cfg, str(tmp_path_factory.mktemp("unified_run")))
+  assert out["status"] == "finished" and out["step"] == cfg.train.num_steps
+  assert out["eval"]["greedy/tokens_per_round"] >= 1.0
+  assert out["hf"] is not None and out["hf"]["hf/same_as_trainer"] == 1.0
+  with open(os.path.join(out["export"], "base", "config.json")) as f:
+    assert json.load(f)["model_type"] == "gemma4_unified_text"
