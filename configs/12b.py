@@ -37,6 +37,7 @@ in the AOT memory plan (README), and v5e-64 with `--config.mesh.axes.fsdp=32
 from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax.model import families
 from gemma_mtp_jax import presets
+from gemma_mtp_jax.training import config as train_config
 
 
 def get_config():
@@ -96,7 +97,7 @@ def get_config():
                                      centroid_intermediate_top_k=32),
       hf_base="google/gemma-4-12B-it",
       hf_drafter="google/gemma-4-12B-it-assistant",
-      train=presets.train_fields(seq_len=4096, batch_size=32, learning_rate=1e-5,
+      train=train_config.train_fields(seq_len=4096, batch_size=32, learning_rate=1e-5,
                                  warmup_steps=100, num_steps=10_000,
                                  loss_chunk_size=1024),
   )
