@@ -47,6 +47,7 @@ def bench_model(argv) -> dict:
 
   from gemma_mtp_jax import presets
   from gemma_mtp_jax.model import transformer
+  from gemma_mtp_jax.utils import compiles
   from gemma_mtp_jax.checkpoint import hf_base as convert_base
 
   if a.threads:
@@ -64,15 +65,13 @@ def bench_model(argv) -> dict:
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, cfg.vocab_size, (a.batch, a.seq))
   positions = np.broadcast_to(np.arange(a.seq), tokens.shape)
-  traces = {"n": 0}
-
   def forward(params, tokens, positions):
-    traces["n"] += 1  # runs once per trace, i.e. once per compilation
     return transformer.Transformer(cfg).apply({"params": params}, tokens, positions).logits
 
   fwd = jax.jit(forward)
   jt, jp = jnp.asarray(tokens), jnp.asarray(positions)
-  t_jax = _timeit(lambda: fwd(params, jt, jp).block_until_ready(), a.repeats)
+  with compiles.counting() as compiled:
+    t_jax = _timeit(lambda: fwd(params, jt, jp).block_until_ready(), a.repeats)
   tt = torch.tensor(tokens)
 
   def torch_fwd():
@@ -88,7 +87,7 @@ def bench_model(argv) -> dict:
   res = {
       "config": a.config, "batch": a.batch, "seq": a.seq, "device": jax.devices()[0].device_kind,
       "jax_tokens_per_s": n_tok / t_jax, "torch_tokens_per_s": n_tok / t_torch,
-      "jax_over_torch": t_torch / t_jax, "jax_compilations": traces["n"],
+      "jax_over_torch": t_torch / t_jax, "jax_compilations": compiled.n,
       "max_abs_logit_diff": max_diff, "torch_threads": torch.get_num_threads(),
   }
   if a.json:

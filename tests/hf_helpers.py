@@ -109,3 +109,23 @@ def hf_unified_assistant_config(vocab_size: int = 256, backbone: int = 64, order
   return dict(model_type="gemma4_unified_assistant", text_config=text,
               backbone_hidden_size=backbone, use_ordered_embeddings=ordered, num_centroids=16,
               centroid_intermediate_top_k=4)
+
+
+def jax_pair_from_hf(target: torch.nn.Module, assistant: torch.nn.Module):
+  """(base config, drafter config, params {"base", "drafter"} as jax arrays, the drafter's
+  variables with its "buffers") converted from an HF base + assistant: the JAX side of every "ours == HF's torch composite" test."""
+  import jax
+  import jax.numpy as jnp
+
+  from gemma_mtp_jax import hf_torch
+  from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
+  from gemma_mtp_jax.checkpoint import hf_base as convert_base
+
+  base = config_lib.ModelConfig.from_hf_config(target.config.to_dict())
+  params = {"base": convert_base.state_dict_to_params(base, numpy_state(target))}
+  with hf_torch.hf_assistant_patch():
+    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+  variables = convert_drafter.state_dict_to_variables(dcfg, numpy_state(assistant))
+  params["drafter"] = variables["params"]
+  return base, dcfg, jax.tree.map(jnp.asarray, params), variables
+

@@ -16,8 +16,6 @@ from gemma_mtp_jax.training import losses
 from gemma_mtp_jax.training import step as step_lib
 from gemma_mtp_jax.training.config import TrainConfig
 from gemma_mtp_jax.utils import compiles
-from gemma_mtp_jax.checkpoint import hf_base as convert_base
-from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
 from tests import hf_helpers
 from tests.test_drafter import _hf_pair, random_params, tiny_configs
 
@@ -180,13 +178,7 @@ def test_loss_fn_equals_hf_torch_composite():
   the benchmark's claim to time the same computation."""
   import torch
   target, assistant = _hf_pair(True, 2)
-  base = config_lib.ModelConfig.from_hf_config(target.config.to_dict())
-  params = {"base": convert_base.state_dict_to_params(base, hf_helpers.numpy_state(target))}
-  with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
-  variables = convert_drafter.state_dict_to_variables(dcfg, hf_helpers.numpy_state(assistant))
-  params["drafter"] = variables["params"]
-  params = jax.tree.map(jnp.asarray, params)
+  base, dcfg, params, variables = hf_helpers.jax_pair_from_hf(target, assistant)
   rng = np.random.default_rng(4)
   tokens = rng.integers(3, base.vocab_size, (2, 12))
   lm = rng.random((2, 12)) > 0.2

@@ -18,8 +18,6 @@ from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.training import objective
 from gemma_mtp_jax.training.config import TrainConfig
-from gemma_mtp_jax.checkpoint import hf_base as convert_base
-from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
 from tests import hf_helpers
 from tests.test_drafter import _hf_pair, random_params, tiny_configs
 
@@ -182,13 +180,7 @@ def test_nemo_loss_equals_torch_composite(objective_name):
   with a 12-token row and W = 4 (so the sliding band is not the whole row) and a prompt."""
   import torch
   target, assistant = _hf_pair(False, 2)
-  base = config_lib.ModelConfig.from_hf_config(target.config.to_dict())
-  params = {"base": convert_base.state_dict_to_params(base, hf_helpers.numpy_state(target))}
-  with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
-  variables = convert_drafter.state_dict_to_variables(dcfg, hf_helpers.numpy_state(assistant))
-  params["drafter"] = variables["params"]
-  params = jax.tree.map(jnp.asarray, params)
+  base, dcfg, params, variables = hf_helpers.jax_pair_from_hf(target, assistant)
   rng = np.random.default_rng(5)
   tokens = rng.integers(3, base.vocab_size, (1, 12))
   lm = np.arange(12)[None] >= 2  # a 2-token prompt
