@@ -20,6 +20,10 @@ a letter means the same thing in every module of the package:
   I  blocks of the MoE's grouped matmul   W  rows of one such block (`moe.grouped_mlp`, "blocked")
   k  (lower case) the MoE router's top-k: weights_Xk, ids_BTk
   x  (lower case) any leading dims: a function of [..., V] is written `logits_xV`
+Images (lower case, the vision tower and the image inputs of a row):
+  i  image slots of a row (empty slots have all patch positions -1)
+  p  patches of one image (the tower's tokens)   s  soft tokens of one image (p / pooling_kernel**2)
+  c  values of one patch (3 * patch_size**2)    e.g. pixel_values_Bipc, pixel_positions_Bip2, soft_BisD
 
 Modules: `config` (frozen ModelConfig / DrafterConfig, the HF config mapping), `layers`, `attention`,
 `kv_cache`, `moe` (the MoE block: routed and dense), `transformer` (the base), `drafter` (the
