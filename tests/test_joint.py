@@ -198,3 +198,47 @@ def test_default_step_fn_with_chunked_loss_config():
   np.testing.assert_allclose(np.asarray(chunked.steps), np.asarray(plain.steps), atol=1e-5)
   np.testing.assert_allclose(np.asarray(chunked.base_logits), np.asarray(plain.base_logits),
                              atol=1e-5)
+
+
+def test_router_losses_join_the_loss_and_the_router_load_is_logged():
+  """An MoE base: L gains w_aux * aux + w_z * z (from the same forward's `moe.router_losses`), the
+  router metrics are logged with weights 0 too, and the router losses train the router."""
+  from gemma_mtp_jax.model import moe
+  from gemma_mtp_jax.model import transformer
+  base, dcfg = tiny_configs(ordered=False, small=True, enable_moe=True, num_experts=4,
+                            top_k_experts=2, moe_hidden_dim=16)
+  params, buffers = random_params(base, dcfg, seed=1)
+  rng = np.random.default_rng(0)
+  batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 12)))}
+  plain = TrainConfig(num_draft_steps=2)
+  weighted = TrainConfig(num_draft_steps=2, router_aux_loss_weight=0.5, router_z_loss_weight=0.25)
+  loss_fn = jax.jit(lambda p, j: joint.loss_fn(p, buffers, batch, base, dcfg, j), static_argnums=1)
+  l0, m0 = loss_fn(params, plain)
+  l1, m1 = loss_fn(params, weighted)
+  _, state = transformer.Transformer(base).apply(
+      {"params": params["base"]}, batch["tokens"], jnp.broadcast_to(jnp.arange(12), (2, 12)),
+      mutable=[moe.STATS_COLLECTION])
+  want = moe.router_losses(state)
+  np.testing.assert_allclose(m0["router/aux_loss"], want["router_aux_loss"], rtol=1e-6)
+  np.testing.assert_allclose(m0["router/z_loss"], want["router_z_loss"], rtol=1e-6)
+  assert float(m0["router/expert_tokens_min"]) <= float(m0["router/expert_tokens_max"])
+  # 2 rows x 12 tokens x top-2 pairs per MoE layer, spread over 4 experts.
+  assert float(m0["router/expert_tokens_max"]) <= 48 and float(m0["router/expert_tokens_max"]) >= 12
+  np.testing.assert_allclose(
+      l1, l0 + 0.5 * want["router_aux_loss"] + 0.25 * want["router_z_loss"], rtol=1e-6)
+  assert float(m1["loss"]) == float(l1)
+  router_grad = lambda j: jax.grad(lambda p: loss_fn(p, j)[0])(params)["base"]
+  g0, g1 = router_grad(plain), router_grad(weighted)
+  diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g0, g1)
+  changed = {jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(diff) if v > 0}
+  # The router's inputs come from every earlier layer, so those gradients move too; the router's
+  # own weights must.
+  assert any("router" in k for k in changed), changed
+
+
+def test_micro_batch_metrics_reduce_min_max_and_mean():
+  from gemma_mtp_jax.training import step as step_lib
+  v_M = jnp.asarray([3.0, 1.0, 2.0])
+  assert float(step_lib.reduce_micro("router/expert_tokens_min", v_M)) == 1.0
+  assert float(step_lib.reduce_micro("router/expert_tokens_max", v_M)) == 3.0
+  assert float(step_lib.reduce_micro("base/loss", v_M)) == 2.0

@@ -132,7 +132,12 @@ OVERRIDES = {
     "eval_prompts": ("4", 4), "eval_new_tokens": ("5", 5), "eval_max_prompt_len": ("33", 33),
     "export_hf": ("False", False), "export_dtype": ("bfloat16", "bfloat16"),
     "hf_check": ("False", False), "compilation_cache_dir": ("/tmp/cc", "/tmp/cc"),
+    "router_aux_loss_weight": ("0.01", 0.01), "router_z_loss_weight": ("1e-3", 1e-3),
 }
+# The tiny preset's base as a routed-MoE model: what the router-loss keys need to be valid.
+MOE_MODEL = ("model.enable_moe=True", "model.num_experts=4", "model.top_k_experts=2",
+             "model.moe_hidden_dim=32")
+PARTNERS = {"router_aux_loss_weight": MOE_MODEL, "router_z_loss_weight": MOE_MODEL}
 
 
 def _overridden(*overrides: str):
@@ -154,7 +159,7 @@ def test_every_train_field_round_trips_through_an_override():
   tiny = train_config.TrainConfig.from_config(presets.load_config("tiny").train)
   for key, (text, want) in OVERRIDES.items():
     assert getattr(tiny, key) != want, key  # the override changes something
-    cfg = _overridden(f"train.{key}={text}")
+    cfg = _overridden(f"train.{key}={text}", *PARTNERS.get(key, ()))
     # Fields checked against others need a partner: K draft steps <-> K step weights.
     if key == "step_weights":
       assert cfg.train.num_draft_steps == 4
@@ -170,7 +175,8 @@ def test_train_values_are_checked_naming_the_key():
       (["train.step_weights=(1.0,0.5)"], r"'train\.step_weights'.*2 entries for 4"),
       (["train.draft_query_position=middle"], r"'train\.draft_query_position'"),
       (["train.batch_size=6", "train.grad_accum_steps=4"], r"'train\.grad_accum_steps'"),
-      (["train.export_dtype=fp8"], r"'train\.export_dtype'")):
+      (["train.export_dtype=fp8"], r"'train\.export_dtype'"),
+      (["train.router_z_loss_weight=0.1"], r"'train\.router_z_loss_weight'.*no MoE layer")):
     with pytest.raises(train_config.ConfigError, match=match):
       train_config.validate_config(_overridden(*overrides))
   with pytest.raises(train_config.ConfigError, match=r"'train\.lerning_rate'.*'learning_rate'"):

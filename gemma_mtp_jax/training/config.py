@@ -58,6 +58,11 @@ class TrainConfig:
   centroid_loss_weight: float = 1.0  # ordered embeddings: weight of the centroid (cluster) loss
   drafter_logit_softcap: float | None = None  # HF's assistant caps nothing; match your inference
   z_loss_weight: float = 0.0
+  # MoE bases only (off by default: Gemma 4 publishes no router loss): weights of the router's
+  # load-balancing loss and z-loss (model/moe.py `router_losses`), added to L. The router's load
+  # (fewest / most (token, expert) pairs of any expert) is logged for every MoE base either way.
+  router_aux_loss_weight: float = 0.0
+  router_z_loss_weight: float = 0.0
   # > 0: the heads + cross-entropies in chunks of this many positions, never materialising
   # [B, T, V] logits (a 262144-token vocab needs it); 0: plain logits
   loss_chunk_size: int = 0
@@ -121,7 +126,8 @@ class TrainConfig:
 
   def _check_ranges(self) -> None:
     """Every numeric knob in its range; NaN and inf fail every check (they compare False)."""
-    for key in ("drafter_loss_weight", "centroid_loss_weight", "z_loss_weight", "learning_rate",
+    for key in ("drafter_loss_weight", "centroid_loss_weight", "z_loss_weight",
+                "router_aux_loss_weight", "router_z_loss_weight", "learning_rate",
                 "weight_decay", "grad_clip_norm", "init_embedding_std", "warmup_steps",
                 "loss_chunk_size", "seed", "eval_every", "eval_prompts"):
       v = getattr(self, key)
@@ -258,7 +264,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
   base_cfg, dcfg = presets.model_configs(cfg)
   if dcfg is None:
     raise ConfigError("config has no 'drafter': the joint trainer trains a (base, drafter) pair")
-  return base_cfg, dcfg, TrainConfig.from_config(cfg.train)
+  tcfg = TrainConfig.from_config(cfg.train)
+  for key in ("router_aux_loss_weight", "router_z_loss_weight"):
+    _need(not getattr(tcfg, key) or base_cfg.enable_moe, key,
+          f"is {getattr(tcfg, key)} but the base has no MoE layer (model.enable_moe is False)")
+  return base_cfg, dcfg, tcfg
 
 
 def eval_cost_ratio(cfg: ml_collections.ConfigDict) -> float:

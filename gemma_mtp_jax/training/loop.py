@@ -303,6 +303,8 @@ class _StepLog:
       self._stop_non_finite(step, m)
     post = dict(loss=f"{m['loss']:.3f}", base=f"{m['base/loss']:.3f}",
                 d1=f"{m.get('drafter/acc_1', 0):.2f}")
+    if "router/expert_tokens_max" in m:  # MoE: the least / most loaded expert's (token, expert) pairs
+      post["experts"] = f"{m['router/expert_tokens_min']:.0f}-{m['router/expert_tokens_max']:.0f}"
     tcfg = self.r.tcfg
     if step % tcfg.log_every == 0 or step == tcfg.num_steps:
       now = time.time()

@@ -45,9 +45,10 @@ import jax.numpy as jnp
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter as drafter_lib
 from gemma_mtp_jax.model import layers
+from gemma_mtp_jax.model import moe
+from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.training import losses
 from gemma_mtp_jax.training.config import TrainConfig
-from gemma_mtp_jax.model import transformer
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -208,6 +209,7 @@ class JointOutput:
   base_hidden: Array  # [B, T, M]
   steps: Any  # what `step_fn` returned for each step, stacked on a leading A axis
   targets: Targets  # the batch's labels and masks (`targets.at(1)`: the base's)
+  router: dict[str, Array] | None = None  # MoE bases: `moe.router_losses` of the base forward
 
 
 def drafter_variables(params: Mapping, buffers: Mapping | None) -> dict:
@@ -243,6 +245,20 @@ def _step_logits(head: losses.Head):
   return step_fn
 
 
+def base_forward(base_params: Mapping, base_cfg: config_lib.ModelConfig, tokens_BT: Array,
+                 pos_BT: Array, valid_BT: Array, seg_BT: Array | None, return_logits: bool):
+  """The base's forward; (transformer.Output, router metrics or None). An MoE base is applied
+  with its router statistics collected (`moe.router_losses`: the optional router losses and the
+  per-expert load the trainer logs)."""
+  model = transformer.Transformer(base_cfg)
+  args = (tokens_BT, pos_BT, valid_BT, seg_BT)
+  if not base_cfg.enable_moe:
+    return model.apply({"params": base_params}, *args, return_logits=return_logits), None
+  out, state = model.apply({"params": base_params}, *args, return_logits=return_logits,
+                           mutable=[moe.STATS_COLLECTION])
+  return out, moe.router_losses(state)
+
+
 def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
                   base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
                   jcfg: TrainConfig, step_fn: Callable | None = None,
@@ -265,8 +281,8 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
   inspect = step_fn is None
   if inspect:
     step_fn = _step_logits(drafter_head(params, buffers, dcfg, jcfg))
-  base_out = transformer.Transformer(base_cfg).apply(
-      {"params": params["base"]}, tokens_BT, pos_BT, valid_BT, seg_BT, return_logits=inspect)
+  base_out, router = base_forward(params["base"], base_cfg, tokens_BT, pos_BT, valid_BT, seg_BT,
+                                  return_logits=inspect)
   store_kv, h_BTM = base_out.store_kv, base_out.hidden
   if not jcfg.drafter_grads_to_base:
     store_kv, h_BTM = jax.lax.stop_gradient((store_kv, h_BTM))
@@ -303,7 +319,7 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
     body = jax.checkpoint(body, prevent_cse=False)
   _, steps = jax.lax.scan(body, h_BTM.astype(dt), jnp.arange(jcfg.num_draft_steps))
   return JointOutput(base_logits=base_out.logits, base_hidden=base_out.hidden, steps=steps,
-                     targets=targets)
+                     targets=targets, router=router)
 
 
 def token_clusters(buffers: Mapping, dcfg: config_lib.DrafterConfig) -> Array:
@@ -345,6 +361,13 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
   step_stats, cent_stats = out.steps
   norm_A = (jnp.full((jcfg.num_draft_steps,), base.count)
             if jcfg.drafter_objective == "nemo_composite" else None)
-  return losses.combine(base, step_stats, jcfg.drafter_loss_weight,
-                        losses.step_weights(jcfg.num_draft_steps, jcfg.step_weights), cent_stats,
-                        jcfg.centroid_loss_weight, step_norm_A=norm_A)
+  loss, metrics = losses.combine(
+      base, step_stats, jcfg.drafter_loss_weight,
+      losses.step_weights(jcfg.num_draft_steps, jcfg.step_weights), cent_stats,
+      jcfg.centroid_loss_weight, step_norm_A=norm_A)
+  if out.router is not None:
+    loss = loss + (jcfg.router_aux_loss_weight * out.router["router_aux_loss"]
+                   + jcfg.router_z_loss_weight * out.router["router_z_loss"])
+    metrics["loss"] = loss
+    metrics.update({f"router/{k.removeprefix('router_')}": v for k, v in out.router.items()})
+  return loss, metrics
