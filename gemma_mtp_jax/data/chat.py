@@ -35,7 +35,6 @@ from gemma_mtp_jax.data.tokenizer import BOI, BOS, EOI, IMAGE, TURN_CLOSE, TURN_
 __all__ = ["DataError", "ImagePart"]  # DataError lives in `errors`; everyone reaches it here
 
 Doc = dict[str, np.ndarray]  # tokens, loss_mask (+ pixel_values, pixel_positions with images)
-Content = "str | list[str | ImagePart]"
 
 MESSAGES = "messages"  # Tulu-3 / HF chat: messages = [{role, content}, ...]
 CONVERSATION = "conversation"  # NeMo's MedPix-VQA records: conversation = [{role, content}, ...]
