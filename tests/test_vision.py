@@ -16,7 +16,6 @@ import transformers
 from gemma_mtp_jax import checkpoint
 from gemma_mtp_jax import convert as cli
 from gemma_mtp_jax.checkpoint import hf_base
-from gemma_mtp_jax.checkpoint import safetensors_io as st_io
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import vision
 from tests import hf_helpers
@@ -130,9 +129,12 @@ def test_param_tree_matches_init_and_hf_counts():
   model = vh.hf_vlm(seed=0, use_clipped_linears=True, standardize=True)
   cfg, params, state = _convert(model)
   enc = vision.VisionEncoder(cfg.vision, cfg.embed_dim)
-  p = cfg.vision.pooling_kernel_size ** 2 * 4
-  init = nn.unbox(enc.init(jax.random.PRNGKey(0), jnp.zeros((1, 1, p, cfg.vision.channels)),
-                           -jnp.ones((1, 1, p, 2), jnp.int32))["params"])
+  boxed = enc.init(jax.random.PRNGKey(0), *vision.dummy_images(cfg.vision))["params"]
+  # Every param carries logical axis names (one per dim) for the sharding rules.
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim
+             for x in leaves)
+  init = nn.unbox(boxed)
   shapes = lambda t: {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(t)}
   assert shapes(init) == shapes(params)
   hf_count = sum(v.size for k, v in state.items()

@@ -27,7 +27,7 @@ from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import families
-from gemma_mtp_jax.model import vision as vision_lib
+from gemma_mtp_jax.model import vision_config as vision_lib
 from gemma_mtp_jax.utils import files
 
 log = logging.getLogger("gemma_mtp_jax.convert")

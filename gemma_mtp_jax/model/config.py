@@ -14,7 +14,7 @@ import functools
 from typing import Any, Mapping, Sequence
 
 from gemma_mtp_jax.model import families
-from gemma_mtp_jax.model import vision as vision_lib
+from gemma_mtp_jax.model import vision_config as vision_lib
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
