@@ -82,6 +82,15 @@ class ModelConfig:
   # The transformers family (`families`): "gemma4" or "gemma4_unified" (12B). Same computation;
   # it decides the model_type / classes an export writes.
   hf_family: str = families.GEMMA4
+  # Images. image_token_id: the placeholder the image soft tokens replace (None: a text-only model,
+  # whose token ids are embedded as they are). use_bidirectional_attention: "vision" lets image
+  # tokens of one image attend each other both ways on sliding layers (HF's text_config key).
+  image_token_id: int | None = None
+  use_bidirectional_attention: str | None = None
+  # The other placeholders HF's multimodal model embeds as the pad token (a decode step may emit
+  # them): set with image_token_id from a multimodal config.
+  video_token_id: int | None = None
+  audio_token_id: int | None = None
   # Numerics and compilation (not part of the HF config).
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
@@ -143,6 +152,8 @@ class ModelConfig:
          f"unsupported activation {self.hidden_activation!r}")
     need(self.hf_family in families.FAMILIES, "hf_family",
          f"unknown family {self.hf_family!r}; expected one of {sorted(families.FAMILIES)}")
+    need(self.use_bidirectional_attention in (None, "vision"), "use_bidirectional_attention",
+         f"must be None or 'vision', got {self.use_bidirectional_attention!r}")
     need(self.hf_family != families.UNIFIED or not (self.ple_dim or self.enable_moe), "hf_family",
          "gemma4_unified models have no per-layer embeddings and no MoE block")
 
