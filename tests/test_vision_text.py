@@ -7,6 +7,8 @@ Until the Flax vision tower is in this branch, the image soft tokens come from H
 the one check that needs `ModelConfig.vision` (it runs the same comparison through `images=`).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,10 +137,16 @@ def _hf_logits(hf, b):
               mm_token_type_ids=torch.tensor((b["ids"] == IMG).astype(np.int64))).logits.numpy()
 
 
+@functools.lru_cache(maxsize=None)
+def jit_apply(cfg):
+  """The base forward, jitted once per config."""
+  return jax.jit(lambda p, tok, pos, valid, cache, soft: transformer.Transformer(cfg).apply(
+      {"params": p}, tok, pos, valid, cache=cache, image_soft=soft))
+
+
 def _jax_forward(cfg, params, b, image_soft, cache=None):
-  return transformer.Transformer(cfg).apply(
-      {"params": params}, jnp.asarray(b["ids"]), jnp.asarray(b["positions"]),
-      jnp.asarray(b["mask"] > 0), cache=cache, image_soft=image_soft)
+  return jit_apply(cfg)(params, jnp.asarray(b["ids"]), jnp.asarray(b["positions"]),
+                        jnp.asarray(b["mask"] > 0), cache, image_soft)
 
 
 def _batch_soft(hf, b):
@@ -207,7 +215,6 @@ def test_prefill_with_images_then_decode_equals_full_forward(batch):
               mask=np.concatenate([batch["mask"], np.ones_like(extra)], 1))
   full["positions"] = np.clip(np.cumsum(full["mask"], 1) - 1, 0, None)
   want = np.asarray(_jax_forward(cfg, params, full, soft).logits)
-  model = transformer.Transformer(cfg)
   # Prefill in two calls (the second holds both images of row 0), then decode 1 + 3 tokens.
   cache = kv_cache.init_cache(cfg, b, q + 8)
   split = 3
@@ -215,9 +222,9 @@ def test_prefill_with_images_then_decode_equals_full_forward(batch):
            (slice(q + 1, q + 4), None)]
   got = []
   for cols, image_soft in parts:
-    out = model.apply({"params": params}, jnp.asarray(full["ids"][:, cols]),
-                      jnp.asarray(full["positions"][:, cols]), jnp.asarray(full["mask"][:, cols] > 0),
-                      cache=cache, image_soft=image_soft)
+    out = jit_apply(cfg)(params, jnp.asarray(full["ids"][:, cols]),
+                         jnp.asarray(full["positions"][:, cols]),
+                         jnp.asarray(full["mask"][:, cols] > 0), cache, image_soft)
     cache = out.cache
     got.append(np.asarray(out.logits))
   got = np.concatenate(got, 1)
@@ -275,8 +282,8 @@ def test_first_round_drafts_on_image_prompt_equal_hf(batch, monkeypatch):
   cfg, dcfg, params, variables = hf_helpers.jax_pair_from_hf(target, assistant)
   cfg = with_image_fields(cfg, target.config)
   soft = tuple(jnp.asarray(x[None]) for x in soft_slots(hf_soft(target, pv, pos)))
-  out = transformer.Transformer(cfg).apply(
-      {"params": params["base"]}, jnp.asarray([prompt]), jnp.arange(p)[None], image_soft=soft)
+  out = jit_apply(cfg)(params["base"], jnp.asarray([prompt]), jnp.arange(p)[None],
+                       jnp.ones((1, p), bool), None, soft)
   x_p = jnp.argmax(out.logits[:, -1], axis=-1)
   assert int(x_p[0]) == rec["ids"][0, p]
   variables = jax.tree.map(jnp.asarray, variables)
