@@ -3,6 +3,9 @@
 Two compiled programs per (batch, prompt bucket, cache size, K, max_new_tokens, sampling): `prefill`
 (one base forward over the left-padded prompt, filling a `KVCache`) and `decode` (a `lax.while_loop`
 over rounds; no host round-trip per token). Plain decoding is the same loop with K = 0 drafts.
+Prompts with images: the prefill also takes the rows' image slots (`inputs.image_inputs`: their
+shapes, slot count bucketed, key its program); the drafter then reads the base's K/V of the image
+positions from the cache like any other.
 
 State per row between rounds (p = the last position whose K/V is in the cache):
   cache      the prompt and every emitted token but the newest (`length_B` slots)
@@ -52,6 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp_jax.decoding import inputs as inputs_lib
+from gemma_mtp_jax.decoding.inputs import bucket, check_request, pad_left  # re-exported
 from gemma_mtp_jax.decoding.sampling import (  # re-exported: callers use speculative.Sampling
     GenerateError, Sampling, choose, log_probs, sample)
 from gemma_mtp_jax.model import config as config_lib
@@ -131,17 +136,19 @@ def prefill_positions(valid_BQ: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_length", "max_new", "sampling"))
-def prefill(params, prompt_BQ: Array, valid_BQ: Array, stop_ids: Array, rng: Array, *,
-            cfg: config_lib.ModelConfig, cache_length: int, max_new: int,
-            sampling: Sampling) -> DecodeState:
+def prefill(params, prompt_BQ: Array, valid_BQ: Array, stop_ids: Array, rng: Array,
+            images=None, image_soft=None, *, cfg: config_lib.ModelConfig, cache_length: int,
+            max_new: int, sampling: Sampling) -> DecodeState:
   """Base forward over the prompt into a fresh cache; the first new token is chosen from the last
   column's logits (left padding puts every row's last prompt token there). stop_ids: stop token ids,
-  padded with -1 (an array, so stop sets of one size share the programs)."""
+  padded with -1 (an array, so stop sets of one size share the programs). images / image_soft: the
+  rows' image slots (`inputs.image_inputs`), or None; only the prefill sees them (decode steps
+  are text, attended causally, as in HF's `generate`)."""
   b, _ = prompt_BQ.shape
   pos_BQ = prefill_positions(valid_BQ)
   cache = kv_cache_lib.init_cache(cfg, b, cache_length)
   out = _model(cfg).apply({"params": params}, prompt_BQ, pos_BQ, valid_BQ, cache=cache,
-                          return_logits=False)
+                          return_logits=False, images=images, image_soft=image_soft)
   hidden_BM = out.hidden[:, -1]
   # Logits of the last column only: the prompt's other V-wide logits would be wasted work.
   logits_BV = _model(cfg).apply({"params": params}, hidden_BM[:, None],
@@ -312,63 +319,14 @@ def acceptance_rates(accepted_R: Sequence[int], num_draft: int) -> dict:
   return dict(rate=rate, alpha=[r / p if p > 0 else 0.0 for r, p in zip(rate, prev)])
 
 
-def bucket(n: int, size: int) -> int:
-  return -(-n // size) * size if size > 1 else n
-
-
-def pad_left(prompts: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray,
-                                                                                  np.ndarray]:
-  """[B, length] int32 tokens and bool validity, each prompt right-aligned."""
-  tokens_BQ = np.full((len(prompts), length), pad_id, np.int32)
-  valid_BQ = np.zeros((len(prompts), length), bool)
-  for b, p in enumerate(prompts):
-    if len(p):
-      tokens_BQ[b, length - len(p):] = p
-      valid_BQ[b, length - len(p):] = True
-  return tokens_BQ, valid_BQ
-
-
-def check_request(base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
-                  drafter_cfg: config_lib.DrafterConfig | None, num_draft: int, max_new_tokens: int,
-                  prompt_length: int, max_cache_length: int | None) -> int:
-  """Validates a request before any compute; returns the cache length it needs.
-
-  num_draft: K of a speculative request (>= 1 required), 0 for plain decoding.
-  """
-  if drafter_cfg is not None:
-    try:
-      drafter_cfg.check_fits(base_cfg)
-    except config_lib.ConfigError as e:
-      raise GenerateError(f"the drafter does not fit the base: {e}") from None
-  if max_new_tokens < 1:
-    raise GenerateError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-  if not prompts:
-    raise GenerateError("no prompts given")
-  for b, p in enumerate(prompts):
-    if not len(p):
-      raise GenerateError(f"prompt {b} is empty")
-    bad = [int(t) for t in p if not 0 <= int(t) < base_cfg.vocab_size]
-    if bad:
-      raise GenerateError(f"prompt {b} has token id {bad[0]} outside the vocab [0, "
-                          f"{base_cfg.vocab_size})")
-  cache_length = prompt_length + max_new_tokens + num_draft + 1
-  limit = max_cache_length or base_cfg.max_position_embeddings
-  if cache_length > limit:
-    longest = max(len(p) for p in prompts)
-    raise GenerateError(
-        f"prompt length {longest} (padded to {prompt_length}) + --max-new-tokens {max_new_tokens} "
-        f"+ K + 1 = {cache_length} cache slots exceed the maximum cache length {limit}; shorten "
-        "the prompt or lower --max-new-tokens")
-  return cache_length
-
-
 def decode_prompts(base_params, base_cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], *,
              drafter_vars=None, drafter_cfg: config_lib.DrafterConfig | None = None,
              num_draft_tokens: int = 4, max_new_tokens: int = 64,
              sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
              query_position: str = "next", prompt_bucket: int = 16,
              max_cache_length: int | None = None, propose: Callable | None = None,
-             aux: Any = None) -> GenerateResult:
+             aux: Any = None, images: Sequence | None = None,
+             image_soft: Sequence | None = None) -> GenerateResult:
   """Decodes up to `max_new_tokens` per prompt; speculative with a drafter, plain without. THE
   decoder: `python -m gemma_mtp_jax.generate`, the trainer's greedy eval and the decode benchmark
   all run it.
@@ -385,6 +343,8 @@ def decode_prompts(base_params, base_cfg: config_lib.ModelConfig, prompts: Seque
       trained with.
     max_cache_length: refuse requests needing more cache slots (default: max_position_embeddings).
     propose / aux: a custom proposer (tests) with its pytree of arrays; default the drafter.
+    images: per prompt None or its image slots (pixel_values_ipc, pixel_positions_ip2) as HF's
+      image processor gives them; image_soft: the same as soft tokens (soft_isD, valid_is).
   Returns:
     GenerateResult. Compilation happens before the clock starts (`compile_seconds`, 0 when the
     programs were already compiled), so the timings are steady-state ones.
@@ -408,8 +368,9 @@ def decode_prompts(base_params, base_cfg: config_lib.ModelConfig, prompts: Seque
   stop = sorted({int(t) for t in stop_tokens})
   stop_ids = np.full(bucket(max(len(stop), 1), 4), -1, np.int32)
   stop_ids[:len(stop)] = stop
+  slots = inputs_lib.image_inputs(base_cfg, prompts, images, image_soft)
   args = (base_params, jnp.asarray(tokens_BQ), jnp.asarray(valid_BQ), jnp.asarray(stop_ids),
-          jax.random.PRNGKey(seed))
+          jax.random.PRNGKey(seed), *jax.tree.map(jnp.asarray, slots))
 
   compile_s = 0.0
   run_prefill, dt = _compiled(prefill, args, cfg=base_cfg, cache_length=cache_length,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -22,20 +23,54 @@ NEG_INF = -2.3819763e38  # large finite negative (as gm/MaxText); softmax of an 
 
 def causal_mask(q_pos_BT: Array, kv_pos_BS: Array, kv_valid_BS: Array,
                 sliding_window: int | None = None, q_seg_BT: Array | None = None,
-                kv_seg_BS: Array | None = None) -> Array:
+                kv_seg_BS: Array | None = None, q_block_BT: Array | None = None,
+                kv_block_BS: Array | None = None) -> Array:
   """Boolean [B, T, S]: kv position <= query position, inside the window, valid, same segment.
 
   Positions are absolute token positions (what RoPE sees); `sliding_window` W keeps the W most recent
   positions including the query's own (HF: kv > q - W).
+  q_block_BT / kv_block_BS: image-block ids (-1 outside images, `image_blocks`). A query inside a
+  block also sees the block's later keys (HF's `blockwise_overlay` OR-ed with causality), still
+  under the window's lower bound only: HF's AND(kv > q - W, OR(causal, same block)).
   """
   q = q_pos_BT[:, :, None]
   k = kv_pos_BS[:, None, :]
-  m = (k <= q) & kv_valid_BS[:, None, :]
+  m = k <= q
+  if q_block_BT is not None and kv_block_BS is not None:
+    qb = q_block_BT[:, :, None]
+    m |= (qb == kv_block_BS[:, None, :]) & (qb >= 0)
+  m &= kv_valid_BS[:, None, :]
   if sliding_window is not None:
     m &= k > q - sliding_window
   if q_seg_BT is not None and kv_seg_BS is not None:
     m &= q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
   return m
+
+
+def image_blocks(image_BT: Array, segment_BT: Array | None = None,
+                 offset_B: Array | None = None) -> Array:
+  """int32 [B, T] block id of every image token (-1 elsewhere): a block is a run of consecutive
+  image tokens of one packed document (HF's `get_block_sequence_ids_for_mask`, with segments also
+  ending a run). The id is the run's first slot (+ `offset_B`, a cache's fill offset), so blocks
+  written by different calls into one cache never share an id."""
+  b, t = image_BT.shape
+  prev_BT = jnp.pad(image_BT[:, :-1], ((0, 0), (1, 0)))
+  if segment_BT is not None:
+    prev_BT &= jnp.pad(segment_BT[:, :-1] == segment_BT[:, 1:], ((0, 0), (1, 0)))
+  slot_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  start_BT = jnp.where(image_BT & ~prev_BT, slot_BT, -1)
+  first_BT = jax.lax.cummax(start_BT, axis=1)
+  if offset_B is not None:
+    first_BT = first_BT + offset_B[:, None].astype(jnp.int32)
+  return jnp.where(image_BT, first_BT, -1)
+
+
+@flax.struct.dataclass
+class Lookahead:
+  """A mask under which a query may attend keys AFTER it (bidirectional image blocks). Passing the
+  mask wrapped tells `Attention` statically (by type) that chunked attention must not slice keys to
+  the window behind each block of queries."""
+  mask_BTS: Array
 
 
 def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array,
@@ -150,10 +185,15 @@ class Attention(nn.Module):
                cache_start_B: Array | None = None) -> tuple[Array, tuple[Array, Array] | None]:
     """Returns (output [B,T,D], the (k, v) [B,S,K,H] this block attended, or None if query-only).
 
+    mask_BTS: bool [B, T, S], or a `Lookahead` holding one.
+
     Query-only blocks attend `kv_in` (a base store layer's K/V, for KV-shared layers and drafter
     layers). Blocks with projections attend their own new K/V; given a cache (`kv_in` = its k/v
     buffers and `cache_start_B` the per-row fill offset) they first append the new entries.
     """
+    lookahead = isinstance(mask_BTS, Lookahead)
+    if lookahead:
+      mask_BTS = mask_BTS.mask_BTS
     x_BTD = x_BTD.astype(self.dtype)
     q_BTNH = jnp.einsum("btd,dnh->btnh", x_BTD, self.q_DNH.astype(self.dtype))
     q_BTNH = layers.apply_rope(self.q_norm(q_BTNH), cos_BTH, sin_BTH)
@@ -169,8 +209,9 @@ class Attention(nn.Module):
       kv_out = None
     k_BSKH, v_BSKH = k_BSKH.astype(self.dtype), v_BSKH.astype(self.dtype)
     if self.chunk_size and q_BTNH.shape[1] > self.chunk_size:
-      out_BTNH = chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, self.chunk_size, self.window,
-                                   self.attn_softcap)
+      # Keys after a query (image blocks) lie outside the window-behind slice: read them all.
+      out_BTNH = chunked_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, self.chunk_size,
+                                   None if lookahead else self.window, self.attn_softcap)
     else:
       out_BTNH = dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, self.attn_softcap)
     return jnp.einsum("btnh,nhd->btd", out_BTNH, self.o_NHD.astype(self.dtype)), kv_out

@@ -1,9 +1,8 @@
 """Model configuration: one frozen dataclass for every Gemma 4 text variant and the assistant.
 
-The dataclass is built once at the boundary (from an ml_collections ConfigDict, a preset, or an HF
-`config.json` dict) and then passed around read-only. Derived per-layer structure (which layers are
-sliding, which reuse another layer's KV, which layers "store" the KV the drafter reads) lives here as
-small pure helpers, so model code never recomputes it.
+Built once at the boundary (from an ml_collections ConfigDict, a preset, or an HF `config.json`)
+and passed around read-only. Derived per-layer structure (sliding layers, KV reuse, the "store"
+layers the drafter reads) lives here as small pure helpers, so model code never recomputes it.
 """
 
 from __future__ import annotations
@@ -83,13 +82,15 @@ class ModelConfig:
   # The transformers family (`families`): "gemma4" or "gemma4_unified" (12B). Same computation;
   # it decides the model_type / classes an export writes.
   hf_family: str = families.GEMMA4
-  # Images (`model.vision`): the tower (None: text only), the image placeholder / begin / end token
-  # ids of the top-level HF config, and HF's text `use_bidirectional_attention` (None or "vision").
+  # Images (`model.vision`): the tower (None: text only), the top-level HF config's placeholder ids
+  # (video/audio ones are embedded as pad, as HF does), HF's text `use_bidirectional_attention`.
   vision: vision_lib.VisionConfig | None = None
   image_token_id: int | None = None
   boi_token_id: int | None = None
   eoi_token_id: int | None = None
   use_bidirectional_attention: str | None = None
+  video_token_id: int | None = None
+  audio_token_id: int | None = None
   # Numerics and compilation (not part of the HF config).
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
@@ -140,10 +141,9 @@ class ModelConfig:
            f"{self.top_k_experts} > num_experts={self.num_experts}")
     need(self.moe_impl in ("routed", "dense"), "moe_impl",
          f"model.moe_impl must be 'routed' or 'dense', got {self.moe_impl!r}")
-    need(self.global_rope_type in ("proportional", "default"), "global_rope_type",
-         f"unknown rope type {self.global_rope_type!r}")
-    need(self.local_rope_type in ("proportional", "default"), "local_rope_type",
-         f"unknown rope type {self.local_rope_type!r}")
+    for key in ("global_rope_type", "local_rope_type"):
+      need(getattr(self, key) in ("proportional", "default"), key,
+           f"unknown rope type {getattr(self, key)!r}")
     need(self.remat_policy in ("none", "full", "dots", "dots_with_no_batch_dims"), "remat_policy",
          f"unknown remat policy {self.remat_policy!r}")
     need(isinstance(self.attention_chunk_size, int) and self.attention_chunk_size >= 0,
@@ -156,10 +156,11 @@ class ModelConfig:
          "gemma4_unified models have no per-layer embeddings and no MoE block")
     need(self.use_bidirectional_attention in (None, "vision"), "use_bidirectional_attention",
          f"must be None or 'vision' (causal text decoders), got {self.use_bidirectional_attention!r}")
+    need(self.vision is None or self.image_token_id is not None, "image_token_id",
+         "a model with a vision tower (vision) needs the image placeholder's id")
 
   def architecture(self) -> "ModelConfig":
-    """This config with the numerics and compilation settings reset: two configs describe the same
-    checkpoint iff their `architecture()`s are equal."""
+    """Numerics/compilation settings reset: equal iff two configs describe the same checkpoint."""
     return self.replace(**{f: getattr(ModelConfig, f) for f in NUMERICS_FIELDS})
 
   # ------------------------------------------------------------------ derived structure
@@ -243,8 +244,7 @@ class ModelConfig:
     per_layer = hf.get("per_layer_config")
     if per_layer is not None:  # {} (global layers == sliding ones) too: global_head_dim = head_dim
       global_head_dim, num_global_kv = families.per_layer_geometry(hf, per_layer, layer_types)
-    # "vision" (shipped by 26B-A4B and 31B) only lets image tokens attend both ways; text tokens stay
-    # causal, so a text decoder is unaffected. "all" turns the model into an encoder.
+    # "vision": image tokens attend each other both ways (text stays causal); "all": an encoder.
     if hf.get("use_bidirectional_attention") == "all":
       raise ConfigError("config 'use_bidirectional_attention' = 'all' is not supported "
                         "(causal text decoders only)")

@@ -29,6 +29,9 @@ class KVCache:
   positions_BS: Array  # int32 RoPE position of each slot
   valid_BS: Array  # bool: slot holds a real (non-padding) token
   length_B: Array  # int32 number of filled slots per row
+  # int32 image-block id of each slot (-1: not an image token, or written without images), so a
+  # later query of the same block (a prefill's image tokens) sees it bidirectionally.
+  block_BS: Array
 
   @property
   def max_length(self) -> int:
@@ -59,6 +62,7 @@ def init_cache(cfg: config_lib.ModelConfig, batch: int, max_length: int, dtype=N
       positions_BS=jnp.zeros((batch, max_length), jnp.int32),
       valid_BS=jnp.zeros((batch, max_length), bool),
       length_B=jnp.zeros((batch,), jnp.int32),
+      block_BS=jnp.full((batch, max_length), -1, jnp.int32),
   )
 
 
@@ -69,12 +73,17 @@ def _write_rows(buf_BS_, new_BT_, start_B):
   return jax.vmap(one)(buf_BS_, new_BT_, start_B)
 
 
-def write_meta(cache: KVCache, positions_BT: Array, valid_BT: Array) -> KVCache:
-  """Appends slot metadata for T new tokens and advances the row lengths."""
+def write_meta(cache: KVCache, positions_BT: Array, valid_BT: Array,
+               block_BT: Array | None = None) -> KVCache:
+  """Appends slot metadata for T new tokens (image-block ids: -1 when None) and advances the row
+  lengths."""
   t = positions_BT.shape[1]
+  if block_BT is None:
+    block_BT = jnp.full(positions_BT.shape, -1, jnp.int32)
   return cache.replace(
       positions_BS=_write_rows(cache.positions_BS, positions_BT.astype(jnp.int32), cache.length_B),
       valid_BS=_write_rows(cache.valid_BS, valid_BT, cache.length_B),
+      block_BS=_write_rows(cache.block_BS, block_BT.astype(jnp.int32), cache.length_B),
       length_B=cache.length_B + t,
   )
 

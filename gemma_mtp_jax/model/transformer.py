@@ -25,6 +25,7 @@ from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import kv_cache as kv_cache_lib
 from gemma_mtp_jax.model import layers
 from gemma_mtp_jax.model import moe
+from gemma_mtp_jax.model import vision as vision_lib
 
 Array = jax.Array
 
@@ -233,6 +234,10 @@ class Transformer(nn.Module):
       self.plan = tuple((i, 1, 1) for i in range(cfg.num_layers))
       self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
+    if cfg.vision is not None:
+      self.vision = vision_lib.VisionEncoder(cfg.vision, cfg.embed_dim, dtype=cfg.dtype,
+                                             param_dtype=cfg.param_dtype,
+                                             remat_policy=cfg.remat_policy)
 
   # -------------------------------------------------------------------------- pieces
   def embed(self, tokens_BT: Array) -> Array:
@@ -260,10 +265,39 @@ class Transformer(nn.Module):
     return layers.head_logits(hidden_BTD, head_VD(self.cfg, params), layers.as_dtype(self.cfg.dtype),
                               self.cfg.final_logit_softcap)
 
+  # -------------------------------------------------------------------------- images
+  def embed_inputs(self, tokens_BT: Array, image_soft=None) -> tuple[Array, Array | None, Array]:
+    """(x [B,T,D], PLE inputs [B,T,L,P] or None, image_BT: image-token positions).
+
+    As HF's `Gemma4Model`: on a multimodal model (`image_token_id` set) image, video and audio
+    placeholder positions are embedded as the pad token, and their PLE token part is the pad's, with
+    or without images (a decode step that emits one sees the pad too); the soft tokens then replace
+    x at image positions, and the PLE projection part reads the merged x.
+    """
+    cfg = self.cfg
+    image_BT = jnp.zeros(tokens_BT.shape, bool)
+    if cfg.image_token_id is not None:
+      image_BT = tokens_BT == cfg.image_token_id
+      ids = [t for t in (cfg.video_token_id, cfg.audio_token_id) if t is not None]
+      placeholder_BT = image_BT | jnp.isin(tokens_BT, jnp.asarray(ids, jnp.int32))
+      tokens_BT = jnp.where(placeholder_BT, cfg.pad_token_id, tokens_BT)
+    x_BTD = self.embed(tokens_BT)
+    if image_soft is not None:
+      x_BTD = merge_image_soft(x_BTD, image_BT, *image_soft)
+    ple_BTLP = self.per_layer_inputs(tokens_BT, x_BTD) if cfg.ple_dim else None
+    return x_BTD, ple_BTLP, image_BT
+
+  def encode_images(self, pixel_values_Bipc: Array, pixel_positions_Bip2: Array):
+    """The vision tower + embedder on a row's image slots: (soft_BisD, valid_Bis)."""
+    if not hasattr(self, "vision"):
+      raise ValueError("images given to a model without a vision tower (ModelConfig.vision is None)")
+    return self.vision(pixel_values_Bipc, pixel_positions_Bip2)
+
   # -------------------------------------------------------------------------- forward
   def __call__(self, tokens_BT: Array, positions_BT: Array, valid_BT: Array | None = None,
                segment_ids_BT: Array | None = None, cache: kv_cache_lib.KVCache | None = None,
-               return_logits: bool = True) -> Output:
+               return_logits: bool = True, image_soft: tuple[Array, Array] | None = None,
+               images: tuple[Array, Array] | None = None) -> Output:
     """Runs the decoder.
 
     Args:
@@ -273,27 +307,62 @@ class Transformer(nn.Module):
       valid_BT: bool, False on padding (never attended). Defaults to all True.
       segment_ids_BT: packed-document ids; attention never crosses documents (no cache only).
       cache: a KVCache to append to and attend (prefill / decode / verify), or None.
+      image_soft: (soft_BisD, valid_Bis), image soft tokens already in the text width: row b's
+        valid ones fill, in order, its positions whose token is `image_token_id`.
+      images: (pixel_values_Bipc, pixel_positions_Bip2) image slots, encoded by the "vision"
+        submodule into `image_soft`.
+    With images (either form) and `use_bidirectional_attention == "vision"`, each run of image
+    tokens attends itself both ways on sliding layers (HF applies that only on calls given
+    `mm_token_type_ids`: the prefill in `generate`; decode steps are causal, as here).
     """
     cfg = self.cfg
+    if images is not None:
+      if image_soft is not None:
+        raise ValueError("pass either images or image_soft, not both")
+      image_soft = self.encode_images(*images)
     if valid_BT is None:
       valid_BT = jnp.ones(tokens_BT.shape, bool)
-    x_BTD = self.embed(tokens_BT)
-    ple_BTLP = self.per_layer_inputs(tokens_BT, x_BTD) if cfg.ple_dim else None
-    dt = x_BTD.dtype
+    x_BTD, ple_BTLP, image_BT = self.embed_inputs(tokens_BT, image_soft)
     types = sorted(set(cfg.layer_types))
-    rope = {lt: rope_tables(cfg, lt, positions_BT, dt) for lt in types}
+    rope = {lt: rope_tables(cfg, lt, positions_BT, x_BTD.dtype) for lt in types}
+    bidirectional = image_soft is not None and cfg.use_bidirectional_attention == "vision"
 
-    start_B = None
+    start_B, block_BT, kv_block_BS = None, None, None
     if cache is not None:
       start_B = cache.length_B
-      cache = kv_cache_lib.write_meta(cache, positions_BT, valid_BT)
+      if bidirectional:
+        block_BT = attention.image_blocks(image_BT, offset_B=start_B)
+      cache = kv_cache_lib.write_meta(cache, positions_BT, valid_BT, block_BT)
       kv_pos_BS, kv_valid_BS, kv_seg_BS = cache.positions_BS, cache.attend_mask(), None
+      kv_block_BS = cache.block_BS if bidirectional else None
       segment_ids_BT = None
     else:
       kv_pos_BS, kv_valid_BS, kv_seg_BS = positions_BT, valid_BT, segment_ids_BT
-    masks = {lt: attention.causal_mask(positions_BT, kv_pos_BS, kv_valid_BS, window_for(cfg, lt),
-                                       segment_ids_BT, kv_seg_BS) for lt in types}
+      if bidirectional:
+        block_BT = kv_block_BS = attention.image_blocks(image_BT, segment_ids_BT)
+    masks = {}
+    for lt in types:
+      blocks = (block_BT, kv_block_BS) if lt == config_lib.SLIDING else (None, None)
+      masks[lt] = attention.causal_mask(positions_BT, kv_pos_BS, kv_valid_BS, window_for(cfg, lt),
+                                        segment_ids_BT, kv_seg_BS, *blocks)
+      if bidirectional and lt == config_lib.SLIDING:
+        masks[lt] = attention.Lookahead(masks[lt])
 
+    x_BTD, layer_kv = self.run_layers(x_BTD, rope, masks, ple_BTLP, cache, start_B)
+    hidden_BTD = self.final_norm(x_BTD)
+    store_kv = {
+        lt: StoreKV(layer_kv[i][0], layer_kv[i][1], kv_pos_BS, kv_valid_BS, kv_seg_BS)
+        for lt, i in cfg.store_layers.items()
+    }
+    if cache is not None:
+      cache = cache.replace(k={i: layer_kv[i][0] for i in cache.k},
+                            v={i: layer_kv[i][1] for i in cache.v})
+    logits_BTV = self.logits(hidden_BTD) if return_logits else None
+    return Output(logits=logits_BTV, hidden=hidden_BTD, store_kv=store_kv, cache=cache)
+
+  def run_layers(self, x_BTD, rope, masks, ple_BTLP, cache, start_B):
+    """Every decoder layer (plain or scanned runs); returns (x, layer index -> the K/V it owns)."""
+    cfg = self.cfg
     layer_kv: dict[int, tuple[Array, Array]] = {}  # K/V each owning layer attended
     for block, (first, period, repeats) in zip(self.blocks, self.plan):
       if repeats == 1:
@@ -326,17 +395,23 @@ class Transformer(nn.Module):
         if kv is not None:
           for k, i in enumerate(ii):
             layer_kv[i] = (kv[0][k], kv[1][k])
+    return x_BTD, layer_kv
 
-    hidden_BTD = self.final_norm(x_BTD)
-    store_kv = {
-        lt: StoreKV(layer_kv[i][0], layer_kv[i][1], kv_pos_BS, kv_valid_BS, kv_seg_BS)
-        for lt, i in cfg.store_layers.items()
-    }
-    if cache is not None:
-      cache = cache.replace(k={i: layer_kv[i][0] for i in cache.k},
-                            v={i: layer_kv[i][1] for i in cache.v})
-    logits_BTV = self.logits(hidden_BTD) if return_logits else None
-    return Output(logits=logits_BTV, hidden=hidden_BTD, store_kv=store_kv, cache=cache)
+
+def merge_image_soft(x_BTD: Array, image_BT: Array, soft_BisD: Array, valid_Bis: Array) -> Array:
+  """x with row b's valid soft tokens written, in slot order, at its image-token positions (HF's
+  masked_scatter, per row). Static shapes: the valid tokens are compacted by a stable sort, the
+  k-th image token of a row takes the k-th of them; image tokens beyond the row's valid soft tokens
+  keep x (HF raises on that mismatch; `decoding` checks it on the host)."""
+  b, i, s, d = soft_BisD.shape
+  soft_BnD = soft_BisD.reshape(b, i * s, d).astype(x_BTD.dtype)
+  valid_Bn = valid_Bis.reshape(b, i * s)
+  order_Bn = jnp.argsort(jnp.where(valid_Bn, 0, 1), axis=1, stable=True)
+  soft_BnD = jnp.take_along_axis(soft_BnD, order_Bn[..., None], axis=1)
+  k_BT = jnp.cumsum(image_BT, axis=1, dtype=jnp.int32) - 1
+  take_BT = image_BT & (k_BT < jnp.sum(valid_Bn, axis=1, dtype=jnp.int32)[:, None])
+  got_BTD = jnp.take_along_axis(soft_BnD, jnp.clip(k_BT, 0, i * s - 1)[..., None], axis=1)
+  return jnp.where(take_BT[..., None], got_BTD, x_BTD)
 
 
 def head_VD(cfg: config_lib.ModelConfig, params: Mapping) -> Array:
@@ -349,7 +424,8 @@ def init_params(cfg: config_lib.ModelConfig, rng: Array, batch: int = 1, length:
   """Random params (boxed with logical axes; `nn.unbox` them for plain arrays)."""
   tokens = jnp.zeros((batch, length), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  return Transformer(cfg).init(rng, tokens, positions)["params"]
+  images = vision_lib.dummy_images(cfg.vision, batch) if cfg.vision is not None else None
+  return Transformer(cfg).init(rng, tokens, positions, images=images)["params"]
 
 
 def param_shapes(cfg: config_lib.ModelConfig):

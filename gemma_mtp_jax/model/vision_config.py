@@ -96,7 +96,8 @@ class VisionConfig:
 
 
 # ------------------------------------------------------------------ ModelConfig's vision fields
-MULTIMODAL_TOKEN_FIELDS = ("image_token_id", "boi_token_id", "eoi_token_id")
+MULTIMODAL_TOKEN_FIELDS = ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id",
+                           "audio_token_id")
 
 
 def as_vision_config(v) -> VisionConfig | None:
