@@ -50,6 +50,9 @@ class TrainConfig:
   # composite forward (shifted pairing, whole-row K/V, anchor positions, N_base normaliser)
   drafter_objective: str = "aligned"
   freeze_base: bool = False  # drafter-only: the base gets no gradient and no optimizer state
+  # A base with a vision tower: the tower and its projection into the text model (base params
+  # "vision") stay frozen, as NeMo's Gemma 4 recipe keeps them; False trains them with the base.
+  freeze_vision: bool = True
   share_embedding_with_base: bool = True  # the drafter reads the base's (tied) embedding table
   drafter_grads_to_base: bool = True  # the drafter loss also trains the base through h_t and K/V
   # The full tied head in training even with ordered embeddings: the masked (centroid) head's top-k
