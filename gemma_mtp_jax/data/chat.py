@@ -1,12 +1,23 @@
 """One chat example -> Gemma 4 chat tokens and the mask of tokens the model must produce.
 
-Two dataset schemas are read: `messages` (Tulu-3: a list of {role, content}) and
+Three dataset schemas are read: `messages` (Tulu-3, or HF's multimodal chat: a list of
+{role, content}), `conversation` (the same list under NeMo's MedPix-VQA key) and
 `problem_solution` (Magicoder OSS-Instruct: problem is the user turn, solution the model's).
+A content is a string or HF's list of items: {"type": "text", "text": ...} and, in user turns,
+{"type": "image", "image": <local path | bytes | PIL image | {"bytes", "path"}>} (also under
+"path"; URLs are refused).
+
 `encode_example` renders the turns as Gemma 4's chat template does (`chat_pieces`) and tokenizes
 them piece by piece, so control tokens always come from the tokenizer and a literal `<|turn>` in
-the data stays text. A document is a dict:
-  tokens     int32[L]  starting with `<bos>`
-  loss_mask  bool[L]   True exactly on model-turn content and its closing `<turn|>`
+the data stays text. The template writes an image item as "\n\n<|image|>\n\n" and the processor
+expands `<|image|>` to `<|image>` + n x `<|image|>` + `<image|>` (n = the image's soft tokens);
+the tokens here are that expansion. A document is a dict:
+  tokens          int32[L]      starting with `<bos>`
+  loss_mask       bool[L]       True exactly on model-turn content and its closing `<turn|>`
+and, only when the example has images (i of them, in order of their token blocks):
+  pixel_values    float32[i, p, c]  `images.preprocess`: transformers' Gemma 4 image processor
+  pixel_positions int32[i, p, 2]
+  image_spans     int32[i, 2]       [start, stop) of each image's token block (boi .. eoi)
 """
 
 from __future__ import annotations
@@ -16,13 +27,22 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from gemma_mtp_jax.data.tokenizer import BOS, TURN_CLOSE, TURN_OPEN
+from gemma_mtp_jax.data import images as images_lib
+from gemma_mtp_jax.data.errors import DataError
+from gemma_mtp_jax.data.images import ImagePart
+from gemma_mtp_jax.data.tokenizer import BOI, BOS, EOI, IMAGE, TURN_CLOSE, TURN_OPEN
 
-Doc = dict[str, np.ndarray]  # tokens int32[L], loss_mask bool[L]
+__all__ = ["DataError", "ImagePart"]  # DataError lives in `errors`; everyone reaches it here
 
-MESSAGES = "messages"  # Tulu-3: messages = [{role, content}, ...]
+Doc = dict[str, np.ndarray]  # tokens, loss_mask (+ pixel_values, pixel_positions with images)
+
+MESSAGES = "messages"  # Tulu-3 / HF chat: messages = [{role, content}, ...]
+CONVERSATION = "conversation"  # NeMo's MedPix-VQA records: conversation = [{role, content}, ...]
 PROBLEM_SOLUTION = "problem_solution"  # Magicoder OSS-Instruct: problem (user), solution (model)
-SCHEMA_COLUMNS = {MESSAGES: ("messages",), PROBLEM_SOLUTION: ("problem", "solution")}
+IMAGE_QA = "image_qa"  # one image, a question, an answer (columns: image, question, answer)
+SCHEMA_COLUMNS = {MESSAGES: ("messages",), CONVERSATION: ("conversation",),
+                  PROBLEM_SOLUTION: ("problem", "solution"),
+                  IMAGE_QA: ("image", "question", "answer")}
 
 # Dataset roles -> Gemma 4 roles. Gemma 4's template spells the assistant `model` and renders a
 # system (or developer) message as its own `system` turn.
@@ -31,61 +51,103 @@ ROLES = {"system": "system", "developer": "system", "user": "user", "assistant":
 MODEL_ROLE = "model"
 
 
-class DataError(ValueError):
-  """Bad data or data config; the message names the source (file, dir or hub id) at fault."""
-
-
 # ---------------------------------------------------------------------------------- schemas
 def detect_schema(columns: Iterable[str], where: str = "example") -> str:
-  """The schema whose columns `columns` has: `messages` first, then `problem_solution`."""
+  """The first schema (in `SCHEMA_COLUMNS` order) whose columns `columns` has."""
   columns = list(columns)
   for schema, needed in SCHEMA_COLUMNS.items():
     if set(needed) <= set(columns):
       return schema
   raise DataError(
-      f"{where}: unknown schema; it has columns {columns}, expected 'messages' (a list of "
-      "{role, content}) or 'problem' + 'solution'")
+      f"{where}: unknown schema; it has columns {columns}, expected 'messages' or 'conversation' "
+      "(a list of {role, content}), 'problem' + 'solution', or 'image' + 'question' + 'answer'")
 
 
-def _text(value: Any, what: str) -> str:
+def _content(value: Any, what: str, images_ok: bool):
+  """A message content -> a string, or a list of text strings and `ImagePart`s when it has images.
+
+  In a list each text item is trimmed, as Gemma 4's template does."""
   if value is None:
     return ""
   if isinstance(value, str):
     return value
-  # Multimodal-style content: [{"type": "text", "text": ...}, ...]; only text parts exist here.
-  if isinstance(value, list) and all(isinstance(p, Mapping) and p.get("type") == "text"
-                                     for p in value):
-    return "".join(p.get("text") or "" for p in value)
-  raise DataError(f"{what} must be a string (or a list of text parts), got {type(value).__name__}")
+  if not isinstance(value, (list, tuple)):
+    raise DataError(f"{what} must be a string or a list of content items, got "
+                    f"{type(value).__name__}")
+  parts = []
+  for j, item in enumerate(value):
+    kind = item.get("type") if isinstance(item, Mapping) else None
+    if kind == "text":
+      parts.append((item.get("text") or "").strip())
+    elif kind == "image":
+      if not images_ok:
+        raise DataError(f"{what} item {j}: images are only read in user turns")
+      image = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
+      if image is None:
+        raise DataError(f"{what} item {j}: an image item without 'image' (or 'path')")
+      parts.append(ImagePart(image))
+    else:
+      raise DataError(f"{what} item {j} has type {kind!r}; expected 'text' or 'image'")
+  if not any(isinstance(p, ImagePart) for p in parts):
+    return "".join(parts)
+  return parts
 
 
-def to_turns(example: Mapping[str, Any], schema: str | None = None) -> list[tuple[str, str]]:
-  """One example of either schema -> [(gemma_role, content), ...] with roles system/user/model."""
+def _chat_turns(messages, what: str) -> list:
+  turns = []
+  for i, message in enumerate(messages or ()):
+    role = ROLES.get(message.get("role"))
+    if role is None:
+      raise DataError(f"{what} {i} has role {message.get('role')!r}; expected one of "
+                      f"{sorted(ROLES)}")
+    turns.append((role, _content(message.get("content"), f"{what} {i} content", role == "user")))
+  return turns
+
+
+def to_turns(example: Mapping[str, Any], schema: str | None = None) -> list[tuple[str, Any]]:
+  """One example of any schema -> [(gemma_role, content), ...] with roles system/user/model.
+
+  A content is a string, or (user turns with images) a list of strings and `ImagePart`s."""
   schema = schema or detect_schema(example.keys())
-  if schema == MESSAGES:
-    turns = []
-    for i, message in enumerate(example["messages"] or ()):
-      role = ROLES.get(message.get("role"))
-      if role is None:
-        raise DataError(f"message {i} has role {message.get('role')!r}; expected one of "
-                        f"{sorted(ROLES)}")
-      turns.append((role, _text(message.get("content"), f"message {i} content")))
-    return turns
+  if schema in (MESSAGES, CONVERSATION):
+    return _chat_turns(example[schema], "message")
   if schema == PROBLEM_SOLUTION:
-    return [("user", _text(example["problem"], "problem")),
-            (MODEL_ROLE, _text(example["solution"], "solution"))]
+    return [("user", _content(example["problem"], "problem", False)),
+            (MODEL_ROLE, _content(example["solution"], "solution", False))]
+  if schema == IMAGE_QA:
+    if example["image"] is None:
+      raise DataError("the 'image' column is empty")
+    question = _content(example["question"], "question", False)
+    return [("user", [ImagePart(example["image"]), question.strip()]),
+            (MODEL_ROLE, _content(example["answer"], "answer", False))]
   raise DataError(f"unknown schema {schema!r}; expected one of {sorted(SCHEMA_COLUMNS)}")
 
 
 # ---------------------------------------------------------------------------------- chat format
 
 
-def chat_pieces(turns: Sequence[tuple[str, str]]) -> list[tuple[str, bool, bool]]:
+def _user_pieces(role: str, content) -> list[tuple[Any, bool, bool]]:
+  """A non-model turn's body: text between images merged into one piece (tokenized as in the
+  rendered string, where the tokenizer splits only at special tokens); an image is one piece."""
+  if isinstance(content, str):
+    return [(f"{role}\n{content.strip()}", False, False)]
+  pieces, text = [], f"{role}\n"
+  for part in content:
+    if isinstance(part, ImagePart):  # the template's "\n\n<|image|>\n\n"
+      pieces += [(text + "\n\n", False, False), (part, True, False)]
+      text = "\n\n"
+    else:
+      text += part
+  return pieces + [(text, False, False)]
+
+
+def chat_pieces(turns: Sequence[tuple[str, Any]]) -> list[tuple[Any, bool, bool]]:
   """Gemma 4's rendering of `turns` as (text, is_control_token, is_target) pieces, in order.
 
-  `<bos>` then, per turn, `<|turn>{role}\\n{content.strip()}<turn|>\\n`. Targets are a model turn's
+  `<bos>` then, per turn, `<|turn>{role}\\n{content}<turn|>\\n`. Targets are a model turn's
   content and its `<turn|>`: what the model generates after the `<|turn>model\\n` prompt, up to the
-  token it stops on. The "\\n" after `<turn|>` is never generated, so never a target.
+  token it stops on. The "\\n" after `<turn|>` is never generated, so never a target. An image is
+  a control piece whose "text" is its `ImagePart` (its token block comes from the processor).
   """
   pieces = [(BOS, True, False)]
   for role, content in turns:
@@ -93,41 +155,66 @@ def chat_pieces(turns: Sequence[tuple[str, str]]) -> list[tuple[str, bool, bool]
     pieces.append((TURN_OPEN, True, False))
     if is_model:
       pieces += [(f"{role}\n", False, False), (content.strip(), False, True)]
-    else:  # one text piece, tokenized exactly as in the whole rendered string
-      pieces.append((f"{role}\n{content.strip()}", False, False))
+    else:
+      pieces += _user_pieces(role, content)
     pieces += [(TURN_CLOSE, True, is_model), ("\n", False, False)]
   return pieces
 
 
-def render_chat(turns: Sequence[tuple[str, str]]) -> str:
-  """The chat text that `encode_example` tokenizes (what Gemma 4's chat template writes)."""
-  return "".join(text for text, _, _ in chat_pieces(turns))
+def render_chat(turns: Sequence[tuple[str, Any]]) -> str:
+  """The chat text that `encode_example` tokenizes (what Gemma 4's chat template writes: an image
+  is its `<|image|>` placeholder, before the processor expands it)."""
+  return "".join(IMAGE if isinstance(text, ImagePart) else text
+                 for text, _, _ in chat_pieces(turns))
 
 
 _CONTROL_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _token_ids(tokenizer, names: Sequence[str]) -> dict[str, int]:
+  ids = {}
+  for name in names:
+    ids[name] = tokenizer.bos_token_id if name == BOS else tokenizer.convert_tokens_to_ids(name)
+  missing = [n for n, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+  if missing:
+    raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {missing} "
+                    "token(s); Gemma 4 chat data needs a Gemma 4 tokenizer (images: one with "
+                    "Gemma 4's image tokens, e.g. the tiny one built with multimodal=True)")
+  return ids
 
 
 def control_ids(tokenizer) -> dict[str, int]:
   """{`<bos>`, `<|turn>`, `<turn|>`} -> their ids in `tokenizer`; never assumed, vocabs differ."""
   ids = _CONTROL_IDS.get(tokenizer)
   if ids is None:
-    ids = {BOS: tokenizer.bos_token_id}
-    for name in (TURN_OPEN, TURN_CLOSE):
-      ids[name] = tokenizer.convert_tokens_to_ids(name)
-    missing = [n for n, i in ids.items() if i is None or i == tokenizer.unk_token_id]
-    if missing:
-      raise DataError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no {missing} "
-                      "token(s); Gemma 4 chat data needs a Gemma 4 tokenizer")
-    _CONTROL_IDS[tokenizer] = ids
+    ids = _CONTROL_IDS[tokenizer] = _token_ids(tokenizer, (BOS, TURN_OPEN, TURN_CLOSE))
   return ids
 
 
-def encode_example(example: Mapping[str, Any], tokenizer, schema: str | None = None) -> Doc:
+def _image_blocks(parts: Sequence[ImagePart], tokenizer, image_processor, base_dir):
+  """The images' token blocks (boi + n x image + eoi) and their pixel slots."""
+  if image_processor is None:
+    raise DataError("the example has images but no image processor is set (data.vision)")
+  ids = _token_ids(tokenizer, (BOI, IMAGE, EOI))
+  loaded = [images_lib.load_image(p.value, base_dir) for p in parts]
+  pixel_values, positions, soft = images_lib.preprocess(loaded, image_processor)
+  blocks = [[ids[BOI]] + [ids[IMAGE]] * n + [ids[EOI]] for n in soft]
+  return blocks, dict(pixel_values=pixel_values, pixel_positions=positions)
+
+
+def encode_example(example: Mapping[str, Any], tokenizer, schema: str | None = None, *,
+                   image_processor=None, base_dir: str | None = None) -> Doc:
   """One example -> Gemma 4 chat tokens and the mask of tokens the model must produce.
 
+  Args:
+    image_processor: Gemma 4's image processor (`images.build_image_processor`); needed only
+      when the example has images.
+    base_dir: where relative image paths are resolved (the data file's dir).
   Returns:
     tokens: int32[L], starting with `<bos>`.
     loss_mask: bool[L], True exactly on model-turn content tokens and their closing `<turn|>`.
+    pixel_values float32[i, p, c], pixel_positions int32[i, p, 2], image_spans int32[i, 2]: only
+      if it has i > 0 images.
   """
   pieces = chat_pieces(to_turns(example, schema))
   ids = control_ids(tokenizer)
@@ -135,9 +222,19 @@ def encode_example(example: Mapping[str, Any], tokenizer, schema: str | None = N
   # split_special_tokens: a literal "<|turn>" inside the data stays text and cannot forge a turn
   # boundary (tokenizing the template's rendered string would turn it into the control token).
   encoded = iter(tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"])
-  tokens, loss_mask = [], []
+  parts = [text for text, _, _ in pieces if isinstance(text, ImagePart)]
+  blocks, extra = (_image_blocks(parts, tokenizer, image_processor, base_dir) if parts
+                   else ([], {}))
+  blocks = iter(blocks)
+  tokens, loss_mask, spans = [], [], []
   for text, is_control, is_target in pieces:
-    piece = [ids[text]] if is_control else next(encoded)
+    if isinstance(text, ImagePart):
+      piece = next(blocks)
+      spans.append((len(tokens), len(tokens) + len(piece)))
+    else:
+      piece = [ids[text]] if is_control else next(encoded)
     tokens += piece
     loss_mask += [is_target] * len(piece)
-  return dict(tokens=np.asarray(tokens, np.int32), loss_mask=np.asarray(loss_mask, bool))
+  if spans:
+    extra["image_spans"] = np.asarray(spans, np.int32)
+  return dict(tokens=np.asarray(tokens, np.int32), loss_mask=np.asarray(loss_mask, bool), **extra)

@@ -7,6 +7,11 @@ Batches are dicts of numpy arrays, B rows of T tokens:
   loss_mask    bool[B, T]   tokens[b, t] is produced by the model: model-turn content or its closing
                             `<turn|>`. Prompt, user/system turns, role headers, padding are False.
 
+and, only when the data has images (`image_slots` = (i, p, c) set), i image slots per row:
+  pixel_values     float32[B, i, p, c]  the k-th image of row b is the k-th block of image tokens
+                                        of row b, in order; empty slots are zeros
+  pixel_positions  int32[B, i, p, 2]    patch (x, y) positions; padding patches and empty slots -1
+
 Nothing is shifted. The base model's target at position t is tokens[t + 1] when
 segment_ids[t + 1] == segment_ids[t] != 0, weighted by loss_mask[t + 1]; the drafter's k-step-ahead
 targets come from the same arrays. Every document starts with `<bos>` (never a target), so a target
@@ -15,7 +20,11 @@ never has to cross a document boundary.
 A document longer than T is truncated to its first T tokens (prompt first, then as much of the
 answer as fits): splitting it would start rows with answer text whose prompt the model cannot see.
 A document with no loss token left in its first T tokens is skipped: it costs compute, teaches
-nothing.
+nothing. Truncation never cuts an image's token block: it cuts before the block instead (and drops
+that image and the ones after it). A document whose images do not fit in the free slots of a row
+starts the next row; one with more images (within its first T tokens) than a row has slots is a
+DataError naming its record: the data config's `max_images_per_row` must be raised, silently
+dropping such documents would bias the data.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from gemma_mtp_jax.data import images as images_lib
 from gemma_mtp_jax.data.chat import DataError, Doc
 from gemma_mtp_jax.data.sources import Source
 
@@ -105,25 +115,61 @@ class ListStream:
 _MAX_SKIPS = 10_000
 
 
-def pack_batch(stream: DocStream, seq_len: int, num_rows: int) -> Batch | None:
+def _kept(doc: Doc, seq_len: int) -> tuple[int, int]:
+  """(tokens, images) of `doc` that go into a row: its first `seq_len` tokens, cut before an image
+  block that would not fit whole, and the images whose blocks are inside."""
+  length = min(len(doc["tokens"]), seq_len)
+  spans = doc.get("image_spans")
+  if spans is None or not len(spans):
+    return length, 0
+  cut = [int(start) for start, stop in spans if start < length < stop]
+  length = cut[0] if cut else length
+  return length, int((spans[:, 1] <= length).sum())
+
+
+def _image_arrays(num_rows: int, image_slots: tuple[int, int, int] | None) -> Batch:
+  if image_slots is None:
+    return {}
+  i, p, c = image_slots
+  return dict(pixel_values=np.zeros((num_rows, i, p, c), np.float32),
+              pixel_positions=np.full((num_rows, i, p, 2), -1, np.int32))
+
+
+def _check_images(doc: Doc, images: int, image_slots) -> None:
+  where = doc.get("record", "a document")
+  if image_slots is None:
+    raise DataError(f"{where} has images but the data config has no image slots (data.vision)")
+  if images > image_slots[0]:
+    raise DataError(f"{where} has {images} images in its first tokens but a row holds at most "
+                    f"{image_slots[0]}; raise the data config's vision.max_images_per_row")
+  if doc["pixel_values"].shape[1:] != image_slots[1:]:
+    raise DataError(f"{where}: image arrays of shape {doc['pixel_values'].shape[1:]}, the batch's "
+                    f"slots are {image_slots[1:]}")
+
+
+def pack_batch(stream: DocStream, seq_len: int, num_rows: int,
+               image_slots: tuple[int, int, int] | None = None) -> Batch | None:
   """Greedily lays documents from `stream`, in order, into `num_rows` rows of `seq_len` tokens.
 
-  A document that does not fit in what is left of a row starts the next row; one longer than
-  `seq_len` is truncated; one with no loss token in its first `seq_len` tokens is skipped. The
-  document that does not fit in the last row stays in the stream for the next batch.
+  A document that does not fit in what is left of a row (tokens, or image slots) starts the next
+  row; one longer than `seq_len` is truncated (never inside an image block); one with no loss token
+  in what is kept is skipped. The document that does not fit in the last row stays in the stream
+  for the next batch.
+  Args:
+    image_slots: (i, p, c): i image slots per row of `images.slot_shape` (p, c); None = text only.
   Returns None if the stream ends before any document is packed; otherwise the batch described in
   the module docstring, rows after the stream's end being padding.
   """
-  tokens_BxT = np.zeros((num_rows, seq_len), np.int32)
-  segment_ids_BxT = np.zeros((num_rows, seq_len), np.int32)
-  positions_BxT = np.zeros((num_rows, seq_len), np.int32)
-  loss_mask_BxT = np.zeros((num_rows, seq_len), bool)
-  row, col, segment, packed, skips = 0, 0, 0, 0, 0
+  batch = dict(tokens=np.zeros((num_rows, seq_len), np.int32),
+               segment_ids=np.zeros((num_rows, seq_len), np.int32),
+               positions=np.zeros((num_rows, seq_len), np.int32),
+               loss_mask=np.zeros((num_rows, seq_len), bool), **_image_arrays(num_rows, image_slots))
+  row, col, used, segment, packed, skips = 0, 0, 0, 0, 0, 0
   while row < num_rows:
     doc = stream.peek()
     if doc is None:
       break
-    length = min(len(doc["tokens"]), seq_len)
+    length, images = _kept(doc, seq_len)
     if not doc["loss_mask"][:length].any():
       stream.advance()
       skips += 1
@@ -132,22 +178,32 @@ def pack_batch(stream: DocStream, seq_len: int, num_rows: int) -> Batch | None:
                         f"first {seq_len} tokens; check the data's roles or raise seq_len")
       continue
     skips = 0
-    if col + length > seq_len:
-      row, col, segment = row + 1, 0, 0
+    if images:
+      _check_images(doc, images, image_slots)
+    if col + length > seq_len or (images and used + images > image_slots[0]):
+      row, col, used, segment = row + 1, 0, 0, 0
       continue
     segment += 1
     span = slice(col, col + length)
-    tokens_BxT[row, span] = doc["tokens"][:length]
-    segment_ids_BxT[row, span] = segment
-    positions_BxT[row, span] = np.arange(length)
-    loss_mask_BxT[row, span] = doc["loss_mask"][:length]
-    col += length
-    packed += 1
+    batch["tokens"][row, span] = doc["tokens"][:length]
+    batch["segment_ids"][row, span] = segment
+    batch["positions"][row, span] = np.arange(length)
+    batch["loss_mask"][row, span] = doc["loss_mask"][:length]
+    if images:
+      batch["pixel_values"][row, used:used + images] = doc["pixel_values"][:images]
+      batch["pixel_positions"][row, used:used + images] = doc["pixel_positions"][:images]
+    col, used, packed = col + length, used + images, packed + 1
     stream.advance()
-  if not packed:
+  return batch if packed else None
+
+
+def image_slots(image_processor, max_images_per_row: int) -> tuple[int, int, int] | None:
+  """(i, p, c) image slots per row for `pack_batch`; None (text only) without an image processor."""
+  if image_processor is None:
     return None
-  return dict(tokens=tokens_BxT, segment_ids=segment_ids_BxT, positions=positions_BxT,
-              loss_mask=loss_mask_BxT)
+  if max_images_per_row < 1:
+    raise DataError(f"max_images_per_row must be >= 1 with images, got {max_images_per_row}")
+  return (int(max_images_per_row), *images_lib.slot_shape(image_processor))
 
 
 def _process_rows(batch: Batch, process_index: int, process_count: int) -> Batch:
@@ -169,8 +225,10 @@ def _check_sharding(batch_size: int, process_index: int, process_count: int) -> 
 class _MixtureStream:
   """The infinite training stream of encoded documents drawn by a `Mixture`."""
 
-  def __init__(self, sources: Sequence[Source], weights: Sequence[float], tokenizer, seed: int):
+  def __init__(self, sources: Sequence[Source], weights: Sequence[float], tokenizer, seed: int,
+               image_processor=None):
     self.sources, self.tokenizer = list(sources), tokenizer
+    self.image_processor = image_processor
     self.mixture = Mixture([len(s) for s in sources], weights, seed)
     self.doc = 0  # index of the current document in the stream
     self.seen = [0] * len(sources)  # documents drawn from each source so far
@@ -180,7 +238,7 @@ class _MixtureStream:
     if self._current is None or self._current[0] != self.doc:
       s = self.mixture.source(self.doc)
       k = self.mixture.example(s, self.seen[s])
-      self._current = (self.doc, self.sources[s].encode(k, self.tokenizer))
+      self._current = (self.doc, self.sources[s].encode(k, self.tokenizer, self.image_processor))
     return self._current[1]
 
   def advance(self) -> None:
@@ -206,12 +264,13 @@ class DataIterator:
 
   def __init__(self, sources: Sequence[Source], weights: Sequence[float], tokenizer, *,
                seq_len: int, batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, image_processor=None, max_images_per_row: int = 0):
     _check_sharding(batch_size, process_index, process_count)
     for s in sources:
       if not len(s):
         raise DataError(f"data source {s.name!r} has no training examples")
-    self._stream = _MixtureStream(sources, weights, tokenizer, seed)
+    self._stream = _MixtureStream(sources, weights, tokenizer, seed, image_processor)
+    self.image_slots = image_slots(image_processor, max_images_per_row)
     self.seq_len, self.batch_size = seq_len, batch_size
     self.process_index, self.process_count = process_index, process_count
     self.local_batch_size = batch_size // process_count
@@ -222,7 +281,7 @@ class DataIterator:
 
   def __next__(self) -> Batch:
     """Returns this process's rows: each array has shape [batch_size // process_count, seq_len]."""
-    batch = pack_batch(self._stream, self.seq_len, self.batch_size)
+    batch = pack_batch(self._stream, self.seq_len, self.batch_size, self.image_slots)
     self._step += 1
     return _process_rows(batch, self.process_index, self.process_count)
 
@@ -242,22 +301,25 @@ class DataIterator:
 
 
 def make_eval_batches(sources: Sequence[Source], tokenizer, *, seq_len: int, batch_size: int,
-                      max_batches: int = 0, process_index: int = 0,
-                      process_count: int = 1) -> list[Batch]:
+                      max_batches: int = 0, process_index: int = 0, process_count: int = 1,
+                      image_processor=None, max_images_per_row: int = 0) -> list[Batch]:
   """Packs the held-out examples, sources interleaved round-robin, into a fixed list of batches.
 
   Args:
     max_batches: keep at most this many global batches (0 = all held-out examples).
+    image_processor, max_images_per_row: as for `DataIterator`.
   Returns:
     this process's rows of each batch; the last batch is padded (segment id 0) where data runs out.
   """
   _check_sharding(batch_size, process_index, process_count)
   longest = max((len(s) for s in sources), default=0)
   order = [(s, i) for i in range(longest) for s in range(len(sources)) if i < len(sources[s])]
-  stream = ListStream(lambda j: sources[order[j][0]].encode(order[j][1], tokenizer), len(order))
+  stream = ListStream(
+      lambda j: sources[order[j][0]].encode(order[j][1], tokenizer, image_processor), len(order))
+  slots = image_slots(image_processor, max_images_per_row)
   batches = []
   while not max_batches or len(batches) < max_batches:
-    batch = pack_batch(stream, seq_len, batch_size)
+    batch = pack_batch(stream, seq_len, batch_size, slots)
     if batch is None:
       break
     batches.append(_process_rows(batch, process_index, process_count))

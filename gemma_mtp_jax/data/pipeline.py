@@ -12,7 +12,14 @@ The pipeline, top-down, with the module that does each step:
               positions (the batch format is in its docstring) -> `DataIterator`: resumable from a
               dict of ints; each process takes its rows of a global batch
   corpus.py   `builtin:chat` / `builtin:code`: the no-download local corpus from Python's own docs
+  vision_qa.py  `builtin:vision_qa`: the generated image QA set (rendered shapes, colours, counts)
+  images.py   image values -> transformers' Gemma 4 image processor -> pixel slots; the processor
   tokenizer.py  Gemma 4's tokenizer, or the tiny one trained on the local corpus
+
+Images: a data config with a `vision` section ({max_soft_tokens, patch_size, pooling_kernel_size,
+max_images_per_row}; the sizes must be the model's vision tower's) encodes image items with
+Gemma 4's image processor, and its batches carry `max_images_per_row` image slots per row
+(`packing`). Without it, batches are text only and an example with an image is an error.
 
 This module holds the data configs and builds the iterators from one (`make_datasets`). The names
 the trainer, train CLI, benchmarks and tests reach as `pipeline.<name>` are importable from here
@@ -27,14 +34,16 @@ import ml_collections
 
 from gemma_mtp_jax.data.chat import MESSAGES, PROBLEM_SOLUTION, DataError, control_ids
 from gemma_mtp_jax.data.corpus import BUILTIN, build_local_corpus, corpus_texts, default_cache_dir
+from gemma_mtp_jax.data.images import build_image_processor, build_processor, save_processor
 from gemma_mtp_jax.data.packing import Batch, DataIterator, make_eval_batches
-from gemma_mtp_jax.data.sources import load_source, spec_dict, split_source
+from gemma_mtp_jax.data.sources import VISION_QA, load_source, spec_dict, split_source
 from gemma_mtp_jax.data.tokenizer import TURN_CLOSE, build_tiny_tokenizer, load_tokenizer
 
 __all__ = [
-    "DataError", "TURN_CLOSE", "control_ids", "corpus_texts", "default_data_config",
-    "load_source", "make_datasets", "split_source", "tokenizer_from_config",
-    "tulu_magicoder_data_config",
+    "DataError", "TURN_CLOSE", "build_processor", "control_ids", "corpus_texts",
+    "default_data_config", "image_processor_from_config", "load_source", "make_datasets",
+    "processor_from_config", "save_processor", "split_source", "tokenizer_from_config",
+    "tulu_magicoder_data_config", "vision_qa_data_config",
 ]
 
 
@@ -69,19 +78,56 @@ def tulu_magicoder_data_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def vision_qa_data_config() -> ml_collections.ConfigDict:
+  """The tiny vision run: the generated image QA set and a tiny tokenizer with Gemma 4's image
+  tokens. `vision` sizes the image processor; they must match the model's vision tower
+  (patch_size, pooling_kernel_size) and `max_soft_tokens` bounds the tokens of one image."""
+  cfg = default_data_config()
+  cfg.sources = [dict(name="vision_qa", path=BUILTIN + VISION_QA, weight=1.0, schema=MESSAGES)]
+  cfg.eval_fraction = 0.02
+  cfg.vision = ml_collections.ConfigDict(dict(
+      max_soft_tokens=70,  # the smallest Gemma 4 budget: <= 70 soft tokens per image
+      patch_size=8, pooling_kernel_size=2,  # 280 patches of 8x8 pixels per image slot
+      max_images_per_row=4))  # the set has 1 or 2 images per record
+  return cfg
+
+
+def image_processor_from_config(data_cfg):
+  """Gemma 4's image processor sized by `data_cfg.vision`; None for text-only data."""
+  vision = data_cfg.get("vision")
+  if not vision:
+    return None
+  return build_image_processor(int(vision.get("max_soft_tokens", 280)),
+                               int(vision.get("patch_size", 16)),
+                               int(vision.get("pooling_kernel_size", 3)))
+
+
+def processor_from_config(data_cfg, tokenizer):
+  """transformers' `Gemma4Processor` (tokenizer + `data_cfg.vision`'s image processor): what an
+  export writes next to the model (`save_processor`); None for text-only data."""
+  vision = data_cfg.get("vision")
+  if not vision:
+    return None
+  return build_processor(tokenizer, int(vision.get("max_soft_tokens", 280)),
+                         int(vision.get("patch_size", 16)), int(vision.get("pooling_kernel_size", 3)))
+
+
 def _corpus_dir(data_cfg) -> str:
   return data_cfg.get("corpus_dir") or os.path.join(default_cache_dir(), "corpus")
 
 
 def tokenizer_from_config(data_cfg):
-  """`data_cfg.tokenizer` if set, else the tiny tokenizer of the local corpus (built once)."""
+  """`data_cfg.tokenizer` if set, else the tiny tokenizer of the local corpus (built once); with
+  a `vision` section, the tiny tokenizer carries Gemma 4's image tokens (in its own dir)."""
   if data_cfg.get("tokenizer"):
     return load_tokenizer(data_cfg.tokenizer)
   corpus_dir = _corpus_dir(data_cfg)
   corpus = build_local_corpus(corpus_dir)
   vocab_size = int(data_cfg.get("tiny_vocab_size") or 4096)
-  return build_tiny_tokenizer(corpus_texts(corpus.values()),
-                              os.path.join(corpus_dir, f"tokenizer_{vocab_size}"), vocab_size)
+  multimodal = bool(data_cfg.get("vision"))
+  name = f"tokenizer_{vocab_size}" + ("_mm" if multimodal else "")
+  return build_tiny_tokenizer(corpus_texts(corpus.values()), os.path.join(corpus_dir, name),
+                              vocab_size, multimodal=multimodal)
 
 
 def make_datasets(data_cfg, tokenizer, seq_len: int, batch_size: int, seed: int,
@@ -98,7 +144,9 @@ def make_datasets(data_cfg, tokenizer, seq_len: int, batch_size: int, seed: int,
     process_index, process_count: this process's share, B / process_count rows of each batch.
   Returns:
     (train_iter, eval_batches): an infinite `DataIterator` and a list of batches, both yielding
-    dicts of tokens/segment_ids/positions/loss_mask of shape [B / process_count, T].
+    dicts of tokens/segment_ids/positions/loss_mask of shape [B / process_count, T], plus
+    pixel_values [B / process_count, i, p, c] / pixel_positions [..., i, p, 2] when
+    `data_cfg.vision` is set (i = vision.max_images_per_row).
   """
   if not data_cfg.sources:
     raise DataError("data config has no sources")
@@ -111,10 +159,13 @@ def make_datasets(data_cfg, tokenizer, seq_len: int, batch_size: int, seed: int,
     train.append(train_part)
     held_out.append(eval_part)
     weights.append(float(spec.get("weight", 1.0)))
+  images = dict(image_processor=image_processor_from_config(data_cfg),
+                max_images_per_row=int((data_cfg.get("vision") or {}).get("max_images_per_row", 0)))
   train_iter = DataIterator(train, weights, tokenizer, seq_len=seq_len, batch_size=batch_size,
-                            seed=seed, process_index=process_index, process_count=process_count)
+                            seed=seed, process_index=process_index, process_count=process_count,
+                            **images)
   eval_batches = make_eval_batches(
       held_out, tokenizer, seq_len=seq_len, batch_size=batch_size,
       max_batches=int(data_cfg.get("eval_max_batches", 0)), process_index=process_index,
-      process_count=process_count)
+      process_count=process_count, **images)
   return train_iter, eval_batches

@@ -1,5 +1,7 @@
-"""Data sources: datasets rows in one chat schema, loaded from files, the hub or the local corpus,
-and split into train / held-out by a hash of each example's content.
+"""Data sources: datasets rows in one chat schema, loaded from files, a `datasets.save_to_disk`
+dir, the hub or the local corpus, and split into train / held-out by a hash of each example's
+content. A local source remembers which file each row came from: its errors name the file and the
+record's index in it, and relative image paths resolve against that file's dir.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Mapping
 import datasets
 import numpy as np
 
-from gemma_mtp_jax.data import corpus
+from gemma_mtp_jax.data import corpus, vision_qa
 from gemma_mtp_jax.utils import files as files_lib
 from gemma_mtp_jax.data.chat import (SCHEMA_COLUMNS, DataError, Doc, detect_schema, encode_example,
                                      to_turns)
@@ -28,30 +30,60 @@ class Source:
   dataset: datasets.Dataset
   schema: str
   indices: np.ndarray  # int64[N]
+  # (first row, file) of each local data file, in row order; () for hub datasets. A
+  # save_to_disk dir is one "file": the dir.
+  files: tuple[tuple[int, str], ...] = ()
 
   def __len__(self) -> int:
     return len(self.indices)
 
-  def turns(self, i: int) -> list[tuple[str, str]]:
+  def _file(self, row: int) -> tuple[int, str] | None:
+    starts = [start for start, _ in self.files]
+    k = int(np.searchsorted(starts, row, side="right")) - 1
+    return self.files[k] if k >= 0 else None
+
+  def where(self, row: int) -> str:
+    """`record k` (k: the row's index in its file; `file record k` for a dir of files) for local
+    data, else `row N`."""
+    found = self._file(row)
+    if not found:
+      return f"row {row}"
+    # One file: the source's name already names it.
+    return f"record {row}" if len(self.files) == 1 else f"{found[1]} record {row - found[0]}"
+
+  def base_dir(self, row: int) -> str | None:
+    """The dir relative image paths of `row` resolve against: its data file's dir."""
+    found = self._file(row)
+    if found is None:
+      return None
+    return found[1] if os.path.isdir(found[1]) else os.path.dirname(os.path.abspath(found[1]))
+
+  def turns(self, i: int) -> list[tuple[str, Any]]:
     row = int(self.indices[i])
     try:
       return to_turns(self.dataset[row], self.schema)
     except DataError as e:
-      raise DataError(f"data source {self.name!r}, row {row}: {e}") from None
+      raise DataError(f"data source {self.name!r}, {self.where(row)}: {e}") from None
 
-  def encode(self, i: int, tokenizer) -> Doc:
+  def encode(self, i: int, tokenizer, image_processor=None) -> Doc:
+    """Example i as a document (`chat.encode_example`); errors name the file and record."""
     row = int(self.indices[i])
     try:
-      return encode_example(self.dataset[row], tokenizer, self.schema)
+      doc = encode_example(self.dataset[row], tokenizer, self.schema,
+                           image_processor=image_processor, base_dir=self.base_dir(row))
     except DataError as e:
-      raise DataError(f"data source {self.name!r}, row {row}: {e}") from None
+      raise DataError(f"data source {self.name!r}, {self.where(row)}: {e}") from None
+    if "image_spans" in doc:  # packing names it if its images cannot fit a row
+      doc["record"] = f"data source {self.name!r}, {self.where(row)}"
+    return doc
 
   def select(self, keep: np.ndarray) -> "Source":
     """The sub-source of rows where the bool[N] `keep` is True."""
     return dataclasses.replace(self, indices=self.indices[keep])
 
 
-def source_from_dataset(dataset: datasets.Dataset, name: str, schema: str | None = None) -> Source:
+def source_from_dataset(dataset: datasets.Dataset, name: str, schema: str | None = None,
+                        files: tuple[tuple[int, str], ...] = ()) -> Source:
   """Wraps a loaded dataset; checks it is non-empty and has the schema's columns."""
   if len(dataset) == 0:
     raise DataError(f"data source {name!r} is empty")
@@ -64,9 +96,10 @@ def source_from_dataset(dataset: datasets.Dataset, name: str, schema: str | None
   if missing:
     raise DataError(f"data source {name!r}: schema {schema!r} needs columns {missing}, "
                     f"it has {dataset.column_names}")
-  return Source(name, dataset, schema, np.arange(len(dataset), dtype=np.int64))
+  return Source(name, dataset, schema, np.arange(len(dataset), dtype=np.int64), files)
 
 
+VISION_QA = "vision_qa"  # builtin:vision_qa, the generated image QA set (`vision_qa`)
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
@@ -152,15 +185,62 @@ def _bad_json_line(path: str) -> str | None:
   return None
 
 
-def _load_local(local: str, cache_dir: str | None) -> datasets.Dataset:
-  """The rows of local data files; a JSON row that does not decode is named as `file:line`."""
+def _is_saved_dataset(path: str) -> bool:
+  """A dir written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+  return os.path.isdir(path) and any(
+      os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json"))
+
+
+def _rows_in(path: str) -> int | None:
+  """The rows `datasets` reads from one data file, counted cheaply; None when unsure."""
+  if path.endswith(".parquet"):
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  if path.endswith(".json"):
+    try:
+      doc = json.loads(text)
+      return len(doc) if isinstance(doc, list) else None
+    except ValueError:
+      pass  # JSON lines
+  return sum(1 for line in text.split("\n") if line.strip())
+
+
+def _file_starts(paths: list[str], total: int) -> tuple[tuple[int, str], ...]:
+  """(first row, file) per file, when the files' row counts add up to what `datasets` loaded."""
+  if len(paths) == 1:
+    return ((0, paths[0]),)
+  counts = [_rows_in(p) for p in paths]
+  if None in counts or sum(counts) != total:
+    return ()
+  return tuple(zip(np.cumsum([0] + counts[:-1]).tolist(), paths))
+
+
+def _load_saved(local: str, split: str | None) -> datasets.Dataset:
+  loaded = datasets.load_from_disk(local)
+  if isinstance(loaded, datasets.DatasetDict):
+    split = split or "train"
+    if split not in loaded:
+      raise DataError(f"data source {local!r}: no split {split!r}; it has {sorted(loaded)}")
+    loaded = loaded[split]
+  return loaded
+
+
+def _load_local(local: str, cache_dir: str | None,
+                split: str | None = None) -> tuple[datasets.Dataset, tuple[tuple[int, str], ...]]:
+  """The rows of local data files (or a save_to_disk dir) and (first row, file) of each file; a
+  JSON row that does not decode is named as `file:line`."""
+  if _is_saved_dataset(local):
+    return _load_saved(local, split), ((0, local),)
   paths = _local_files(local)
   fmt = _FORMATS[os.path.splitext(paths[0])[1]]
   if fmt == "json":
     for p in paths:
       _check_utf8(p)
   try:
-    return datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=cache_dir)
+    dataset = datasets.load_dataset(fmt, data_files=paths, split="train", cache_dir=cache_dir)
   except Exception:
     if fmt == "json":  # `datasets` names neither the file nor the line: find them
       for p in paths:
@@ -168,6 +248,36 @@ def _load_local(local: str, cache_dir: str | None) -> datasets.Dataset:
         if bad:
           raise DataError(f"data source {bad}") from None
     raise
+  return dataset, _file_starts(paths, len(dataset))
+
+
+def _rename_columns(dataset: datasets.Dataset, columns: Mapping[str, str] | None,
+                    path: str) -> datasets.Dataset:
+  """`columns` maps a schema's column name to the dataset's (e.g. {"image": "img"})."""
+  if not columns:
+    return dataset
+  columns = dict(columns)
+  missing = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
+  if missing:
+    raise DataError(f"data source {path!r}: columns {missing} (from the spec's 'columns') are not "
+                    f"in the data; it has {dataset.column_names}")
+  drop = [ours for ours, theirs in columns.items()
+          if ours in dataset.column_names and ours != theirs and ours not in columns.values()]
+  dataset = dataset.remove_columns(drop)
+  return dataset.rename_columns({theirs: ours for ours, theirs in columns.items() if ours != theirs})
+
+
+def _builtin(path: str, corpus_dir: str | None) -> str:
+  """The local file behind a `builtin:` source, built on first use."""
+  key = path[len(corpus.BUILTIN):]
+  builtins = [*corpus.CORPUS_PARTS, VISION_QA]
+  if key not in builtins:
+    raise DataError(f"data source {path!r}: unknown builtin; expected one of "
+                    f"{[corpus.BUILTIN + k for k in builtins]}")
+  corpus_dir = corpus_dir or os.path.join(corpus.default_cache_dir(), "corpus")
+  if key == VISION_QA:
+    return vision_qa.build_vision_qa(os.path.join(corpus_dir, VISION_QA))
+  return corpus.build_local_corpus(corpus_dir)[key]
 
 
 def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
@@ -177,9 +287,13 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
   Args:
     spec: a path / hub id, or a mapping with `path` and optionally `name` (used in errors),
       `schema` ("messages", "problem_solution", or "auto"), `split` (hub datasets; default "train"),
-      `subset` (hub config name), `limit` (keep only the first N rows; 0 = all). `path` is a local
-      .json/.jsonl/.parquet file or a dir of them, a hub id ("allenai/tulu-3-sft-mixture"), or
-      "builtin:chat" / "builtin:code" (the local corpus, built on first use in `corpus_dir`).
+      `subset` (hub config name), `limit` (keep only the first N rows; 0 = all), `columns` (a
+      schema column -> the data's column name, e.g. {"image": "img", "answer": "label"} for the
+      `image_qa` schema). `path` is a local .json/.jsonl/.parquet file or a dir of them, a
+      `datasets` save_to_disk dir (e.g. with an Image column; `split` picks a DatasetDict's), a
+      hub id ("allenai/tulu-3-sft-mixture"), or "builtin:chat" / "builtin:code" (the local
+      corpus, built on first use in `corpus_dir`) or "builtin:vision_qa" (the generated image QA
+      set, in `corpus_dir`/vision_qa).
     cache_dir: `datasets`' cache dir (None: its default).
     corpus_dir: where the builtin corpus lives (None: `corpus.default_cache_dir()/corpus`).
   Raises:
@@ -188,16 +302,12 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
   spec = spec_dict(spec)
   path = str(spec["path"])
   if path.startswith(corpus.BUILTIN):
-    key = path[len(corpus.BUILTIN):]
-    if key not in corpus.CORPUS_PARTS:
-      raise DataError(f"data source {path!r}: unknown builtin; expected one of "
-                      f"{[corpus.BUILTIN + k for k in corpus.CORPUS_PARTS]}")
-    corpus_dir = corpus_dir or os.path.join(corpus.default_cache_dir(), "corpus")
-    path = corpus.build_local_corpus(corpus_dir)[key]
+    path = _builtin(path, corpus_dir)
   local = os.path.expanduser(path)
+  files = ()
   try:
     if os.path.exists(local):
-      dataset = _load_local(local, cache_dir)
+      dataset, files = _load_local(local, cache_dir, spec.get("split") or None)
     elif _looks_local(path):
       raise DataError(f"data source {path!r}: file not found")
     else:
@@ -211,7 +321,8 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
     dataset = dataset.select(range(min(int(spec["limit"]), len(dataset))))
   # Errors from here on name both the config's name for the source and the file behind it.
   name = f"{spec['name']} ({path})" if spec.get("name") else path
-  return source_from_dataset(dataset, name, spec.get("schema"))
+  dataset = _rename_columns(dataset, spec.get("columns"), path)
+  return source_from_dataset(dataset, name, spec.get("schema"), files)
 
 
 def _split_keys(*columns: list, schema: str) -> dict[str, list[float]]:
@@ -219,7 +330,8 @@ def _split_keys(*columns: list, schema: str) -> dict[str, list[float]]:
   keys = []
   for values in zip(*columns):
     turns = to_turns(dict(zip(SCHEMA_COLUMNS[schema], values)), schema)
-    digest = hashlib.blake2b(json.dumps(turns, ensure_ascii=False).encode(), digest_size=8).digest()
+    text = json.dumps(turns, ensure_ascii=False, default=lambda part: {"image": part.key()})
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     keys.append((int.from_bytes(digest, "little") >> 11) / 2.0**53)
   return {"split_key": keys}
 

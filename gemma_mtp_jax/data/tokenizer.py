@@ -25,17 +25,36 @@ PAD, EOS, BOS, UNK, MASK = "<pad>", "<eos>", "<bos>", "<unk>", "<mask>"
 TURN_OPEN = "<|turn>"  # starts every chat turn; followed by the role name and "\n"
 TURN_CLOSE = "<turn|>"  # ends every turn; the token a model turn stops on
 
-# Gemma 4's chat format for plain-text conversations, as its published template renders them when
-# there are no tools and thinking is off (E2B/E4B; the 26B/31B templates also prime generation with
-# an empty thought channel): `bos`, then per message `<|turn>{role}\n{content|trim}<turn|>\n`, with
-# `assistant` spelled `model`. `chat.encode_example` produces the same tokens directly.
+# Gemma 4's multimodal markers, under the tokenizer attribute names its tokenizer_config.json uses
+# and `Gemma4Processor` reads (`tokenizer.image_token`, `.boi_token`, `.image_token_id`, ...; it
+# needs the audio ones to exist too, even for images). The processor expands each `<|image|>` of
+# the rendered chat into `<|image>` + n x `<|image|>` + `<image|>`.
+IMAGE, BOI, EOI = "<|image|>", "<|image>", "<image|>"
+MULTIMODAL_TOKENS = {"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI,
+                     "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"}
+# Added by `Gemma4Processor` itself when missing; the tiny vocab carries it so the count is fixed.
+VIDEO = "<|video|>"
+
+# Gemma 4's chat format, as its published template renders a conversation when there are no tools
+# and thinking is off (E2B/E4B; the 26B/31B templates also prime generation with an empty thought
+# channel): `bos`, then per message `<|turn>{role}\n{content}<turn|>\n`, with `assistant` spelled
+# `model`. A content string is trimmed; a content list (HF's multimodal form) renders each text
+# item trimmed and each image item as "\n\n<|image|>\n\n", concatenated. `chat.encode_example`
+# produces the same tokens directly.
 CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content | trim -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'text' -%}{{- item['text'] | trim -}}"
+    "{%- elif item['type'] == 'image' -%}{{- '\\n\\n<|image|>\\n\\n' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
     "{%- set role = message['role'] -%}"
     "{%- if role == 'assistant' -%}{%- set role = 'model' -%}"
     "{%- elif role == 'developer' -%}{%- set role = 'system' -%}{%- endif -%}"
-    "{{- '<|turn>' + role + '\\n' + message['content'] | trim + '<turn|>\\n' -}}"
+    "{{- '<|turn>' + role + '\\n' + render(message['content']) + '<turn|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|turn>model\\n' -}}{%- endif -%}"
 )
@@ -89,7 +108,8 @@ def _train_sentencepiece(texts: Iterable[str], model_path: str, vocab_size: int,
 
 
 def build_tiny_tokenizer(corpus_texts: Iterable[str], out_dir: str, vocab_size: int = 4096,
-                         seed: int = 0) -> transformers.PreTrainedTokenizerBase:
+                         seed: int = 0,
+                         multimodal: bool = False) -> transformers.PreTrainedTokenizerBase:
   """Trains (once) a small Gemma-4-shaped SentencePiece BPE tokenizer and saves it as an HF one.
 
   Args:
@@ -99,23 +119,34 @@ def build_tiny_tokenizer(corpus_texts: Iterable[str], out_dir: str, vocab_size: 
       `corpus_texts`/`vocab_size` say (delete the dir to retrain).
     vocab_size: total vocab, including the 7 special tokens, "\n" and the 256 byte-fallback pieces.
     seed: SentencePiece's sampling seed.
+    multimodal: also carry Gemma 4's image/audio/video markers (`MULTIMODAL_TOKENS`, `VIDEO`) as
+      the last 7 ids, so `Gemma4Processor` works with it. The SentencePiece model then has
+      vocab_size - 7 pieces: the total stays `vocab_size` (the model's vocab). Text ids differ
+      from the text-only tokenizer's, so the two must live in different dirs.
   Returns:
     `AutoTokenizer.from_pretrained(out_dir)`: adds `<bos>` by default, pad/eos/bos/unk set.
   """
   if not os.path.exists(os.path.join(out_dir, _MARKER)):
     with files.atomic_dir(out_dir, marker=_MARKER) as tmp:
       model_path = os.path.join(tmp, "tokenizer.model")
-      _train_sentencepiece(corpus_texts, model_path, vocab_size, seed)
+      extra = len(MULTIMODAL_TOKENS) + 1 if multimodal else 0
+      _train_sentencepiece(corpus_texts, model_path, vocab_size - extra, seed)
       # transformers' own SentencePiece reader gives the BPE vocab and merges; GemmaTokenizer adds
       # Gemma's normalizer/decoder. Special tokens keep their SentencePiece ids.
       from tokenizers.models import BPE
       from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
       extracted = SentencePieceExtractor(model_path).extract(BPE)
+      # Named like Gemma 4's own tokenizer_config.json (sot/eot for the turn markers): a named
+      # extra special token becomes a tokenizer attribute (`tok.image_token_id`).
+      specials = ({"sot_token": TURN_OPEN, "eot_token": TURN_CLOSE, **MULTIMODAL_TOKENS}
+                  if multimodal else [TURN_OPEN, TURN_CLOSE])
       tok = transformers.GemmaTokenizer(
           vocab=extracted["vocab"], merges=extracted["merges"],
           pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK, mask_token=MASK,
-          extra_special_tokens=[TURN_OPEN, TURN_CLOSE], add_bos_token=True)
+          extra_special_tokens=specials, add_bos_token=True)
+      if multimodal:
+        tok.add_special_tokens({"additional_special_tokens": [VIDEO]})
       tok.chat_template = CHAT_TEMPLATE
       tok.save_pretrained(tmp)
   return load_tokenizer(out_dir)
