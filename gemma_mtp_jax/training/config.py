@@ -227,7 +227,9 @@ def train_fields(**overrides: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the run config
 _TOP_KEYS = ("name", "hf_base", "hf_drafter", "model", "drafter", "train", "data", "mesh", "eval")
-_SOURCE_KEYS = ("name", "path", "weight", "schema", "split", "subset", "limit")
+_SOURCE_KEYS = ("name", "path", "weight", "schema", "split", "subset", "limit", "columns")
+# data.vision (image data only: `data.pipeline.vision_qa_data_config`): the image processor's sizes.
+_VISION_DATA_KEYS = ("max_soft_tokens", "patch_size", "pooling_kernel_size", "max_images_per_row")
 
 
 def check_keys(where: str, keys, valid: Sequence[str]) -> None:
@@ -259,7 +261,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
   check_keys("mesh", mesh, list(presets.mesh_fields()))
   check_keys("mesh.axes", mesh["axes"], sharding.MESH_AXES)
   data = as_dict(cfg.data)
-  check_keys("data", data, list(data_lib.default_data_config().keys()))
+  check_keys("data", data, list(data_lib.default_data_config().keys()) + ["vision"])
+  if data.get("vision"):
+    check_keys("data.vision", as_dict(data["vision"]), _VISION_DATA_KEYS)
   for i, src in enumerate(data.get("sources") or ()):
     if isinstance(src, Mapping) or hasattr(src, "keys"):
       check_keys(f"data.sources[{i}]", as_dict(src), _SOURCE_KEYS)
