@@ -59,6 +59,7 @@ def get_config():
       ple_vocab_size=0,
       num_kv_shared_layers=0,
       final_logit_softcap=30.0,
+      use_bidirectional_attention="vision",  # image tokens attend both ways
       max_position_embeddings=262_144,
       hf_family=families.UNIFIED,
       dtype="bfloat16",

@@ -237,10 +237,13 @@ def test_multimodal_towers_are_carried_through(src, tmp_path):
   _cli("hf-to-jax", "--base", src["mm"], "--drafter", src["drafter"], "--out", pair_dir)
   with st_io.Reader(str(pair_dir / "hf_extra")) as extra:
     assert extra.keys() and not any(k.startswith("model.language_model.") for k in extra.keys())
-    assert any(k.startswith("model.vision_tower.") for k in extra.keys())
+    # The vision tower and its embedder are params (model.vision); only audio is carried through.
+    assert not any(k.startswith(("model.vision_tower.", "model.embed_vision."))
+                   for k in extra.keys())
     assert any(k.startswith("model.audio_tower.") for k in extra.keys())
   pair = checkpoint.load_pair(str(pair_dir))
   assert "embedding" in pair.params["base"] and "lm_head" not in pair.params["base"]
+  assert pair.base_cfg.vision is not None and "layer_0" in pair.params["base"]["vision"]
   _cli("jax-to-hf", "--checkpoint", pair_dir, "--out", out)
   _assert_same_files(src["mm"], out / "base")
   with st_io.Reader(str(out / "base")) as r:

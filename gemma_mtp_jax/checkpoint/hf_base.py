@@ -8,6 +8,11 @@ embedders `model.vision_embedder.*`, `model.embed_vision.embedding_projection.we
 `model.embed_audio.embedding_projection.weight` (as stored; transformers renames them on load). `lm_head.weight` is tied to the embedding in every
 released model: it is accepted on input when equal to it and never written on output.
 
+A gemma4 base whose config has a vision tower (`ModelConfig.vision`) converts the tower and its
+embedder (`model.vision_tower.*`, `model.embed_vision.*`) into real params under params["vision"]
+(`hf_names.vision_entries`, `model.vision`); the audio tower (and the 12B's vision embedder) stay
+carried-through extras.
+
 The Flax model is `gemma_mtp_jax.model.transformer`; the per-layer entries are in `hf_names`. Files
 are read by `hf_read` and written by `hf_export`.
 """
@@ -51,6 +56,23 @@ def split_keys(cfg: config_lib.ModelConfig, keys, prefix: str | None = None):
   return prefix, text, extra, lm_head
 
 
+def _split_vision(cfg: config_lib.ModelConfig, prefix: str, extra, where: str):
+  """(vision tower + embedder names without `model.`, the other extra keys). Without a tower in
+  the config, the tower's tensors stay extras (carried through)."""
+  if cfg.vision is None:
+    return set(), extra
+  if prefix != MULTIMODAL_PREFIX:
+    raise names.ConversionError(f"{where}: the config has a vision tower but the checkpoint is "
+                                f"text-only (no {MULTIMODAL_PREFIX!r} tensors)")
+  ours = tuple(CAUSAL_PREFIX + p for p in (names.VISION_TOWER, names.EMBED_VISION))
+  vision = {k[len(CAUSAL_PREFIX):] for k in extra if k.startswith(ours)}
+  unexpected = sorted(vision - {e.hf for e in names.vision_entries(cfg)})
+  if unexpected:
+    raise names.ConversionError(f"{where}: unexpected vision tensor(s) for this config "
+                                f"{[CAUSAL_PREFIX + u for u in unexpected[:5]]}")
+  return vision, [k for k in extra if not k.startswith(ours)]
+
+
 def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], keys,
                  where: str = "checkpoint", prefix: str | None = None, place=None):
   """Flax params of the base from HF tensors.
@@ -60,9 +82,11 @@ def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], 
     keys: every tensor name in the checkpoint.
     place: optional `place(path, leaf)` applied to each converted leaf (see `names.to_flax`).
   Returns:
-    (params, extra_keys): extra_keys are tensors outside the text model (vision/audio towers).
+    (params, extra_keys): extra_keys are tensors outside the model's params (the audio tower; the
+    vision tower too when the config has none).
   """
   prefix, text, extra, lm_head = split_keys(cfg, keys, prefix)
+  vision, extra = _split_vision(cfg, prefix, extra, where)
   entries = names.base_entries(cfg)
   expected = {names.fused_name(e.hf) for e in entries}
   unexpected = sorted(text - expected)
@@ -72,6 +96,9 @@ def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], 
     raise names.ConversionError(f"{where}: unexpected tensor(s) for this config "
                                 f"{[prefix + u if u in text else u for u in unexpected[:5]]}")
   params = names.to_flax(entries, lambda n: get(prefix + n), text, where, place)
+  if cfg.vision is not None:
+    params.update(names.to_flax(names.vision_entries(cfg), lambda n: get(CAUSAL_PREFIX + n), vision,
+                                where, place))
   if lm_head is not None:
     w = np.asarray(get(lm_head))
     if cfg.tie_word_embeddings:
@@ -87,9 +114,17 @@ def hf_to_params(cfg: config_lib.ModelConfig, get: Callable[[str], np.ndarray], 
 
 
 def params_to_hf(cfg: config_lib.ModelConfig, params: Mapping,
-                 prefix: str = CAUSAL_PREFIX) -> dict[str, np.ndarray]:
-  """HF tensors of the base; the tied lm_head is not written (HF re-ties it on load)."""
+                 prefix: str | None = None) -> dict[str, np.ndarray]:
+  """HF tensors of the base; the tied lm_head is not written (HF re-ties it on load). `prefix` of
+  the text model: None picks `model.language_model.` with a vision tower, else `model.`."""
+  prefix = prefix or (MULTIMODAL_PREFIX if cfg.vision is not None else CAUSAL_PREFIX)
   out = {prefix + k: v for k, v in names.to_hf(names.base_entries(cfg), params).items()}
+  if cfg.vision is not None:
+    if prefix != MULTIMODAL_PREFIX:
+      raise names.ConversionError(f"a base with a vision tower is written under {MULTIMODAL_PREFIX!r}, "
+                                  f"not {prefix!r}")
+    vision = names.to_hf(names.vision_entries(cfg), params)
+    out.update({CAUSAL_PREFIX + k: v for k, v in vision.items()})
   if not cfg.tie_word_embeddings:
     out["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]).T)
   return out

@@ -3,8 +3,9 @@
 A pair converted from HF dirs is written back bit for bit: same tensors, dtypes, shard layout,
 config.json and generation_config.json (kept in its `hf_extra` info, see the package docstring).
 A pair whose architecture changed, or one made from scratch, gets configs generated from the JAX
-config by transformers' own config classes. The carried-through (vision/audio) tensors of a
-multimodal base come back from its hf_extra/ dir.
+config by transformers' own config classes. The vision tower of a gemma4 base is written from its
+params (`hf_base`); the carried-through tensors (audio tower, the 12B's vision embedder, a tower the
+config lacks) come back from its hf_extra/ dir.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import families
+from gemma_mtp_jax.model import vision_config as vision_lib
 from gemma_mtp_jax.utils import files
 
 log = logging.getLogger("gemma_mtp_jax.convert")
@@ -33,8 +35,7 @@ log = logging.getLogger("gemma_mtp_jax.convert")
 DEFAULT_NUM_ASSISTANT_TOKENS = 4
 DEFAULT_ASSISTANT_SCHEDULE = "constant"
 # Tensors HF keeps as buffers, not parameters: left out of the index's "total_parameters".
-_BUFFER_SUFFIXES = ("layer_scalar", "token_ordering", "input_max", "input_min", "output_max",
-                    "output_min")
+_BUFFER_SUFFIXES = ("layer_scalar", "token_ordering") + vision_lib.BUFFER_NAMES
 
 
 def _same_model(a: config_lib.ModelConfig, b: config_lib.ModelConfig) -> bool:
@@ -90,20 +91,39 @@ def _fresh_config_json(hf_config) -> dict:
   return json.loads(hf_config.to_json_string())
 
 
+def _fresh_base_config(cfg: config_lib.ModelConfig) -> dict:
+  """config.json of `cfg` by transformers' classes: the text config, or with a vision tower the
+  multimodal one (text + vision config + image token ids, no audio tower)."""
+  import transformers
+  fam = families.FAMILIES[cfg.hf_family]
+  d = cfg.to_hf_config()
+  if cfg.vision is None:
+    return _fresh_config_json(getattr(transformers, fam.text_config_class)(**d))
+  text = getattr(transformers, fam.text_config_class)(**d.pop("text_config"))
+  vision = transformers.Gemma4VisionConfig(**d.pop("vision_config"))
+  return _fresh_config_json(getattr(transformers, fam.multimodal_config_class)(
+      text_config=text, vision_config=vision, **d))
+
+
 def _base_config_json(cfg: config_lib.ModelConfig, info: Mapping, dtype_name: str | None) -> dict:
   orig = info.get("config")
   if orig is not None and _same_model(config_lib.ModelConfig.from_hf_config(orig), cfg):
     out = copy.deepcopy(orig)
   else:
-    import transformers
     fam = families.FAMILIES[cfg.hf_family]
-    text = _fresh_config_json(getattr(transformers, fam.text_config_class)(**cfg.to_hf_config()))
+    fresh = _fresh_base_config(cfg)
     if orig is not None and orig.get("model_type") == fam.multimodal_type:
-      out = copy.deepcopy(orig)
-      text.pop("dtype", None)
-      out["text_config"] = text
+      out = copy.deepcopy(orig)  # the audio config (and anything else) carried through
+      if cfg.vision is None:
+        fresh = {"text_config": fresh}
+      for k in ("text_config", "vision_config") + vision_lib.MULTIMODAL_TOKEN_FIELDS:
+        if k in fresh:
+          out[k] = fresh[k]
+          if isinstance(out[k], dict):
+            out[k].pop("dtype", None)
     else:
-      out = dict(text, architectures=[fam.causal_lm])
+      arch = fam.conditional_generation if cfg.vision is not None else fam.causal_lm
+      out = dict(fresh, architectures=[arch])
     log.info("base config.json generated from the JAX config (%s)",
              "no source config" if orig is None else "the architecture differs from the source's")
   if dtype_name in trees.DTYPES and out.get("dtype") != dtype_name:
@@ -152,7 +172,9 @@ def _export_base(pair: layout.Pair, out: str, max_shard_size, dtype) -> None:
   params = pair.params["base"]
   if any(k.startswith("scan_") for k in params):
     params = transformer.unstack_layer_params(cfg, params)
-  tensors = hf_base.params_to_hf(cfg, params, info.get("prefix", hf_base.CAUSAL_PREFIX))
+  # A tower needs the ConditionalGeneration layout whatever the source was (params_to_hf picks it).
+  prefix = None if cfg.vision is not None else info.get("prefix", hf_base.CAUSAL_PREFIX)
+  tensors = hf_base.params_to_hf(cfg, params, prefix)
   tensors = _cast_for_export(tensors, dtype, info.get("tensors"), "base")
   dtype_name = trees.dtype_name(x.dtype for x in tensors.values())
   specs = {n: safetensors_io.TensorSpec.of(x) for n, x in tensors.items()}

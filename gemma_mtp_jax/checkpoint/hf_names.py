@@ -133,6 +133,56 @@ def base_entries(cfg: config_lib.ModelConfig) -> list[Entry]:
   return e
 
 
+VISION_TOWER = "vision_tower."
+EMBED_VISION = "embed_vision."
+_CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+
+
+def _clippable(hf: str, path: Path, entry: Entry, clipped: bool) -> list[Entry]:
+  """A `Gemma4ClippableLinear` (weight at `hf`.linear.weight) and, when clipped, its four scalar
+  bounds, which live beside the kernel at `path` (see `model.vision`)."""
+  out = [dataclasses.replace(entry, hf=f"{hf}.linear.weight", path=path + ("kernel",))]
+  if clipped:
+    out += [copy(f"{hf}.{b}", path + (b,), ()) for b in _CLIP_BOUNDS]
+  return out
+
+
+def vision_entries(cfg: config_lib.ModelConfig) -> list[Entry]:
+  """Entries of the vision tower and its embedder (HF names under `model.`: `vision_tower.*`,
+  `embed_vision.*`), Flax paths under ("vision",); [] without a tower."""
+  v = cfg.vision
+  if v is None:
+    return []
+  d, n, k, h, f = (v.hidden_size, v.num_attention_heads, v.num_key_value_heads, v.head_dim,
+                   v.intermediate_size)
+  clip, root, pe = v.use_clipped_linears, ("vision",), f"{VISION_TOWER}patch_embedder."
+  e = [
+      linear(f"{pe}input_proj.weight", root + ("input_proj",), d, v.channels),
+      copy(f"{pe}position_embedding_table", root + ("position_table",),
+           (2, v.position_embedding_size, d)),
+      linear(f"{EMBED_VISION}embedding_projection.weight", root + ("projection",), cfg.embed_dim, d),
+  ]
+  if v.standardize:
+    e += [copy(f"{VISION_TOWER}{b}", root + (b,), (d,)) for b in ("std_bias", "std_scale")]
+  for j in range(v.num_hidden_layers):
+    p, path = f"{VISION_TOWER}encoder.layers.{j}.", root + (f"layer_{j}",)
+    a, m = path + ("attn",), path + ("mlp",)
+    for name, heads in (("q", n), ("k", k), ("v", k)):
+      e += _clippable(f"{p}self_attn.{name}_proj", a + (name,), heads_in("", (), d, heads, h), clip)
+    e += _clippable(f"{p}self_attn.o_proj", a + ("o",), heads_out("", (), d, n, h), clip)
+    e += _clippable(f"{p}mlp.gate_proj", m + ("gate",), linear("", (), f, d), clip)
+    e += _clippable(f"{p}mlp.up_proj", m + ("up",), linear("", (), f, d), clip)
+    e += _clippable(f"{p}mlp.down_proj", m + ("down",), linear("", (), d, f), clip)
+    e += [copy(f"{p}self_attn.q_norm.weight", a + ("q_norm", "scale"), (h,)),
+          copy(f"{p}self_attn.k_norm.weight", a + ("k_norm", "scale"), (h,))]
+    for hf_norm, ours in (("input_layernorm", "pre_attention_norm"),
+                          ("post_attention_layernorm", "post_attention_norm"),
+                          ("pre_feedforward_layernorm", "pre_ffw_norm"),
+                          ("post_feedforward_layernorm", "post_ffw_norm")):
+      e.append(copy(f"{p}{hf_norm}.weight", path + (ours, "scale"), (d,)))
+  return e
+
+
 # ------------------------------------------------------------------------------ tree helpers
 def set_path(tree: dict, path: Path, value) -> None:
   """tree[path[0]][path[1]]... = value, making the dicts on the way."""

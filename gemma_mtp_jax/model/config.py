@@ -14,6 +14,7 @@ import functools
 from typing import Any, Mapping, Sequence
 
 from gemma_mtp_jax.model import families
+from gemma_mtp_jax.model import vision_config as vision_lib
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -82,6 +83,13 @@ class ModelConfig:
   # The transformers family (`families`): "gemma4" or "gemma4_unified" (12B). Same computation;
   # it decides the model_type / classes an export writes.
   hf_family: str = families.GEMMA4
+  # Images (`model.vision`): the tower (None: text only), the image placeholder / begin / end token
+  # ids of the top-level HF config, and HF's text `use_bidirectional_attention` (None or "vision").
+  vision: vision_lib.VisionConfig | None = None
+  image_token_id: int | None = None
+  boi_token_id: int | None = None
+  eoi_token_id: int | None = None
+  use_bidirectional_attention: str | None = None
   # Numerics and compilation (not part of the HF config).
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
@@ -95,6 +103,7 @@ class ModelConfig:
     object.__setattr__(self, "layer_types", tuple(self.layer_types))
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    object.__setattr__(self, "vision", vision_lib.as_vision_config(self.vision))
     self.validate()
 
   # ------------------------------------------------------------------ validation
@@ -145,6 +154,8 @@ class ModelConfig:
          f"unknown family {self.hf_family!r}; expected one of {sorted(families.FAMILIES)}")
     need(self.hf_family != families.UNIFIED or not (self.ple_dim or self.enable_moe), "hf_family",
          "gemma4_unified models have no per-layer embeddings and no MoE block")
+    need(self.use_bidirectional_attention in (None, "vision"), "use_bidirectional_attention",
+         f"must be None or 'vision' (causal text decoders), got {self.use_bidirectional_attention!r}")
 
   def architecture(self) -> "ModelConfig":
     """This config with the numerics and compilation settings reset: two configs describe the same
@@ -214,6 +225,7 @@ class ModelConfig:
   def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
     """Builds from an HF text config dict (gemma4_text, gemma4_unified_text) or a multimodal /
     assistant one holding it as `text_config` (gemma4, gemma4_unified, their assistants)."""
+    outer = hf
     hf, family, model_type = families.split_text_config(hf)
     if family is None:
       raise ConfigError(f"config model_type is {model_type!r}; expected a Gemma 4 model "
@@ -274,6 +286,8 @@ class ModelConfig:
         pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id", 0) is not None else 0,
         bos_token_id=hf.get("bos_token_id", 2) if hf.get("bos_token_id", 2) is not None else 2,
         eos_token_id=hf.get("eos_token_id", 1) if hf.get("eos_token_id", 1) is not None else 1,
+        use_bidirectional_attention=hf.get("use_bidirectional_attention"),
+        **vision_lib.fields_from_hf(outer, family.name),
     )
     if not kw["ple_dim"]:
       kw["ple_vocab_size"] = 0
@@ -282,7 +296,8 @@ class ModelConfig:
 
   def to_hf_config(self) -> dict[str, Any]:
     """The keyword dict of the family's HF text config class (`Gemma4TextConfig`, model_type
-    gemma4_text; or `Gemma4UnifiedTextConfig`, gemma4_unified_text, without PLE/MoE keys)."""
+    gemma4_text; or `Gemma4UnifiedTextConfig`, gemma4_unified_text, without PLE/MoE keys); with a
+    vision tower, that of `Gemma4Config` holding it as text_config (`vision.hf_config_out`)."""
     rope = {
         SLIDING: {"rope_type": self.local_rope_type, "rope_theta": self.rope_local_theta},
         FULL: {"rope_type": self.global_rope_type, "rope_theta": self.rope_global_theta},
@@ -328,7 +343,8 @@ class ModelConfig:
       out["num_global_key_value_heads"] = self.num_global_kv_heads
     if self.attn_logit_softcap is not None:
       out["attn_logit_softcapping"] = self.attn_logit_softcap
-    return families.text_config_out(self.hf_family, out)
+    out["use_bidirectional_attention"] = self.use_bidirectional_attention  # 12B default: "vision"
+    return vision_lib.hf_config_out(self, families.text_config_out(self.hf_family, out))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +416,7 @@ class DrafterConfig:
     tc.setdefault("model_type", family.text_type)
     tc.setdefault("hidden_size_per_layer_input", 0)
     tc.setdefault("vocab_size_per_layer_input", 0)
+    tc["use_bidirectional_attention"] = None  # the assistant's masks never read it
     if not tc.get("num_kv_shared_layers"):
       tc["num_kv_shared_layers"] = tc.get("num_hidden_layers", 4)
     text = ModelConfig.from_hf_config(tc, **text_overrides)

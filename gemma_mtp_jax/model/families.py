@@ -52,8 +52,9 @@ FAMILIES = {
         assistant_lm="Gemma4AssistantForCausalLM", text_config_class="Gemma4TextConfig",
         multimodal_config_class="Gemma4Config", assistant_config_class="Gemma4AssistantConfig",
         assistant_backbone=1536),
-    # transformers 5.23 configuration_gemma4_unified.py: window 1024, 262144 positions, no PLE or
-    # MoE fields (the released 12B config.json still carries them, zeroed; they are ignored).
+    # transformers 5.23 configuration_gemma4_unified.py: window 1024, 262144 positions, image
+    # tokens bidirectional ("vision"), no PLE or MoE fields (the released 12B config.json still
+    # carries them, zeroed; they are ignored).
     UNIFIED: Family(
         name=UNIFIED, text_type="gemma4_unified_text", multimodal_type="gemma4_unified",
         assistant_type="gemma4_unified_assistant", causal_lm="Gemma4UnifiedForCausalLM",
@@ -62,7 +63,8 @@ FAMILIES = {
         text_config_class="Gemma4UnifiedTextConfig",
         multimodal_config_class="Gemma4UnifiedConfig",
         assistant_config_class="Gemma4UnifiedAssistantConfig", assistant_backbone=3840,
-        text_defaults=(("sliding_window", 1024), ("max_position_embeddings", 262_144)),
+        text_defaults=(("sliding_window", 1024), ("max_position_embeddings", 262_144),
+                       ("use_bidirectional_attention", "vision")),
         removed=_PLE_MOE),
 }
 
