@@ -271,11 +271,27 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
   base_cfg, dcfg = presets.model_configs(cfg)
   if dcfg is None:
     raise ConfigError("config has no 'drafter': the joint trainer trains a (base, drafter) pair")
+  _check_image_sizes(base_cfg, data.get("vision"))
   tcfg = TrainConfig.from_config(cfg.train)
   for key in ("router_aux_loss_weight", "router_z_loss_weight"):
     _need(not getattr(tcfg, key) or base_cfg.enable_moe, key,
           f"is {getattr(tcfg, key)} but the base has no MoE layer (model.enable_moe is False)")
   return base_cfg, dcfg, tcfg
+
+
+def _check_image_sizes(base_cfg: config_lib.ModelConfig, vision) -> None:
+  """Image data needs a base with a vision tower whose patch and pooling sizes are the data's."""
+  if not vision:
+    return
+  vision = as_dict(vision)
+  if base_cfg.vision is None:
+    raise ConfigError("config key 'data.vision': the data has images but the base has no vision "
+                      "tower (model.vision is None)")
+  for key in ("patch_size", "pooling_kernel_size"):
+    theirs = getattr(base_cfg.vision, key)
+    if key in vision and int(vision[key]) != theirs:
+      raise ConfigError(f"config key 'data.vision.{key}': {vision[key]} but the base's vision "
+                        f"tower has model.vision.{key}={theirs}; they must match")
 
 
 def eval_cost_ratio(cfg: ml_collections.ConfigDict) -> float:
