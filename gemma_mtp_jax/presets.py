@@ -48,7 +48,8 @@ CONFIG_DIRS = (
 # Fields whose default is None: ConfigDict cannot infer a type from None, so they become typed
 # placeholders, which keeps `--config.model.num_global_kv_heads=2` style overrides working.
 _NONE_FIELD_TYPES = {"num_global_kv_heads": int, "final_logit_softcap": float,
-                     "attn_logit_softcap": float}
+                     "attn_logit_softcap": float, "image_token_id": int, "boi_token_id": int,
+                     "eoi_token_id": int, "use_bidirectional_attention": str}
 
 
 # ---------------------------------------------------------------------- builders used by configs/*.py

@@ -133,6 +133,7 @@ OVERRIDES = {
     "export_hf": ("False", False), "export_dtype": ("bfloat16", "bfloat16"),
     "hf_check": ("False", False), "compilation_cache_dir": ("/tmp/cc", "/tmp/cc"),
     "router_aux_loss_weight": ("0.01", 0.01), "router_z_loss_weight": ("1e-3", 1e-3),
+    "freeze_vision": ("False", False),
 }
 # The tiny preset's base as a routed-MoE model: what the router-loss keys need to be valid.
 MOE_MODEL = ("model.enable_moe=True", "model.num_experts=4", "model.top_k_experts=2",

@@ -182,7 +182,10 @@ def save_processor(processor, out_dir: str) -> None:
   processor.tokenizer._set_processor_class(type(processor).__name__)
   processor.tokenizer.save_pretrained(out_dir)
   config = processor.to_dict()
-  config.pop("video_processor", None)
+  # AutoProcessor (with torchvision) loads the video processor from this section; without
+  # torchvision there is none to serialise, so name its class and let it take its defaults.
+  config["video_processor"] = {"video_processor_type": "Gemma4VideoProcessor",
+                               "processor_class": type(processor).__name__}
   config.pop("chat_template", None)  # the tokenizer wrote chat_template.jinja
   config["processor_class"] = type(processor).__name__
   with open(os.path.join(out_dir, _PROCESSOR_CONFIG), "w", encoding="utf-8") as f:

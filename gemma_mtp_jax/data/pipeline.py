@@ -28,6 +28,7 @@ the trainer, train CLI, benchmarks and tests reach as `pipeline.<name>` are impo
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import ml_collections
@@ -38,12 +39,14 @@ from gemma_mtp_jax.data.images import build_image_processor, build_processor, sa
 from gemma_mtp_jax.data.packing import Batch, DataIterator, make_eval_batches
 from gemma_mtp_jax.data.sources import VISION_QA, load_source, spec_dict, split_source
 from gemma_mtp_jax.data.tokenizer import TURN_CLOSE, build_tiny_tokenizer, load_tokenizer
+from gemma_mtp_jax.utils import files
 
 __all__ = [
     "DataError", "TURN_CLOSE", "build_processor", "control_ids", "corpus_texts",
     "default_data_config", "image_processor_from_config", "load_source", "make_datasets",
     "processor_from_config", "save_processor", "split_source", "tokenizer_from_config",
-    "tulu_magicoder_data_config", "vision_qa_data_config",
+    "tulu_magicoder_data_config", "vision_qa_data_config", "tokenizer_files_dir",
+    "check_image_tokens",
 ]
 
 
@@ -110,6 +113,37 @@ def processor_from_config(data_cfg, tokenizer):
     return None
   return build_processor(tokenizer, int(vision.get("max_soft_tokens", 280)),
                          int(vision.get("patch_size", 16)), int(vision.get("pooling_kernel_size", 3)))
+
+
+def tokenizer_files_dir(data_cfg, tokenizer) -> str | None:
+  """The dir whose files travel with a trained model (into WORKDIR/tokenizer and the HF export):
+  the tokenizer's own dir for text data; for image data, a processor dir (tokenizer, chat template,
+  processor_config.json with the image processor) written once to the cache. None when the
+  tokenizer has no local dir (a hub id: the HF base's dir carries its files)."""
+  processor = processor_from_config(data_cfg, tokenizer)
+  source = getattr(tokenizer, "name_or_path", None)
+  if processor is None:
+    return source if source and os.path.isdir(source) else None
+  vision = data_cfg.vision
+  key = hashlib.sha256(repr((os.path.abspath(source or ""), len(tokenizer),
+                             sorted(dict(vision).items()))).encode()).hexdigest()[:16]
+  out = os.path.join(default_cache_dir(), "processors", key)
+  if not os.path.isdir(out):
+    with files.atomic_dir(out) as tmp:
+      save_processor(processor, tmp)
+  return out
+
+
+def check_image_tokens(tokenizer, image_token_id: int | None, boi_token_id: int | None,
+                       eoi_token_id: int | None, where: str = "model") -> None:
+  """The base's image / boi / eoi token ids must be the tokenizer's (DataError naming both)."""
+  for name, want in (("image_token", image_token_id), ("boi_token", boi_token_id),
+                     ("eoi_token", eoi_token_id)):
+    token = getattr(tokenizer, name, None)
+    got = tokenizer.convert_tokens_to_ids(token) if token else None
+    if want is not None and got != want:
+      raise DataError(f"config key '{where}.{name}_id' is {want} but the tokenizer "
+                      f"{getattr(tokenizer, 'name_or_path', '')!r} has {name} {token!r} = {got}")
 
 
 def _corpus_dir(data_cfg) -> str:

@@ -50,6 +50,9 @@ class TrainConfig:
   # composite forward (shifted pairing, whole-row K/V, anchor positions, N_base normaliser)
   drafter_objective: str = "aligned"
   freeze_base: bool = False  # drafter-only: the base gets no gradient and no optimizer state
+  # A base with a vision tower: the tower and its projection into the text model (base params
+  # "vision") stay frozen, as NeMo's Gemma 4 recipe keeps them; False trains them with the base.
+  freeze_vision: bool = True
   share_embedding_with_base: bool = True  # the drafter reads the base's (tied) embedding table
   drafter_grads_to_base: bool = True  # the drafter loss also trains the base through h_t and K/V
   # The full tied head in training even with ordered embeddings: the masked (centroid) head's top-k
@@ -224,7 +227,9 @@ def train_fields(**overrides: Any) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------ the run config
 _TOP_KEYS = ("name", "hf_base", "hf_drafter", "model", "drafter", "train", "data", "mesh", "eval")
-_SOURCE_KEYS = ("name", "path", "weight", "schema", "split", "subset", "limit")
+_SOURCE_KEYS = ("name", "path", "weight", "schema", "split", "subset", "limit", "columns")
+# data.vision (image data only: `data.pipeline.vision_qa_data_config`): the image processor's sizes.
+_VISION_DATA_KEYS = ("max_soft_tokens", "patch_size", "pooling_kernel_size", "max_images_per_row")
 
 
 def check_keys(where: str, keys, valid: Sequence[str]) -> None:
@@ -256,7 +261,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
   check_keys("mesh", mesh, list(presets.mesh_fields()))
   check_keys("mesh.axes", mesh["axes"], sharding.MESH_AXES)
   data = as_dict(cfg.data)
-  check_keys("data", data, list(data_lib.default_data_config().keys()))
+  check_keys("data", data, list(data_lib.default_data_config().keys()) + ["vision"])
+  if data.get("vision"):
+    check_keys("data.vision", as_dict(data["vision"]), _VISION_DATA_KEYS)
   for i, src in enumerate(data.get("sources") or ()):
     if isinstance(src, Mapping) or hasattr(src, "keys"):
       check_keys(f"data.sources[{i}]", as_dict(src), _SOURCE_KEYS)
@@ -264,11 +271,27 @@ def validate_config(cfg: ml_collections.ConfigDict) -> tuple:
   base_cfg, dcfg = presets.model_configs(cfg)
   if dcfg is None:
     raise ConfigError("config has no 'drafter': the joint trainer trains a (base, drafter) pair")
+  _check_image_sizes(base_cfg, data.get("vision"))
   tcfg = TrainConfig.from_config(cfg.train)
   for key in ("router_aux_loss_weight", "router_z_loss_weight"):
     _need(not getattr(tcfg, key) or base_cfg.enable_moe, key,
           f"is {getattr(tcfg, key)} but the base has no MoE layer (model.enable_moe is False)")
   return base_cfg, dcfg, tcfg
+
+
+def _check_image_sizes(base_cfg: config_lib.ModelConfig, vision) -> None:
+  """Image data needs a base with a vision tower whose patch and pooling sizes are the data's."""
+  if not vision:
+    return
+  vision = as_dict(vision)
+  if base_cfg.vision is None:
+    raise ConfigError("config key 'data.vision': the data has images but the base has no vision "
+                      "tower (model.vision is None)")
+  for key in ("patch_size", "pooling_kernel_size"):
+    theirs = getattr(base_cfg.vision, key)
+    if key in vision and int(vision[key]) != theirs:
+      raise ConfigError(f"config key 'data.vision.{key}': {vision[key]} but the base's vision "
+                        f"tower has model.vision.{key}={theirs}; they must match")
 
 
 def eval_cost_ratio(cfg: ml_collections.ConfigDict) -> float:

@@ -77,6 +77,7 @@ class _Run:
   is_main: bool  # process 0: the one that prints and writes files
   say: Callable[[str], None]
   tokenizer: Any
+  tokenizer_dir: str | None  # the files that travel with the model (tokenizer; processor for images)
   train_iter: Any
   eval_batches: list
   prompts: list
@@ -164,6 +165,9 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
   if len(tokenizer) > base_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but model.vocab_size is "
                       f"{base_cfg.vocab_size}")
+  if base_cfg.vision is not None:
+    data_lib.check_image_tokens(tokenizer, base_cfg.image_token_id, base_cfg.boi_token_id,
+                                base_cfg.eoi_token_id)
   train_iter, eval_batches = data_lib.make_datasets(
       cfg.data, tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -173,6 +177,7 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
 
   return _Run(cfg=cfg, base_cfg=base_cfg, dcfg=dcfg, tcfg=tcfg, workdir=workdir, is_main=is_main,
               say=say, tokenizer=tokenizer, train_iter=train_iter, eval_batches=eval_batches,
+              tokenizer_dir=data_lib.tokenizer_files_dir(cfg.data, tokenizer),
               prompts=prompts, stop_ids=_stop_ids(tokenizer), mesh=mesh, rules=rules,
               progs=step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules),
               checkpoint_path=checkpoint_path, checkpoint_dir=checkpoint_dir,
@@ -199,7 +204,7 @@ def _resume(r: _Run) -> step_lib.TrainState:
         pair = checkpoint.load_pair(cfg.hf_base, drafter=cfg.hf_drafter or None,
                                     dtype=r.base_cfg.param_dtype)
       else:
-        pair = random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, _tokenizer_dir(r.tokenizer))
+        pair = random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, r.tokenizer_dir)
       checkpoint.init_workdir(r.workdir, pair)
   else:
     start = 0
@@ -209,7 +214,7 @@ def _resume(r: _Run) -> step_lib.TrainState:
     else:
       variables, _ = sharding.sharded_init(
           step_lib.init_fn(r.base_cfg, r.dcfg, tcfg.init_embedding_std), r.mesh, r.rules, r.rng)
-      pair = random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, _tokenizer_dir(r.tokenizer))
+      pair = random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, r.tokenizer_dir)
       source = "random init"
     if r.is_main:
       checkpoint.init_workdir(r.workdir, pair)
@@ -480,11 +485,6 @@ def _stop_ids(tokenizer) -> list[int]:
   if tokenizer.eos_token_id is not None:
     ids.append(int(tokenizer.eos_token_id))
   return ids
-
-
-def _tokenizer_dir(tokenizer) -> str | None:
-  path = getattr(tokenizer, "name_or_path", None)
-  return path if path and os.path.isdir(path) else None
 
 
 def _fmt(v: float) -> str:

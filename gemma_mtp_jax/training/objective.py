@@ -245,17 +245,29 @@ def _step_logits(head: losses.Head):
   return step_fn
 
 
+def batch_images(batch: Batch):
+  """The batch's image slots `(pixel_values_Bipc, pixel_positions_Bip2)`, or None for text-only
+  data (`gemma_mtp_jax.data` adds them only when the data has images)."""
+  if "pixel_values" not in batch:
+    return None
+  return batch["pixel_values"], batch["pixel_positions"]
+
+
 def base_forward(base_params: Mapping, base_cfg: config_lib.ModelConfig, tokens_BT: Array,
-                 pos_BT: Array, valid_BT: Array, seg_BT: Array | None, return_logits: bool):
-  """The base's forward; (transformer.Output, router metrics or None). An MoE base is applied
-  with its router statistics collected (`moe.router_losses`: the optional router losses and the
-  per-expert load the trainer logs)."""
+                 pos_BT: Array, valid_BT: Array, seg_BT: Array | None, return_logits: bool,
+                 images=None):
+  """The base's forward; (transformer.Output, router metrics or None). `images`: the rows' image
+  slots (`batch_images`), encoded by the base's vision tower into its image-token positions. An
+  MoE base is applied with its router statistics collected (`moe.router_losses`: the optional
+  router losses and the per-expert load the trainer logs)."""
   model = transformer.Transformer(base_cfg)
   args = (tokens_BT, pos_BT, valid_BT, seg_BT)
+  kw = dict(return_logits=return_logits)
+  if images is not None:
+    kw["images"] = images
   if not base_cfg.enable_moe:
-    return model.apply({"params": base_params}, *args, return_logits=return_logits), None
-  out, state = model.apply({"params": base_params}, *args, return_logits=return_logits,
-                           mutable=[moe.STATS_COLLECTION])
+    return model.apply({"params": base_params}, *args, **kw), None
+  out, state = model.apply({"params": base_params}, *args, **kw, mutable=[moe.STATS_COLLECTION])
   return out, moe.router_losses(state)
 
 
@@ -282,7 +294,7 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
   if inspect:
     step_fn = _step_logits(drafter_head(params, buffers, dcfg, jcfg))
   base_out, router = base_forward(params["base"], base_cfg, tokens_BT, pos_BT, valid_BT, seg_BT,
-                                  return_logits=inspect)
+                                  return_logits=inspect, images=batch_images(batch))
   store_kv, h_BTM = base_out.store_kv, base_out.hidden
   if not jcfg.drafter_grads_to_base:
     store_kv, h_BTM = jax.lax.stop_gradient((store_kv, h_BTM))

@@ -45,9 +45,9 @@ FINGERPRINT_FORMAT = "gemma_mtp_jax.fingerprint/1"
 # Model fields a resume may change: numerics and compilation only (no stored tensor changes).
 FREE_MODEL_FIELDS = ("dtype", "remat_policy", "attention_chunk_size")
 # data.* keys that change the token stream (which rows, in which order, tokenized how).
-DATA_KEYS = ("sources", "tokenizer", "tiny_vocab_size", "eval_fraction")
+DATA_KEYS = ("sources", "tokenizer", "tiny_vocab_size", "eval_fraction", "vision")
 # train.* keys that change the token stream per step or the saved state's structure.
-TRAIN_KEYS = ("seq_len", "batch_size", "seed", "freeze_base")
+TRAIN_KEYS = ("seq_len", "batch_size", "seed", "freeze_base", "freeze_vision")
 # Names the trainer writes in a workdir: a dir holding only these is the project's (or empty).
 OWN_NAMES = (layout.PAIR_JSON, layout.TOKENIZER_DIR, layout.HF_EXTRA_DIR, layout.CHECKPOINTS_DIR,
              files.MARKER, FINGERPRINT_JSON, "config.json", "metrics.jsonl", "tensorboard",

@@ -45,9 +45,15 @@ class TrainState:
 
 
 def trainable_mask(params: Mapping, tcfg: TrainConfig):
-  """Bool pytree like `params`: False on every base leaf when the base is frozen."""
-  return {"base": jax.tree.map(lambda _: not tcfg.freeze_base, params["base"]),
-          "drafter": jax.tree.map(lambda _: True, params["drafter"])}
+  """Bool pytree like `params`: False on every base leaf when the base is frozen, and on the
+  base's vision tower + projection (`params["base"]["vision"]`) unless `freeze_vision` is off."""
+  base = {k: jax.tree.map(lambda _, train=(not tcfg.freeze_base and
+                                           not (k == VISION and tcfg.freeze_vision)): train, v)
+          for k, v in params["base"].items()}
+  return {"base": base, "drafter": jax.tree.map(lambda _: True, params["drafter"])}
+
+
+VISION = "vision"  # the base's vision submodule (model/vision.py VisionEncoder, in Transformer)
 
 
 def partition(params, mask):
