@@ -197,7 +197,8 @@ def hf_stale_kv_fix():
 
 def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray], num_new: int,
                   stop_ids: Sequence[int], num_assistant_tokens: int,
-                  reference: Sequence[np.ndarray] | None = None, fix_stale_kv: bool = False) -> dict:
+                  reference: Sequence[np.ndarray] | None = None, fix_stale_kv: bool = False,
+                  images: Sequence | None = None) -> dict:
   """Tokens per target forward of HF assisted generation with an exported pair (greedy, batch 1).
 
   `generate(assistant_model=...)` runs one target forward for the prompt (which yields the first
@@ -205,6 +206,9 @@ def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray]
   (new tokens - 1) / (forwards - 1), the prefill left out as the trainer's eval leaves it out
   (`GenerateResult.row_stats`).
   fix_stale_kv: generate inside `hf_stale_kv_fix` (keys "hf_fixed/..." instead of "hf/...").
+  images: per prompt, its images (pixel_values_ipc, pixel_positions_ip2: the image processor's
+  arrays) or None; HF gets them as `pixel_values`, `image_position_ids` and the processor's
+  `mm_token_type_ids` (1 on the image placeholder tokens).
   Returns {"<p>/tokens_per_round", "<p>/rounds", "<p>/new_tokens", "<p>/same_as_trainer"}; the
   last is the fraction of prompts whose output equals `reference` (the trainer's JAX greedy
   continuations; greedy speculative decoding must reproduce plain greedy decoding), if given.
@@ -223,13 +227,15 @@ def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray]
   hook = base.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
   rounds = tokens = same_ref = 0
   kw = dict(do_sample=False, max_new_tokens=num_new, eos_token_id=list(stop_ids),
-            pad_token_id=base.config.pad_token_id, top_k=None, top_p=None, temperature=None)
+            pad_token_id=base.config.get_text_config().pad_token_id, top_k=None, top_p=None,
+            temperature=None)
   try:
     with torch.no_grad(), (hf_stale_kv_fix() if fix_stale_kv else contextlib.nullcontext()):
       for i, prompt in enumerate(prompts):
         ids = torch.as_tensor(np.asarray(prompt, np.int64))[None]
         calls[0] = 0
-        out = base.generate(ids, assistant_model=assistant, **kw)
+        out = base.generate(ids, assistant_model=assistant, **kw,
+                            **_image_inputs(base, ids, images[i] if images else None))
         rounds += calls[0] - 1
         tokens += out.shape[1] - ids.shape[1] - 1
         if reference is not None:
@@ -241,3 +247,15 @@ def hf_acceptance(base_dir: str, drafter_dir: str, prompts: Sequence[np.ndarray]
   return {f"{p}/tokens_per_round": tokens / max(rounds, 1), f"{p}/rounds": rounds,
           f"{p}/new_tokens": tokens + len(prompts),
           f"{p}/same_as_trainer": same_ref / max(len(prompts), 1) if reference is not None else None}
+
+
+def _image_inputs(model, ids, images) -> dict:
+  """HF `generate` keyword arguments for one prompt's images (none for None)."""
+  import torch
+  if images is None:
+    return {}
+  pixel_values, positions = images
+  return dict(pixel_values=torch.as_tensor(np.asarray(pixel_values, np.float32)),
+              image_position_ids=torch.as_tensor(np.asarray(positions, np.int64)),
+              mm_token_type_ids=(ids == model.config.image_token_id).long(),
+              attention_mask=torch.ones_like(ids))

@@ -242,3 +242,55 @@ def test_micro_batch_metrics_reduce_min_max_and_mean():
   assert float(step_lib.reduce_micro("router/expert_tokens_min", v_M)) == 1.0
   assert float(step_lib.reduce_micro("router/expert_tokens_max", v_M)) == 3.0
   assert float(step_lib.reduce_micro("base/loss", v_M)) == 2.0
+
+
+def _tiny_vision_pair():
+  """tiny_configs' E-style pair with a one-layer vision tower and the bidirectional image mask."""
+  from gemma_mtp_jax.model import vision
+  tower = vision.VisionConfig(
+      hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+      num_key_value_heads=2, head_dim=8, patch_size=2, pooling_kernel_size=2,
+      position_embedding_size=16)
+  return tiny_configs(ordered=False, window=4, vision=tower, image_token_id=60, boi_token_id=61,
+                      eoi_token_id=62, use_bidirectional_attention="vision")
+
+
+def test_training_forward_equals_draft_api_on_rows_with_images():
+  """Rows that hold an image: the training forward's step-k logits at a text anchor t equal
+  `drafter.draft` from a prefill of x_0..x_t with the same image (the base's K/V at the image's
+  positions included, as at inference); the image changes them."""
+  base, dcfg = _tiny_vision_pair()
+  params, buffers = random_params(base, dcfg, seed=3)
+  rng = np.random.default_rng(3)
+  b, t_len, k_steps, n_img = 2, 16, 2, 4  # a 4 x 4-patch image -> 4 soft tokens
+  ids = rng.integers(3, 59, (b, t_len))
+  ids[:, 1], ids[:, 2:2 + n_img], ids[:, 2 + n_img] = 61, 60, 62  # bos, boi, image x4, eoi, text
+  pv = rng.uniform(0, 1, (b, 1, 16, 12)).astype(np.float32)
+  ys, xs = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+  pos = np.broadcast_to(np.stack([xs.ravel(), ys.ravel()], -1), (b, 1, 16, 2)).astype(np.int32)
+  images = (jnp.asarray(pv), jnp.asarray(pos))
+  jcfg = TrainConfig(num_draft_steps=k_steps)
+  batch = {"tokens": jnp.asarray(ids), "pixel_values": images[0], "pixel_positions": images[1]}
+  train_ABTV = np.asarray(_forward(params, buffers, batch, base, dcfg, jcfg).steps)
+  no_image = np.asarray(_forward(params, buffers, {"tokens": jnp.asarray(ids)}, base, dcfg,
+                                 jcfg).steps)
+  assert np.abs(train_ABTV - no_image)[:, :, 3 + n_img:].max() > 1e-2  # the image is read
+
+  from gemma_mtp_jax.model import drafter
+  from gemma_mtp_jax.model import transformer
+  base_fn = jax.jit(lambda p, tok, pos_: transformer.Transformer(base).apply(
+      {"params": p}, tok, pos_, images=images))
+  positions = jnp.broadcast_to(jnp.arange(t_len), (b, t_len))
+  padded = np.concatenate([ids, np.zeros((b, k_steps + 2), ids.dtype)], axis=1)
+  err = 0.0
+  for t in range(3 + n_img, t_len - k_steps - 1):  # text anchors after the image
+    seen = np.concatenate([ids[:, :t + 1], rng.integers(3, 59, (b, t_len - t - 1))], axis=1)
+    out = base_fn(params["base"], jnp.asarray(seen), positions)
+    d = drafter.draft({"params": params["drafter"]}, dcfg, params["base"]["embedding"],
+                      out.store_kv, out.hidden[:, t], jnp.asarray(ids[:, t + 1]),
+                      jnp.full((b,), t), num_draft_steps=k_steps, dense_head=True,
+                      teacher_tokens_BA=jnp.asarray(padded[:, t + 2:t + 2 + k_steps]))
+    err = max(err, float(np.abs(np.asarray(d.logits) - np.moveaxis(train_ABTV[:, :, t], 0, 1))
+                         .max()))
+  print(f"max |logit error| train vs draft on rows with an image: {err:.2e}")
+  assert err <= 1e-4

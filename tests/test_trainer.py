@@ -34,6 +34,7 @@ from gemma_mtp_jax.training import config as train_config
 from gemma_mtp_jax.training import export
 from gemma_mtp_jax.training import loop as trainer
 from gemma_mtp_jax.training import optimizer
+from gemma_mtp_jax.training import run_dir
 from gemma_mtp_jax.training import step as step_lib
 
 VOCAB = 384  # 264 special / byte pieces + merges; divisible by the drafter's 16 centroids
@@ -169,9 +170,9 @@ def test_checkpoint_dir_outlives_the_workdir(assets, tmp_path):
   a = _train_records(str(tmp_path / "straight"))
   assert _train_records(str(tmp_path / "vm1")) + _train_records(str(tmp_path / "vm2")) == a
   local = os.path.abspath(os.path.join("runs", "tiny"))
-  assert trainer.split_workdir("gs://b/run/", "", "tiny") == (local, "gs://b/run/checkpoints")
-  assert trainer.split_workdir("gs://b/run", "gs://c/ck", "tiny") == (local, "gs://c/ck")
-  assert trainer.split_workdir(str(tmp_path), "", "tiny") == (str(tmp_path), None)
+  assert run_dir.split_workdir("gs://b/run/", "", "tiny") == (local, "gs://b/run/checkpoints")
+  assert run_dir.split_workdir("gs://b/run", "gs://c/ck", "tiny") == (local, "gs://c/ck")
+  assert run_dir.split_workdir(str(tmp_path), "", "tiny") == (str(tmp_path), None)
 
 
 def _opt_state(workdir, step):
@@ -198,7 +199,7 @@ def hf_pair(assets, tmp_path_factory):
   cfg = small_config(assets)
   base_cfg, dcfg, _ = train_config.validate_config(cfg)
   variables = jax.device_get(step_lib.random_variables(base_cfg, dcfg, 7, 0.02))
-  pair = trainer.random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
+  pair = run_dir.random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
   pair.params = variables
   out = str(tmp_path_factory.mktemp("hf_pair") / "hf")
   checkpoint.export_hf(pair, out)

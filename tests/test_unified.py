@@ -364,6 +364,7 @@ def test_trainer_trains_evaluates_and_exports_a_12b_style_pair_from_hf_dirs(tmp_
   from gemma_mtp_jax.model import families
   from gemma_mtp_jax.training import config as train_config
   from gemma_mtp_jax.training import loop as trainer
+  from gemma_mtp_jax.training import run_dir
   from gemma_mtp_jax.training import step as step_lib
 
   assets = tt.write_assets(str(tmp_path_factory.mktemp("unified_assets")))
@@ -373,7 +374,7 @@ def test_trainer_trains_evaluates_and_exports_a_12b_style_pair_from_hf_dirs(tmp_
   cfg.drafter.text.update(dict(hf_family=families.UNIFIED))
   base_cfg, dcfg, _ = train_config.validate_config(cfg)
   variables = jax.device_get(step_lib.random_variables(base_cfg, dcfg, 7, 0.02))
-  pair = trainer.random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
+  pair = run_dir.random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
   pair.params = variables
   src = str(tmp_path_factory.mktemp("unified_hf") / "hf")
   checkpoint.export_hf(pair, src)

@@ -59,10 +59,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def global_prompts(prompts: list[np.ndarray], max_len: int) -> list[np.ndarray]:
-  """The same prompt list on every process (each process packed different held-out rows)."""
+def global_prompts(prompts: list[np.ndarray], max_len: int, images: list | None = None,
+                   slots: tuple[int, int, int] | None = None) -> tuple[list[np.ndarray], list]:
+  """The same prompts (and their images: per prompt (pixel_values_ipc, pixel_positions_ip2) or
+  None) on every process (each process packed different held-out rows). `slots`: the data's image
+  slots (i, p, c), the same on every process; None for text-only data."""
+  images = list(images) if images is not None else [None] * len(prompts)
   if jax.process_count() == 1:
-    return prompts
+    return prompts, images
   from jax.experimental import multihost_utils
   arr = np.zeros((len(prompts), max_len), np.int32)
   lens = np.asarray([len(p) for p in prompts], np.int32)
@@ -70,7 +74,20 @@ def global_prompts(prompts: list[np.ndarray], max_len: int) -> list[np.ndarray]:
     arr[i, :len(p)] = p
   arr = multihost_utils.process_allgather(arr)
   lens = multihost_utils.process_allgather(lens)
-  return [a[:n] for a, n in zip(arr.reshape(-1, max_len), lens.reshape(-1))]
+  out = [a[:n] for a, n in zip(arr.reshape(-1, max_len), lens.reshape(-1))]
+  if slots is None:
+    return out, [None] * len(out)
+  # Each prompt's images padded to the row's i slots (positions -1: empty), gathered, cut back.
+  i, p, c = slots
+  pv = np.zeros((len(images), i, p, c), np.float32)
+  pos = np.full((len(images), i, p, 2), -1, np.int32)
+  for j, x in enumerate(images):
+    if x is not None:
+      pv[j, :len(x[0])], pos[j, :len(x[1])] = x
+  pv = multihost_utils.process_allgather(pv).reshape(-1, i, p, c)
+  pos = multihost_utils.process_allgather(pos).reshape(-1, i, p, 2)
+  used = (pos[..., 0] >= 0).any(-1)  # [n, i]
+  return out, [(v[u], q[u]) if u.any() else None for v, q, u in zip(pv, pos, used)]
 
 
 class StopFlag:

@@ -134,23 +134,43 @@ def summarize(sums: Mapping[str, np.ndarray], prefix: str = "eval/") -> dict[str
 
 # ------------------------------------------------------------------------------ greedy decoding
 def prompts_from_batches(batches: Sequence[Mapping[str, np.ndarray]], max_prompts: int,
-                         max_prompt_len: int) -> list[np.ndarray]:
-  """Held-out prompts: each document's tokens up to its first target (through `<|turn>model\\n`).
+                         max_prompt_len: int, image_token_id: int | None = None
+                         ) -> tuple[list[np.ndarray], list]:
+  """Held-out prompts: each document's tokens up to its first target (through `<|turn>model\\n`),
+  and the images of that prompt: (pixel_values_ipc, pixel_positions_ip2) of its image blocks (runs
+  of `image_token_id`; a row's k-th block is its k-th slot, `gemma_mtp_jax.data.packing`), or None
+  for a prompt without images.
 
   Documents whose prompt is longer than `max_prompt_len`, or who have no target, are skipped.
   """
-  prompts = []
+  prompts, images = [], []
   for batch in batches:
     tokens, seg, lm = (np.asarray(batch[k]) for k in ("tokens", "segment_ids", "loss_mask"))
     for b in range(tokens.shape[0]):
+      starts = None
+      if "pixel_values" in batch and image_token_id is not None:
+        is_image = tokens[b] == image_token_id
+        starts = np.nonzero(is_image & ~np.concatenate([[False], is_image[:-1]]))[0]
       for s in np.unique(seg[b][seg[b] > 0]):
         idx = np.nonzero(seg[b] == s)[0]
         first = np.nonzero(lm[b, idx])[0]
         if len(prompts) >= max_prompts:
-          return prompts
+          return prompts, images
         if first.size and 0 < first[0] <= max_prompt_len:
           prompts.append(tokens[b, idx[:first[0]]].astype(np.int32))
-  return prompts
+          images.append(_slots_between(batch, b, starts, idx[0], idx[first[0] - 1]))
+  return prompts, images
+
+
+def _slots_between(batch, b: int, starts, lo: int, hi: int):
+  """The image slots of row b whose blocks start in positions [lo, hi]; None if there are none."""
+  if starts is None:
+    return None
+  ks = np.nonzero((starts >= lo) & (starts <= hi))[0]
+  if not ks.size:
+    return None
+  pv, pos = np.asarray(batch["pixel_values"])[b], np.asarray(batch["pixel_positions"])[b]
+  return pv[ks], pos[ks]
 
 
 @dataclasses.dataclass
@@ -161,8 +181,10 @@ class GreedyBatch:
 
 
 def build_greedy_batch(prompts: Sequence[np.ndarray], continuations: Sequence[np.ndarray],
-                       length: int) -> GreedyBatch:
-  """Lays prompt + continuation in a row of `length` tokens (right padding).
+                       length: int, images: Sequence | None = None,
+                       slots: tuple[int, int, int] | None = None) -> GreedyBatch:
+  """Lays prompt + continuation in a row of `length` tokens (right padding); with `slots`
+  (i, p, c), each row also gets its prompt's images (`images[row]`, or None) in i image slots.
 
   The continuation's tokens are the targets (loss_mask); anchors start at the last prompt token,
   whose base forward produced the first new token (the prefill), so the first round drafts from it.
@@ -171,6 +193,14 @@ def build_greedy_batch(prompts: Sequence[np.ndarray], continuations: Sequence[np
   arrays = {k: np.zeros((b, length), dt) for k, dt in
             (("tokens", np.int32), ("segment_ids", np.int32), ("positions", np.int32),
              ("loss_mask", bool))}
+  if slots is not None:
+    i, p, c = slots
+    arrays["pixel_values"] = np.zeros((b, i, p, c), np.float32)
+    arrays["pixel_positions"] = np.full((b, i, p, 2), -1, np.int32)
+    for row, img in enumerate(images or ()):
+      if img is not None:
+        arrays["pixel_values"][row, :len(img[0])] = img[0]
+        arrays["pixel_positions"][row, :len(img[1])] = img[1]
   anchor = np.zeros((b, length), bool)
   for i, (prompt, cont) in enumerate(zip(prompts, continuations)):
     seq = np.concatenate([prompt, cont])
@@ -219,7 +249,9 @@ def decode_metrics(results: Sequence[tuple[speculative.GenerateResult, int]],
 def greedy_acceptance(params: Mapping, buffers: Mapping | None, prompts: Sequence[np.ndarray],
                       num_new: int, stop_ids: Sequence[int], base_cfg: config_lib.ModelConfig,
                       dcfg: config_lib.DrafterConfig, jcfg: TrainConfig, *,
-                      eval_fn=None, batch_size: int = 16, length: int | None = None) -> dict:
+                      eval_fn=None, batch_size: int = 16, length: int | None = None,
+                      images: Sequence | None = None,
+                      slots: tuple[int, int, int] | None = None) -> dict:
   """Greedy speculative decoding of `prompts` with the shipped decoder, then the teacher-forced
   histogram of its continuations (see the module docstring).
 
@@ -229,7 +261,8 @@ def greedy_acceptance(params: Mapping, buffers: Mapping | None, prompts: Sequenc
   its first stop token}.
   `eval_fn`: the jitted `eval_sums` (made here if None). `batch_size` prompts decode together;
   `batch_size` x `length` is the shape of the rows `eval_fn` sees: pass the eval batches' shape
-  (when prompt + continuation fit in it) to reuse their compiled program.
+  (when prompt + continuation fit in it) to reuse their compiled program. `images`: per prompt,
+  its images (`prompts_from_batches`) or None; `slots`: the eval batches' (i, p, c) image slots.
   """
   eval_fn = eval_fn or make_eval_step(base_cfg, dcfg, jcfg)
   pair = decode_pair(params, buffers, base_cfg, dcfg)
@@ -239,13 +272,16 @@ def greedy_acceptance(params: Mapping, buffers: Mapping | None, prompts: Sequenc
     chunk = [np.asarray(p, np.int32) for p in prompts[start:start + batch_size]]
     real = len(chunk)
     chunk += [chunk[0]] * (batch_size - real)  # fixed shapes: one compile for every chunk
+    imgs = None
+    if images is not None:
+      imgs = list(images[start:start + real]) + [images[start]] * (batch_size - real)
     res = speculative.decode_prompts(
         prompts=[p.tolist() for p in chunk], num_draft_tokens=jcfg.num_draft_steps,
         max_new_tokens=num_new, stop_tokens=stop_ids,
-        query_position=jcfg.draft_query_position, **pair)
+        query_position=jcfg.draft_query_position, images=imgs, **pair)
     results.append((res, real))
     new = [np.asarray(t, np.int32) for t in res.tokens]
-    g = build_greedy_batch(chunk, new, length)
+    g = build_greedy_batch(chunk, new, length, imgs, slots)
     g.anchor[real:] = False
     sums, _, _ = eval_fn(params, buffers, g.batch, anchor_BT=g.anchor)
     conts += new[:real]
@@ -282,7 +318,7 @@ def draft_length_advice(rates: Sequence[float], cost_ratio: float) -> dict:
 
 
 def measure_cost_ratio(pair: Mapping, prompt: Sequence[int], num_draft_steps: int, num_new: int,
-                       query_position: str = "next", repeats: int = 2) -> float:
+                       query_position: str = "next", repeats: int = 2, images=None) -> float:
   """c on the running machine, with the compiled decode programs at batch 1: the time of a round
   drafting K tokens over a plain decode step's, per draft: c = (t_K / t_0 - 1) / K (>= 0).
 
@@ -294,7 +330,8 @@ def measure_cost_ratio(pair: Mapping, prompt: Sequence[int], num_draft_steps: in
     best = float("inf")
     for _ in range(repeats):
       res = speculative.decode_prompts(prompts=[list(map(int, prompt))], num_draft_tokens=max(k, 1),
-                                       max_new_tokens=num_new, query_position=query_position, **kw)
+                                       max_new_tokens=num_new, query_position=query_position,
+                                       images=None if images is None else [images], **kw)
       best = min(best, res.decode_seconds / max(res.target_forwards, 1))
     return best
 
@@ -368,6 +405,8 @@ class Evaluator:
   flops_ratio: float
   rows: int  # the eval batches' shape, reused for the greedy rows when they fit (one compile)
   length: int
+  prompt_images: list | None = None  # per prompt: its images or None (`prompts_from_batches`)
+  slots: tuple[int, int, int] | None = None  # the eval batches' image slots (i, p, c)
   last_continuations: list = dataclasses.field(default_factory=list)
   cost_ratio: float = 0.0  # `eval.cost_ratio`: c of the serving hardware (0: the measured one)
   measured_cost_ratio: float | None = None  # measured once, at the first eval with prompts
@@ -383,7 +422,8 @@ class Evaluator:
     if self.prompts:
       g = greedy_acceptance(params, buffers, self.prompts, self.num_new, self.stop_ids,
                             self.base_cfg, self.dcfg, self.jcfg, eval_fn=self.eval_fn,
-                            batch_size=self.rows, length=self.length)
+                            batch_size=self.rows, length=self.length,
+                            images=self.prompt_images if self.slots else None, slots=self.slots)
       out.update(g["metrics"])
       conts = self.last_continuations = g["continuations"]
       out["eval/greedy/expected_speedup"] = expected_speedup(
@@ -399,7 +439,8 @@ class Evaluator:
     if self.measured_cost_ratio is None:
       self.measured_cost_ratio = measure_cost_ratio(
           decode_pair(params, buffers, self.base_cfg, self.dcfg), self.prompts[0], k,
-          self.num_new, self.jcfg.draft_query_position)
+          self.num_new, self.jcfg.draft_query_position,
+          images=self.prompt_images[0] if self.slots else None)
     rates = [out[f"eval/greedy/decode/rate_{j}"] for j in range(1, k + 1)]
     return advice_metrics(rates, self.measured_cost_ratio, self.cost_ratio)
 
@@ -407,9 +448,14 @@ class Evaluator:
 def make_evaluator(base_cfg: config_lib.ModelConfig, dcfg: config_lib.DrafterConfig,
                    jcfg: TrainConfig, eval_batches: list, prompts: list, stop_ids: list,
                    num_new: int, batch_sharding, rows: int, length: int,
-                   cost_ratio: float = 0.0) -> Evaluator:
+                   cost_ratio: float = 0.0, prompt_images: list | None = None) -> Evaluator:
   """The trainer's held-out eval: call it with (params, buffers) -> (metrics, continuations).
-  `cost_ratio`: `eval.cost_ratio` (0: advise the draft length with the c measured here)."""
+  `cost_ratio`: `eval.cost_ratio` (0: advise the draft length with the c measured here);
+  `prompt_images`: the prompts' images (`prompts_from_batches`), for image data."""
+  slots = None
+  if eval_batches and "pixel_values" in eval_batches[0]:
+    i, p, c = eval_batches[0]["pixel_values"].shape[1:]
+    slots = (int(i), int(p), int(c))
   return Evaluator(make_eval_step(base_cfg, dcfg, jcfg), batch_sharding, base_cfg, dcfg, jcfg,
                    eval_batches, prompts, stop_ids, num_new, flops.flops_ratio(base_cfg, dcfg),
-                   rows, length, cost_ratio=cost_ratio)
+                   rows, length, cost_ratio=cost_ratio, prompt_images=prompt_images, slots=slots)

@@ -58,14 +58,15 @@ def _hf_version() -> str:
 
 
 def hf_check(export_dir: str, prompts, num_new: int, stop_ids, num_draft_steps: int,
-             reported: float | None, reference=None) -> dict | None:
+             reported: float | None, reference=None, images=None) -> dict | None:
   """HF assisted generation's tokens per target forward with the exported pair, next to what the
   trainer reported (`hf_torch.hf_acceptance`); None (with a message) if torch is not installed.
 
   If transformers as installed is more than 10% off, generation runs again with
   `hf_torch.hf_stale_kv_fix` (transformers 5.23 hands the drafter stale K/V after a partial
   acceptance), which tells a drafting difference from an export or numerics problem.
-  `reference`: the trainer's greedy continuations, compared with HF's outputs."""
+  `reference`: the trainer's greedy continuations, compared with HF's outputs; `images`: per
+  prompt, its images (pixel_values_ipc, pixel_positions_ip2) or None."""
   try:
     import torch  # noqa: F401
   except ImportError:
@@ -75,11 +76,11 @@ def hf_check(export_dir: str, prompts, num_new: int, stop_ids, num_draft_steps: 
 
   dirs = os.path.join(export_dir, "base"), os.path.join(export_dir, "drafter")
   hf = hf_torch.hf_acceptance(*dirs, prompts, num_new, stop_ids, num_draft_steps,
-                              reference=reference)
+                              reference=reference, images=images)
   names = ["hf"]
   if reported and abs(hf["hf/tokens_per_round"] / reported - 1.0) > 0.10:
     hf.update(hf_torch.hf_acceptance(*dirs, prompts, num_new, stop_ids, num_draft_steps,
-                                     reference=reference, fix_stale_kv=True))
+                                     reference=reference, fix_stale_kv=True, images=images))
     names.append("hf_fixed")
   if reported:
     hf["trainer/tokens_per_round"] = float(reported)

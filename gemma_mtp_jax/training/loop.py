@@ -81,6 +81,7 @@ class _Run:
   train_iter: Any
   eval_batches: list
   prompts: list
+  prompt_images: list  # per prompt: its images (pixel_values_ipc, pixel_positions_ip2) or None
   stop_ids: list
   mesh: Any
   rules: Any
@@ -151,7 +152,7 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
   # tqdm.write prints above the progress bar instead of onto its line.
   say = (lambda msg: tqdm.write(msg)) if is_main else (lambda msg: None)
   remote = workdir
-  workdir, checkpoint_dir = split_workdir(workdir, tcfg.checkpoint_dir,
+  workdir, checkpoint_dir = run_dir.split_workdir(workdir, tcfg.checkpoint_dir,
                                           str(cfg.get("name") or "run"))
   if workdir != remote:
     say(f"[train] --workdir {remote} is remote storage: checkpoints go to {checkpoint_dir} "
@@ -171,14 +172,16 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
   train_iter, eval_batches = data_lib.make_datasets(
       cfg.data, tokenizer, seq_len=tcfg.seq_len, batch_size=tcfg.batch_size, seed=tcfg.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
-  prompts = distributed.global_prompts(
-      eval_lib.prompts_from_batches(eval_batches, tcfg.eval_prompts, tcfg.eval_max_prompt_len),
-      tcfg.eval_max_prompt_len)
+  prompts, prompt_images = eval_lib.prompts_from_batches(
+      eval_batches, tcfg.eval_prompts, tcfg.eval_max_prompt_len, base_cfg.image_token_id)
+  prompts, prompt_images = distributed.global_prompts(
+      prompts, tcfg.eval_max_prompt_len, prompt_images, train_iter.image_slots)
 
   return _Run(cfg=cfg, base_cfg=base_cfg, dcfg=dcfg, tcfg=tcfg, workdir=workdir, is_main=is_main,
               say=say, tokenizer=tokenizer, train_iter=train_iter, eval_batches=eval_batches,
               tokenizer_dir=data_lib.tokenizer_files_dir(cfg.data, tokenizer),
-              prompts=prompts, stop_ids=_stop_ids(tokenizer), mesh=mesh, rules=rules,
+              prompts=prompts, prompt_images=prompt_images, stop_ids=_stop_ids(tokenizer),
+              mesh=mesh, rules=rules,
               progs=step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules),
               checkpoint_path=checkpoint_path, checkpoint_dir=checkpoint_dir,
               fingerprint=fingerprint, config_change=config_change, t_start=t_start)
@@ -204,7 +207,7 @@ def _resume(r: _Run) -> step_lib.TrainState:
         pair = checkpoint.load_pair(cfg.hf_base, drafter=cfg.hf_drafter or None,
                                     dtype=r.base_cfg.param_dtype)
       else:
-        pair = random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, r.tokenizer_dir)
+        pair = run_dir.random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, r.tokenizer_dir)
       checkpoint.init_workdir(r.workdir, pair)
   else:
     start = 0
@@ -214,7 +217,7 @@ def _resume(r: _Run) -> step_lib.TrainState:
     else:
       variables, _ = sharding.sharded_init(
           step_lib.init_fn(r.base_cfg, r.dcfg, tcfg.init_embedding_std), r.mesh, r.rules, r.rng)
-      pair = random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, r.tokenizer_dir)
+      pair = run_dir.random_pair(r.base_cfg, r.dcfg, r.progs.abstract_vars, r.tokenizer_dir)
       source = "random init"
     if r.is_main:
       checkpoint.init_workdir(r.workdir, pair)
@@ -230,7 +233,8 @@ def _resume(r: _Run) -> step_lib.TrainState:
   rows = tcfg.batch_size // jax.process_count()
   r.evaluator = eval_lib.make_evaluator(r.base_cfg, r.dcfg, tcfg, r.eval_batches, r.prompts,
                                         r.stop_ids, tcfg.eval_new_tokens, r.progs.batch_sh, rows,
-                                        tcfg.seq_len, train_config.eval_cost_ratio(r.cfg))
+                                        tcfg.seq_len, train_config.eval_cost_ratio(r.cfg),
+                                        prompt_images=r.prompt_images)
   r.writer = metrics_lib.MetricWriter(r.workdir, resume_step=start, enabled=r.is_main)
   _announce(r, source)
   return state
@@ -424,7 +428,7 @@ def _export(r: _Run, end: _LoopEnd, step: int) -> tuple[str | None, dict | None]
     t0 = time.time()
     hf = export_lib.hf_check(export_dir, r.prompts, tcfg.eval_new_tokens, r.stop_ids,
                              tcfg.num_draft_steps, end.last_eval.get("greedy/tokens_per_round"),
-                             r.evaluator.last_continuations)
+                             r.evaluator.last_continuations, images=r.prompt_images)
     if hf is not None:
       r.say(export_lib.hf_message(hf, time.time() - t0))
   return export_dir, hf
@@ -455,28 +459,6 @@ def _hf_variables(cfg, base_cfg, dcfg, var_shardings) -> tuple[dict, checkpoint.
     variables["base"] = transformer.stack_layer_params(base_cfg, variables["base"])
     variables = sharding.shard_like(variables, var_shardings)
   return variables, pair
-
-
-def random_pair(base_cfg, dcfg, abstract, tokenizer_path: str | None) -> checkpoint.Pair:
-  """A Pair describing a random-init run, for the workdir's pair.json (no weights in it)."""
-  params = {"base": abstract["base"], "drafter": abstract["drafter"]}
-  return checkpoint.Pair(base_cfg, dcfg, params, tokenizer_path,
-                         dict(kind="init", path=None, step=None, train=None, extra_dir=None,
-                              pair={"source": {"base": "random init", "drafter": "random init"},
-                                    "hf_extra": {}}))
-
-
-# ------------------------------------------------------------------------------ helpers
-def split_workdir(workdir: str, checkpoint_dir: str, name: str) -> tuple[str, str | None]:
-  """(local workdir, checkpoint dir or None for WORKDIR/checkpoints).
-
-  A remote --workdir (gs://..., any "scheme://") keeps what orbax writes, the checkpoints, at
-  WORKDIR/checkpoints (unless train.checkpoint_dir says otherwise); metrics, plots and the HF
-  export are local files, written under runs/<name>."""
-  if "://" not in workdir:
-    return os.path.abspath(workdir), checkpoint_dir or None
-  return (os.path.abspath(os.path.join("runs", name)),
-          checkpoint_dir or f"{workdir.rstrip('/')}/{checkpoint.CHECKPOINTS_DIR}")
 
 
 def _stop_ids(tokenizer) -> list[int]:

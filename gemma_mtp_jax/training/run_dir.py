@@ -31,6 +31,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from gemma_mtp_jax.checkpoint import hf_read
+from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.checkpoint import layout
 from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint import workdir as workdir_lib
@@ -354,3 +355,24 @@ def keep_good_checkpoint(manager, step: int, start: int, keep_checkpoints: int,
     return f"{kept}; a rerun resumes from it, so {fix} first, or start over in a new --workdir"
   return (f"Last good checkpoint: step {steps[-1]} in {where} (kept; a rerun resumes from it); "
           f"{fix}, then rerun to resume from it")
+
+
+def random_pair(base_cfg, dcfg, abstract, tokenizer_path: str | None) -> checkpoint.Pair:
+  """A Pair describing a random-init run, for the workdir's pair.json (no weights in it)."""
+  params = {"base": abstract["base"], "drafter": abstract["drafter"]}
+  return checkpoint.Pair(base_cfg, dcfg, params, tokenizer_path,
+                         dict(kind="init", path=None, step=None, train=None, extra_dir=None,
+                              pair={"source": {"base": "random init", "drafter": "random init"},
+                                    "hf_extra": {}}))
+
+
+def split_workdir(workdir: str, checkpoint_dir: str, name: str) -> tuple[str, str | None]:
+  """(local workdir, checkpoint dir or None for WORKDIR/checkpoints).
+
+  A remote --workdir (gs://..., any "scheme://") keeps what orbax writes, the checkpoints, at
+  WORKDIR/checkpoints (unless train.checkpoint_dir says otherwise); metrics, plots and the HF
+  export are local files, written under runs/<name>."""
+  if "://" not in workdir:
+    return os.path.abspath(workdir), checkpoint_dir or None
+  return (os.path.abspath(os.path.join("runs", name)),
+          checkpoint_dir or f"{workdir.rstrip('/')}/{checkpoint.CHECKPOINTS_DIR}")
