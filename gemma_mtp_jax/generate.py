@@ -1,9 +1,9 @@
 """Generate text with a Gemma 4 base, speculatively with its assistant drafter when there is one.
 
   python -m gemma_mtp_jax.generate --base DIR [--drafter DIR]
-      (--prompt TEXT | --prompt-ids 2,105,...) [--max-new-tokens N] [--num-draft-tokens K]
-      [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json] [--chat] [--step N]
-      [--plain] [--stop-ids 1,106 | --no-stop]
+      (--prompt TEXT | --prompt-ids 2,105,...) [--image PATH ...] [--max-new-tokens N]
+      [--num-draft-tokens K] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--json]
+      [--chat] [--step N] [--plain] [--stop-ids 1,106 | --no-stop]
 
 DIR is an HF model dir (converted in memory), a pair dir (`convert hf-to-jax`) or a train workdir
 (latest step, or --step). The drafter is --drafter (an HF assistant dir) or the one stored with a
@@ -18,6 +18,16 @@ draft position k = 1..K: "rate" P(accepted >= k) over the rounds, "alpha" P(acce
 `speculative.acceptance_rates`), tokens_per_second
 (new tokens per second of prefill + decode), prefill_seconds, decode_seconds, compile_seconds (not
 counted in the others).
+
+Images (--image PATH, repeatable; local files only, URLs are refused) need a base with a vision
+tower and its processor files (processor_config.json beside the tokenizer: the HF dir itself, or a
+pair dir's / workdir's tokenizer/); they are preprocessed by that processor (transformers' Gemma 4
+image processor). With --chat the prompt is one user turn holding the images, in order, then the
+text (HF's content list [{"type": "image"}, ..., {"type": "text"}]), encoded by the training chat
+encoder (`data.chat`) with the model turn opened. Without --chat, --prompt must hold one `<|image|>`
+placeholder per --image where that image goes; the processor expands each into its token block
+(`<|image>` + n x `<|image|>` + `<image|>`), exactly `processor(text=..., images=...)`. With
+--prompt-ids the ids must already hold each image's expanded block. The JSON gains "images": n.
 
 Stop tokens default to the base's eos ids (config and generation config) plus the tokenizer's
 `<turn|>` (the end of a chat turn) when it has one. Exit status 2 with a one-line reason for bad
@@ -72,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
   src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 2,105,2364")
   p.add_argument("--chat", action="store_true",
                  help="wrap --prompt as a user turn with the chat template (model turn opened)")
+  p.add_argument("--image", action="append", default=[], metavar="PATH",
+                 help="a local image file (repeatable, in order); with --chat the images open the "
+                 "user turn, else --prompt needs one <|image|> placeholder per image")
   p.add_argument("--max-new-tokens", type=_number(int, 1), default=64)
   p.add_argument("--num-draft-tokens", type=int, default=4,
                  help="K drafts per round (>= 1; checked unless --plain)")
@@ -213,6 +226,98 @@ def prompt_ids(loaded: dict, prompt: str, chat: bool) -> list[int]:
   return list(tok(prompt)["input_ids"])
 
 
+# ------------------------------------------------------------------------------ images
+def check_vision(base: str, cfg=None) -> None:
+  """Refuses --image for a base without a vision tower: from `cfg`, else from its config files
+  (before any weights are read; hub ids are checked once loaded)."""
+  from gemma_mtp_jax.decoding import speculative
+
+  if cfg is None:
+    configs = _configs_of(base)
+    cfg = configs[0] if configs else None
+  if cfg is not None and cfg.vision is None:
+    raise speculative.GenerateError(
+        f"--image: the base {base} has no vision tower (its config has no vision section); give "
+        "an image-text base (Gemma4ForConditionalGeneration) or drop --image")
+
+
+def read_images(paths: Sequence[str]) -> list:
+  """The --image files as loaded PIL images; a missing or unreadable file, or a URL, is refused
+  naming it."""
+  from gemma_mtp_jax.data import images as images_lib
+  from gemma_mtp_jax.data.errors import DataError
+  from gemma_mtp_jax.decoding import speculative
+
+  out = []
+  for path in paths:
+    try:
+      out.append(images_lib.load_image(path))
+    except DataError as e:
+      raise speculative.GenerateError(f"--image {path}: {e}") from None
+  return out
+
+
+def load_processor(loaded: dict):
+  """The base's Gemma 4 processor, from the dir its tokenizer came from (the HF dir itself, or a
+  pair dir's / workdir's tokenizer/, where `convert` and the trainer put the processor files)."""
+  from gemma_mtp_jax.data import images as images_lib
+  from gemma_mtp_jax.data.errors import DataError
+  from gemma_mtp_jax.decoding import speculative
+
+  path = loaded["pair"].tokenizer_path
+  if not path or not os.path.isfile(os.path.join(path, "processor_config.json")):
+    where = f" (looked in {path})" if path else ""
+    raise speculative.GenerateError(
+        f"--image: {loaded['pair'].meta.get('path')} has no image processor files "
+        f"(processor_config.json beside the tokenizer{where}); save the processor with the base")
+  try:
+    return images_lib.load_processor(path)
+  except DataError as e:
+    raise speculative.GenerateError(f"--image: {e}") from None
+
+
+def _chat_image_prompt(processor, images: Sequence, prompt: str) -> tuple[list[int], tuple]:
+  from gemma_mtp_jax.data import chat as chat_lib
+  from gemma_mtp_jax.data import tokenizer as tokenizer_lib
+
+  tok = processor.tokenizer
+  content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": prompt}]
+  doc = chat_lib.encode_example({"messages": [{"role": "user", "content": content}]}, tok,
+                                image_processor=processor.image_processor)
+  # The template's generation prompt `<|turn>model\n`, tokenized as the encoder tokenizes a model
+  # turn's header (the control token, then the role text on its own).
+  opened = [chat_lib.control_ids(tok)[tokenizer_lib.TURN_OPEN]] + tok(
+      f"{chat_lib.MODEL_ROLE}\n", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+  return doc["tokens"].tolist() + opened, (doc["pixel_values"], doc["pixel_positions"])
+
+
+def image_prompt(loaded: dict, images: Sequence, prompt: str | None, chat: bool,
+                 ids: Sequence[int] | None = None) -> tuple[list[int], tuple]:
+  """(prompt ids, (pixel_values_ipc float32, pixel_positions_ip2 int32)) of a request with PIL
+  `images`, preprocessed by the base's processor (see the module docstring for the three forms:
+  --chat, a raw --prompt with `<|image|>` placeholders, --prompt-ids already expanded)."""
+  import numpy as np
+  from gemma_mtp_jax.data import images as images_lib
+  from gemma_mtp_jax.decoding import speculative
+
+  processor = load_processor(loaded)
+  if ids is not None:
+    pixel_values, positions, _ = images_lib.preprocess(images, processor.image_processor)
+    return list(ids), (pixel_values, positions)
+  if chat:
+    return _chat_image_prompt(processor, images, prompt)
+  placeholder = processor.image_token
+  n = prompt.count(placeholder)
+  if n != len(images):
+    raise speculative.GenerateError(
+        f"--prompt has {n} {placeholder} placeholder(s) for {len(images)} --image file(s); "
+        f"without --chat put one {placeholder} in --prompt where each image goes (or use --chat)")
+  out = processor(text=[prompt], images=[list(images)], return_tensors="np")
+  return (np.asarray(out["input_ids"][0]).tolist(),
+          (np.asarray(out["pixel_values"], np.float32),
+           np.asarray(out["image_position_ids"], np.int32)))
+
+
 # ------------------------------------------------------------------------------ decoding
 def plain_decode(params, cfg, prompts: Sequence[Sequence[int]], **kw):
   """Plain (non-speculative) decoding of the base alone: `speculative.decode_prompts` with no drafter,
@@ -224,8 +329,11 @@ def plain_decode(params, cfg, prompts: Sequence[Sequence[int]], **kw):
 def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
              num_draft_tokens: int = 4, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int = 0, stop_ids: Sequence[int] | None = None,
-             query_position: str | None = None) -> dict[str, Any]:
-  """Generates from one prompt; returns the CLI's JSON object (see the module docstring)."""
+             query_position: str | None = None, images: tuple | None = None) -> dict[str, Any]:
+  """Generates from one prompt; returns the CLI's JSON object (see the module docstring).
+
+  images: None or the prompt's (pixel_values_ipc float32, pixel_positions_ip2 int32) slots
+  (`image_prompt`)."""
   from gemma_mtp_jax.decoding import speculative
 
   sampling = speculative.Sampling(temperature, top_k, top_p)
@@ -234,7 +342,8 @@ def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
       loaded["params"], loaded["base_cfg"], [list(ids)], drafter_vars=loaded["drafter_vars"],
       drafter_cfg=loaded["drafter_cfg"], num_draft_tokens=num_draft_tokens,
       max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop, seed=seed,
-      query_position=query_position or default_query_position(loaded))
+      query_position=query_position or default_query_position(loaded),
+      images=None if images is None else [images])
   tokens = res.tokens[0]
   tok = loaded["tokenizer"]
   out = dict(tokens=tokens, text=tok.decode(tokens, skip_special_tokens=True) if tok else None)
@@ -244,7 +353,7 @@ def generate(loaded: dict, ids: Sequence[int], *, max_new_tokens: int = 64,
              prefill_seconds=res.prefill_seconds, decode_seconds=res.decode_seconds,
              compile_seconds=res.compile_seconds, num_draft_tokens=res.num_draft_tokens,
              speculative=loaded["drafter_cfg"] is not None, prompt_length=len(ids),
-             stop_ids=stop)
+             stop_ids=stop, images=0 if images is None else len(images[0]))
   return out
 
 
@@ -259,13 +368,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raise speculative.GenerateError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   speculative.Sampling(args.temperature, args.top_k, args.top_p)  # flag errors before loading
   ids_flag = _ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else None
+  pil_images = None
+  if args.image:  # refused before any weights are read
+    check_vision(args.base)
+    pil_images = read_images(args.image)
   loaded = load(args.base, args.drafter, args.step, args.dtype, args.plain)
-  ids = ids_flag if ids_flag is not None else prompt_ids(loaded, args.prompt, args.chat)
+  images = None
+  if pil_images:
+    check_vision(args.base, loaded["base_cfg"])
+    ids, images = image_prompt(loaded, pil_images, args.prompt, args.chat, ids_flag)
+  else:
+    ids = ids_flag if ids_flag is not None else prompt_ids(loaded, args.prompt, args.chat)
   stop = [] if args.no_stop else (_ids(args.stop_ids, "--stop-ids") if args.stop_ids else None)
   return generate(loaded, ids, max_new_tokens=args.max_new_tokens,
                   num_draft_tokens=args.num_draft_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_ids=stop,
-                  query_position=args.query_position)
+                  query_position=args.query_position, images=images)
 
 
 def main(argv=None) -> int:
