@@ -11,7 +11,13 @@ Where the numbers come from:
   `config_parses_real_json` fixture, a Zig drafter test) and a public drafter write-up that read all four
   assistant configs: hidden 256, intermediate 2048, 4 heads / 2 KV heads, head_dim 256 / 512, window 512,
   ordered embeddings (2048 centroids, top-k 32), backbone_hidden_size 2560.
-Unconfirmed: the assistant's final_logit_softcapping (null) and max_position_embeddings (131072) come
+- Vision tower: transformers' Gemma4VisionConfig defaults (documented against the E2B checkpoint) with
+  the E-size choices a public parser's "official size" fixture makes for bases narrower than 2816:
+  768 wide, 16 layers, 12 heads of 64, MLP 3072, clipped linears, no standardisation; patch 16 pooled
+  3 x 3 (280 soft tokens per image by default); image / boi / eoi ids 258880 / 255999 / 258882
+  (Gemma4Config's defaults); bidirectional attention over image tokens on sliding layers.
+Unconfirmed: the vision numbers (not from a verbatim copy of E4B's config.json; a checkpoint's own
+config.json wins on load) and the assistant's final_logit_softcapping (null) and max_position_embeddings (131072) come
 from that write-up and the E2B assistant's verbatim config.json, not from an E4B-assistant copy.
 The `train` numbers are placeholders, not a published recipe; batch_size fits v5e-16 (one 4096-token row per chip)
 in the AOT memory plan (README).
@@ -45,6 +51,14 @@ def get_config():
       param_dtype="float32",
       remat_policy="full",
       attention_chunk_size=512,  # query blocks: no [T, T] scores in training
+      vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16,
+                  num_attention_heads=12, num_key_value_heads=12, head_dim=64, patch_size=16,
+                  pooling_kernel_size=3, position_embedding_size=10_240, rope_theta=100.0,
+                  use_clipped_linears=True, standardize=False),
+      image_token_id=258_880,
+      boi_token_id=255_999,
+      eoi_token_id=258_882,
+      use_bidirectional_attention="vision",
   )
   drafter_text = presets.text_fields(
       vocab_size=262_144,

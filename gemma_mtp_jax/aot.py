@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma_mtp_jax.model.flops import model_flops_per_token
+from gemma_mtp_jax.model.flops import model_flops_per_token, vision_flops_per_image
 from gemma_mtp_jax import cli
 from gemma_mtp_jax import sharding
 from gemma_mtp_jax.model import config as config_lib
@@ -77,6 +77,9 @@ class Plan:
   grad_accum_steps: int
   seq: int
   mode: str
+  images_per_row: int  # image slots per row in the compiled batch (0: text only)
+  image_soft_tokens: int  # soft tokens per image slot
+  vision: str  # the vision tower in the step: "none" (no images), "frozen" or "trained"
   state_gib: float  # params + optimizer state on one chip, from their shardings
   argument_gib: float
   output_gib: float
@@ -93,9 +96,26 @@ class Plan:
   compile_s: float
 
 
-def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
-  """Compiles the trainer's step for `cfg` (a preset ConfigDict, overrides applied) on `topology`."""
+def image_slots(base_cfg: config_lib.ModelConfig, images_per_row: int,
+                soft_tokens: int) -> tuple[int, int, int] | None:
+  """(i, p, c) of a batch's image slots: `images_per_row` images of up to `soft_tokens` soft tokens
+  each (p = soft_tokens * pooling_kernel_size**2 patches of c = 3 * patch_size**2 values); None
+  for none. ConfigError if the base has no vision tower."""
+  if not images_per_row:
+    return None
+  if base_cfg.vision is None:
+    raise train_config.ConfigError("--images_per_row: the config's base has no vision tower "
+                                   "(model.vision is None)")
+  v = base_cfg.vision
+  return images_per_row, soft_tokens * v.pooling_kernel_size ** 2, v.channels
+
+
+def plan(cfg, topology: str, step_time: float = 1.0, images_per_row: int = 0,
+         image_soft_tokens: int = 280) -> Plan:
+  """Compiles the trainer's step for `cfg` (a preset ConfigDict, overrides applied) on `topology`;
+  with `images_per_row`, every row also carries that many images of `image_soft_tokens`."""
   base_cfg, dcfg, tcfg = train_config.validate_config(cfg)
+  slots = image_slots(base_cfg, images_per_row, image_soft_tokens)
   devices = topology_devices(topology)
   # The trainer's own checks: the mesh divides the chips, the batch splits over them.
   mesh, rules = step_lib.run_mesh(cfg.mesh, tcfg, devices)
@@ -106,6 +126,12 @@ def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
   row = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=progs.batch_sh)
   batch_abs = dict(tokens=row(jnp.int32), segment_ids=row(jnp.int32), positions=row(jnp.int32),
                    loss_mask=row(jnp.bool_))
+  if slots is not None:
+    i, p, c = slots
+    batch_abs["pixel_values"] = jax.ShapeDtypeStruct((batch, i, p, c), jnp.float32,
+                                                     sharding=progs.batch_sh)
+    batch_abs["pixel_positions"] = jax.ShapeDtypeStruct((batch, i, p, 2), jnp.int32,
+                                                        sharding=progs.batch_sh)
   state_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
                     for x in jax.tree.leaves(state_abs))
   t0 = time.time()
@@ -132,10 +158,16 @@ def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
   mode = "drafter_only" if tcfg.freeze_base else "joint"
   per_token = model_flops_per_token(base_cfg, dcfg, seq, tcfg.num_draft_steps, not tcfg.freeze_base)
   mflops = per_token * batch * seq
+  vision = "none"
+  if slots is not None:  # the tower's forward, and its backward when it trains
+    vision = "frozen" if tcfg.freeze_vision or tcfg.freeze_base else "trained"
+    mflops += ((3 if vision == "trained" else 1) * batch * slots[0]
+               * vision_flops_per_image(base_cfg, slots[1]))
   return Plan(
       config=str(cfg.get("name", "?")), topology=topology,
       mesh={k: int(v) for k, v in mesh.shape.items() if v > 1}, batch=batch,
-      grad_accum_steps=accum, seq=seq, mode=mode, state_gib=state_bytes / gib, argument_gib=mem.argument_size_in_bytes / gib,
+      grad_accum_steps=accum, seq=seq, mode=mode, images_per_row=images_per_row,
+      image_soft_tokens=image_soft_tokens if images_per_row else 0, vision=vision, state_gib=state_bytes / gib, argument_gib=mem.argument_size_in_bytes / gib,
       output_gib=mem.output_size_in_bytes / gib, temp_gib=mem.temp_size_in_bytes / gib,
       alias_gib=mem.alias_size_in_bytes / gib, total_gib=total / gib, hbm_gib=hbm / gib,
       fits=total <= hbm, compiled_flops_per_chip=float(cost.get("flops", 0.0)),
@@ -146,6 +178,8 @@ def plan(cfg, topology: str, step_time: float = 1.0) -> Plan:
 def describe(r: Plan) -> str:
   return "\n".join([
       f"{r.config} {r.mode} on {r.topology} mesh={r.mesh} batch={r.batch} "
+      + (f"+ {r.images_per_row} image(s) of {r.image_soft_tokens} soft tokens per row, vision "
+         f"{r.vision} " if r.images_per_row else "") +
       f"(grad_accum_steps={r.grad_accum_steps}) seq={r.seq}; compiled in {r.compile_s:.0f}s",
       f"  per chip: train state {r.state_gib:.2f} GiB; arguments {r.argument_gib:.2f} GiB + outputs {r.output_gib:.2f} + temps "
       f"{r.temp_gib:.2f} - aliased {r.alias_gib:.2f} = {r.total_gib:.2f} GiB of "
@@ -174,6 +208,12 @@ def main() -> None:
   topology = flags.DEFINE_enum("topology", None, list(TOPOLOGIES), "TPU slice to compile for.")
   step_time = flags.DEFINE_float("step_time", 1.0, "Seconds per step for the MFU line.")
   as_json = flags.DEFINE_bool("json", False, "Print the plan as one JSON object.")
+  images_per_row = flags.DEFINE_integer(
+      "images_per_row", 0, "Image slots per row (a base with a vision tower): the step encodes "
+      "that many images per row with its tower.")
+  image_soft_tokens = flags.DEFINE_integer(
+      "image_soft_tokens", 280, "Soft tokens per image (the image processor's max_soft_tokens: "
+      "70, 140, 280, 560 or 1120).")
   flags.mark_flags_as_required(["config", "topology"])
 
   def parse(argv):
@@ -184,7 +224,8 @@ def main() -> None:
 
   def run(argv) -> int:
     del argv
-    r = plan(config.value, topology.value, step_time.value)
+    r = plan(config.value, topology.value, step_time.value, images_per_row.value,
+             image_soft_tokens.value)
     print(json.dumps(dataclasses.asdict(r)) if as_json.value else describe(r))
     return cli.OK if r.fits else cli.NOT_FIT
 

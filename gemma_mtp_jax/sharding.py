@@ -46,6 +46,14 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("ple_vocab", "fsdp"),
     ("norm", None),
     ("layers", None),
+    # the vision tower (model/vision.py): sharded like the text model's matrices
+    ("vision_embed", "fsdp"),
+    ("vision_mlp", "tensor"),
+    ("vision_heads", "tensor"),
+    ("vision_kv_heads", "tensor"),
+    ("vision_head_dim", None),
+    ("vision_patch", None),
+    ("vision_pos", None),
 )
 
 

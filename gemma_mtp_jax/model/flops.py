@@ -77,3 +77,18 @@ def model_flops_per_token(base_cfg: config_lib.ModelConfig, dcfg: config_lib.Dra
   base = 2 * base_macs(base_cfg) + attention_flops(base_cfg, seq)
   draft = 2 * drafter_macs(dcfg, dense_head=True) + attention_flops(dcfg.text, seq)
   return (3 if train_base else 1) * base + 3 * num_draft_steps * draft
+
+
+def vision_flops_per_image(base_cfg: config_lib.ModelConfig, num_patches: int) -> float:
+  """Forward FLOPs of the vision tower + projection for one image of `num_patches` patches (padding
+  patches included: the tower runs on the whole slot): patch embedding, every encoder layer's
+  projections, MLP and bidirectional attention over the patches, and the projection of its
+  num_patches / pooling_kernel_size**2 soft tokens into the text width."""
+  v = base_cfg.vision
+  d, h = v.hidden_size, v.head_dim
+  layer = (2 * d * v.num_attention_heads * h + 2 * d * v.num_key_value_heads * h
+           + 3 * d * v.intermediate_size)
+  macs = num_patches * (v.channels * d + v.num_hidden_layers * layer)
+  macs += num_patches // v.pooling_kernel_size ** 2 * d * base_cfg.embed_dim
+  scores = v.num_hidden_layers * 2 * 2 * v.num_attention_heads * h * num_patches * num_patches
+  return 2.0 * macs + scores
