@@ -8,8 +8,9 @@ package renders itself (`data/vision_qa.py`: coloured shapes, counts, positions;
 the tiny tokenizer carrying Gemma 4's image tokens (image 1017, boi 1018, eoi 1019 of its 1024).
 
 The tower's patch_size / pooling_kernel_size must be the data's (`data.vision`): 8 x 8-pixel
-patches, 2 x 2 pooled into one soft token, at most 70 soft tokens (280 patches) per image, up to
-4 images per 256-token row. `train.freeze_vision=False` here: both towers start from random init,
+patches, 2 x 2 pooled into one soft token, at most 70 soft tokens (280 patches) per image slot; a
+generated image is 4-36 soft tokens (16 on average), a QA record ~50 tokens, two or three per
+128-token row, up to 4 images per row. `train.freeze_vision=False` here: both towers start from random init,
 so the image tower must learn too (a pretrained pair keeps it frozen, the default).
 
   python -m gemma_mtp_jax.train --config=configs/tiny_vision.py --workdir=runs/tiny_vision
@@ -38,9 +39,8 @@ def get_config():
   cfg.model.use_bidirectional_attention = "vision"
   cfg.train = train_config.train_fields(**{
       **cfg.train.to_dict(),
-      # One QA record is ~100 tokens (up to 72 of them image tokens): 256-token rows hold 2-3.
-      "seq_len": 256, "num_steps": 400, "warmup_steps": 30, "eval_every": 200, "save_every": 200,
-      "eval_prompts": 32, "eval_new_tokens": 24, "eval_max_prompt_len": 200,
+      "seq_len": 128, "num_steps": 500, "warmup_steps": 30, "eval_every": 0, "save_every": 250,
+      "eval_prompts": 32, "eval_new_tokens": 16, "eval_max_prompt_len": 100,
       "freeze_vision": False})
   cfg.data = _data()
   return cfg

@@ -204,3 +204,36 @@ def test_eval_section_cost_ratio_config():
   old = presets.load_config("tiny")
   del old["eval"]
   assert train_config.eval_cost_ratio(old) == 0.0
+
+
+def test_held_out_prompts_carry_their_images():
+  """A packed row with two documents: the first holds image block 0 in its prompt, the second
+  image block 1 in its prompt; each prompt gets exactly its own slot (pixels and positions), a
+  text-only row gets None, and the greedy rows put a prompt's images back in its row's slots."""
+  img = 9
+  tokens = np.array([[2, 5, img, img, 6, 7, 8, 2, 5, img, img, img, 6, 7, 8, 0],
+                     [2, 7, 7, 8, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]], np.int32)
+  seg = np.array([[1] * 7 + [2] * 8 + [0], [1] * 5 + [0] * 11], np.int32)
+  lm = np.zeros_like(tokens, bool)
+  lm[0, [6, 14]] = True  # the model turn's first token of each document
+  lm[1, 3] = True
+  pv = np.zeros((2, 3, 8, 12), np.float32)
+  pos = np.full((2, 3, 8, 2), -1, np.int32)
+  pv[0, 0], pos[0, 0, :4] = 1.0, 0  # slot 0: 4 real patches
+  pv[0, 1], pos[0, 1, :8] = 2.0, 0  # slot 1: 8 real patches
+  batch = dict(tokens=tokens, segment_ids=seg, loss_mask=lm, pixel_values=pv, pixel_positions=pos)
+  prompts, images = evaluate.prompts_from_batches([batch], 8, 16, image_token_id=img)
+  assert [p.tolist() for p in prompts] == [[2, 5, img, img, 6, 7], [2, 5, img, img, img, 6, 7],
+                                           [2, 7, 7]]
+  assert images[2] is None
+  (pv0, pos0), (pv1, pos1) = images[0], images[1]
+  assert pv0.shape == (1, 8, 12) and float(pv0.max()) == 1.0 and (pos0[0, :4] == 0).all()
+  assert pv1.shape == (1, 8, 12) and float(pv1.min()) == 2.0
+  g = evaluate.build_greedy_batch(prompts, [np.array([8]), np.array([8]), np.array([8])], 16,
+                                  images, slots=(3, 8, 12))
+  assert g.batch["pixel_values"].shape == (3, 3, 8, 12)
+  assert float(g.batch["pixel_values"][1, 0].min()) == 2.0 and not g.batch["pixel_values"][2].any()
+  assert (g.batch["pixel_positions"][0, 1:] == -1).all()
+  # Text-only batches: no images asked, none returned.
+  text = {k: v for k, v in batch.items() if not k.startswith("pixel")}
+  assert evaluate.prompts_from_batches([text], 8, 16, image_token_id=img)[1] == [None] * 3

@@ -276,7 +276,7 @@ def _builtin(path: str, corpus_dir: str | None) -> str:
                     f"{[corpus.BUILTIN + k for k in builtins]}")
   corpus_dir = corpus_dir or os.path.join(corpus.default_cache_dir(), "corpus")
   if key == VISION_QA:
-    return vision_qa.build_vision_qa(os.path.join(corpus_dir, VISION_QA))
+    return vision_qa.build_vision_qa(os.path.join(corpus_dir, f"{VISION_QA}_v{vision_qa.VERSION}"))
   return corpus.build_local_corpus(corpus_dir)[key]
 
 
@@ -293,7 +293,7 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
       `datasets` save_to_disk dir (e.g. with an Image column; `split` picks a DatasetDict's), a
       hub id ("allenai/tulu-3-sft-mixture"), or "builtin:chat" / "builtin:code" (the local
       corpus, built on first use in `corpus_dir`) or "builtin:vision_qa" (the generated image QA
-      set, in `corpus_dir`/vision_qa).
+      set, in `corpus_dir`/vision_qa_v<VERSION>).
     cache_dir: `datasets`' cache dir (None: its default).
     corpus_dir: where the builtin corpus lives (None: `corpus.default_cache_dir()/corpus`).
   Raises:
