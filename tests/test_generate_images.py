@@ -23,6 +23,7 @@ from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 from gemma_mtp_jax.decoding import speculative
 from tests import hf_helpers
 from tests import vision_helpers
+from tests.test_generate_cli import _json, _run
 
 S, F = hf_helpers.S, hf_helpers.F
 VOCAB = 512  # the tiny multimodal tokenizer's vocab; its last 7 ids are the image/audio/video markers
@@ -96,18 +97,6 @@ def env(tmp_path_factory):
   checkpoint.hf_to_jax(out["base"], out["pair"], drafter=out["drafter"])
   out["images"] = [_png(root / "wide.png", 96, 40, 1), _png(root / "tall.png", 36, 80, 2)]
   return dict(out, target=target, assistant=assistant, processor=processor)
-
-
-def _run(capsys, *argv):
-  code = cli.main([str(a) for a in argv])
-  captured = capsys.readouterr()
-  return code, captured.out, captured.err
-
-
-def _json(capsys, *argv):
-  code, out, err = _run(capsys, *argv, "--json")
-  assert code == 0, err
-  return json.loads(out)
 
 
 def _hf_inputs(env, text=None):

@@ -52,7 +52,7 @@ def run(tmp_path_factory):
 
 def test_image_run_evaluates_exports_and_hf_agrees(run):
   out = run["out"]
-  assert out["status"] == "done"
+  assert out["status"] == "finished"
   # The eval decoded held-out prompts that hold images.
   assert any(t == IMAGE for p in out["prompts"] for t in p.tolist())
   hf = out["hf"]

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
@@ -25,12 +24,14 @@ from gemma_mtp_jax.model import drafter
 from gemma_mtp_jax.model import kv_cache
 from gemma_mtp_jax.model import transformer
 from tests import hf_helpers
+from tests import vision_helpers
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 S, F = config_lib.SLIDING, config_lib.FULL
 TOL = 1e-4
-IMG, BOI, EOI = 250, 251, 252
+IMG, BOI, EOI = (vision_helpers.IMAGE_TOKEN_ID, vision_helpers.BOI_TOKEN_ID,
+                 vision_helpers.EOI_TOKEN_ID)
 PATCH_DIM = 3 * 2 * 2  # patch_size 2
 MAX_PATCHES = 64  # 16 soft tokens per image at most (pooling kernel 2)
 
@@ -39,21 +40,11 @@ MAX_PATCHES = 64  # 16 soft tokens per image at most (pooling kernel 2)
 def hf_vlm(bidirectional: bool, seed: int = 0):
   """A tiny random `Gemma4ForConditionalGeneration`: the e_style text model (sliding window 6) and
   a one-layer vision tower (patch 2, pooling kernel 2)."""
-  text = hf_helpers.hf_text_config(
-      "e_style", use_bidirectional_attention="vision" if bidirectional else None)
-  vision = transformers.Gemma4VisionConfig(
+  return vision_helpers.hf_vlm(
+      seed, text_over=dict(use_bidirectional_attention="vision" if bidirectional else None),
       hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
       num_key_value_heads=2, head_dim=16, patch_size=2, pooling_kernel_size=2,
       position_embedding_size=16)
-  cfg = transformers.Gemma4Config(
-      text_config=text, vision_config=vision, image_token_id=IMG, boi_token_id=BOI,
-      eoi_token_id=EOI, video_token_id=253, audio_token_id=254, boa_token_id=255,
-      eoa_token_index=249)
-  for c in (cfg, cfg.text_config, cfg.vision_config):
-    c._attn_implementation = "eager"
-  torch.manual_seed(seed)
-  model = transformers.Gemma4ForConditionalGeneration(cfg).eval().float()
-  return hf_helpers.randomize_(model, seed)
 
 
 def jax_base(hf):
