@@ -206,16 +206,37 @@ def _token_axes(mesh, num_tokens: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def _weight_d_axes(mesh, d: int, axes: tuple[str, ...] | None, taken) -> tuple[str, ...]:
+  """The mesh axes splitting the expert weights' D dim: `axes`, or (None) those the active logical
+  rules give `embed` (the params' stored split); axes of size 1, already used on E / F, or that do
+  not divide D are dropped (the weights are then gathered on them before the shard_map)."""
+  if axes is None:
+    spec = nn.logical_to_mesh_axes(("embed",)) if nn.get_logical_axis_rules() else None
+    entry = spec[0] if spec else None
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  out, n = [], 1
+  for a in axes:
+    size = mesh.shape.get(a, 1)
+    if size > 1 and a not in taken and d % (n * size) == 0:
+      out.append(a)
+      n *= size
+  return tuple(out)
+
+
 def routed_experts_sharded(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_EDF: Array,
                            up_EDF: Array, down_EFD: Array, act: str, dtype: Any = jnp.float32,
-                           impl: str = "auto", mesh=None) -> Array:
+                           impl: str = "auto", mesh=None,
+                           weight_d_axes: tuple[str, ...] | None = None) -> Array:
   """`routed_experts` with expert parallelism: experts split over the mesh's `expert` axis.
 
   Scheme (all-gather dispatch, reduce-scatter combine; MaxText calls it "ring of experts"), under
   `jax.shard_map` on `mesh` (default: the context mesh):
     - tokens X, their router weights and ids are split over the batch axes (data, fsdp, expert);
-      expert weights over `expert` on E (the entry gathers their `fsdp` split, as FSDP does) and,
-      when `tensor` > 1 divides F, over `tensor` on F;
+      expert weights over `expert` on E and, when `tensor` > 1 divides F, over `tensor` on F;
+      they enter in their stored split of D (the mesh axes the logical rules give `embed`,
+      `weight_d_axes`), are cast to `dtype` and all-gathered on D inside: the gather moves
+      `dtype` bytes, not float32, and its transpose reduce-scatters the weight gradients (each
+      chip keeps its D slice) instead of all-reducing full [E, D, F] gradients;
     - each expert shard all-gathers the tokens (x, ids, weights: the ids travel, not a dispatch
       mask) of its `expert` group, runs the grouped MLP on the pairs routed to its E / ep experts
       (the others sort last, outside every group: `_local_experts`), and a psum_scatter over
@@ -245,8 +266,15 @@ def routed_experts_sharded(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_E
   tp = mesh.shape.get(TENSOR_AXIS, 1)
   f_axis = TENSOR_AXIS if tp > 1 and f % tp == 0 else None
   tok_spec = P(tok or None, None)
+  d_axes = _weight_d_axes(mesh, gate_EDF.shape[1], weight_d_axes, (EXPERT_AXIS, f_axis))
 
   def body(x_XD, w_Xk, i_Xk, gate_EDF, up_EDF, down_EFD):
+    # Cast before gathering D: the gather and the gradient's reduce-scatter move `dtype`.
+    gate_EDF, up_EDF, down_EFD = (a.astype(dtype) for a in (gate_EDF, up_EDF, down_EFD))
+    if d_axes:
+      gate_EDF, up_EDF = (jax.lax.all_gather(a, d_axes, axis=1, tiled=True)
+                          for a in (gate_EDF, up_EDF))
+      down_EFD = jax.lax.all_gather(down_EFD, d_axes, axis=2, tiled=True)
     if gather:  # every expert shard sees the tokens of its whole `expert` group
       x_XD, w_Xk, i_Xk = (jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
                           for a in (x_XD, w_Xk, i_Xk))
@@ -261,8 +289,9 @@ def routed_experts_sharded(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_E
     return y_XD
 
   e_axis = EXPERT_AXIS if ep > 1 else None
-  specs = (tok_spec, tok_spec, tok_spec, P(e_axis, None, f_axis), P(e_axis, None, f_axis),
-           P(e_axis, f_axis, None))
+  d_spec = d_axes or None
+  specs = (tok_spec, tok_spec, tok_spec, P(e_axis, d_spec, f_axis), P(e_axis, d_spec, f_axis),
+           P(e_axis, f_axis, d_spec))
   return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=tok_spec)(
       x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD)
 
