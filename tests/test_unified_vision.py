@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from gemma_mtp_jax import checkpoint
+from gemma_mtp_jax import presets
 from gemma_mtp_jax.checkpoint import hf_base
 from gemma_mtp_jax.model import attention
 from gemma_mtp_jax.model import config as config_lib
@@ -369,3 +370,14 @@ def test_plain_and_speculative_greedy_with_images_equal_hf(batch):
   assert ours.tokens == refs
   text_only = spec.decode_prompts(base_params, cfg, prompts, max_new_tokens=n)
   assert text_only.tokens != refs
+
+
+def test_aot_slots_and_flops_count_one_patch_per_soft_token():
+  """The AOT plan's image slots and the FLOP model see the 12B's layout: p = s model patches of
+  3 * 48**2 values; the embedder's MACs are its dense layer and projection."""
+  from gemma_mtp_jax import aot
+  from gemma_mtp_jax.model import flops
+  cfg = presets.model_configs(presets.load_config("12b"))[0]
+  cfg = cfg.replace(vision=vc.UnifiedVisionConfig(), image_token_id=258_880)
+  assert aot.image_slots(cfg, 1, 280) == (1, 280, 6912)
+  assert flops.vision_flops_per_image(cfg, 280) == 2.0 * 280 * 3840 * (6912 + 3840)
