@@ -107,7 +107,7 @@ def image_slots(base_cfg: config_lib.ModelConfig, images_per_row: int,
     raise train_config.ConfigError("--images_per_row: the config's base has no vision tower "
                                    "(model.vision is None)")
   v = base_cfg.vision
-  return images_per_row, soft_tokens * v.pooling_kernel_size ** 2, v.channels
+  return images_per_row, soft_tokens * v.patches_per_soft_token, v.channels
 
 
 def plan(cfg, topology: str, step_time: float = 1.0, images_per_row: int = 0,

@@ -4,8 +4,8 @@ drafter and converters as the other sizes, checked against transformers 5.23's o
 Tiny random 12B-style models (k_eq_v global layers with one KV head, no PLE, no MoE, no KV sharing):
 logits and store K/V equal HF's, prefill + decode equals the full forward, the drafter's first round
 equals HF's candidate generator, speculative greedy equals HF greedy, HF -> JAX -> HF gives the same
-files (Gemma4UnifiedForCausalLM and Gemma4UnifiedForConditionalGeneration dirs, the vision/audio
-embedders carried through), and the generate / convert CLIs take the pair. The preset's parameter
+files (Gemma4UnifiedForCausalLM and Gemma4UnifiedForConditionalGeneration dirs, the vision
+embedder as params, the audio embedder carried through), and the generate / convert CLIs take the pair. The preset's parameter
 counts equal HF's meta-device builds of the released configs.
 """
 
@@ -32,6 +32,7 @@ from gemma_mtp_jax.model import drafter as drafter_lib
 from gemma_mtp_jax.model import families
 from gemma_mtp_jax.model import kv_cache
 from gemma_mtp_jax.model import transformer
+from gemma_mtp_jax.model import vision_config
 from tests import hf_helpers
 from tests.test_convert import _assert_same_files, _cli, _load_clean, _logits
 from tests.test_drafter import _first_round, jit_base, jit_draft
@@ -79,6 +80,13 @@ def _preset():
   return presets.model_configs(presets.load_config("12b"))
 
 
+def _with_embedder(base):
+  """The 12B with its released image front end (`model.unified_vision`) and token ids."""
+  return base.replace(vision=vision_config.UnifiedVisionConfig(), image_token_id=258_880,
+                      boi_token_id=255_999, eoi_token_id=258_882, video_token_id=258_884,
+                      audio_token_id=258_881)
+
+
 # ------------------------------------------------------------------------------ configs
 def test_released_config_forms_map_to_the_preset():
   base, dcfg = _preset()
@@ -86,8 +94,12 @@ def test_released_config_forms_map_to_the_preset():
   # 5.23 saves per_layer_config instead of global_head_dim / num_global_key_value_heads.
   saved = transformers.Gemma4UnifiedConfig(**RELEASED_BASE).to_dict()
   assert "global_head_dim" not in saved["text_config"] and saved["text_config"]["per_layer_config"]
-  for form in (RELEASED_BASE, RELEASED_TEXT, saved, saved["text_config"]):
+  for form in (RELEASED_TEXT, saved["text_config"]):
     assert config_lib.ModelConfig.from_hf_config(form) == base.architecture()
+  # The multimodal forms add the patch embedder and Gemma4UnifiedConfig's token ids (the preset
+  # is text-only).
+  for form in (RELEASED_BASE, saved):
+    assert config_lib.ModelConfig.from_hf_config(form) == _with_embedder(base.architecture())
   cfg_out = base.to_hf_config()
   assert cfg_out["model_type"] == "gemma4_unified_text" and "enable_moe_block" not in cfg_out
   hf = transformers.Gemma4UnifiedTextConfig(**cfg_out).to_dict()
@@ -140,7 +152,9 @@ def test_preset_param_counts_equal_hf_meta_builds():
   # parameters(), without the layer_scalar buffers (one per layer).
   params = lambda m: sum(p.numel() for p in m.parameters())
   assert params(text) == ours - base.num_layers == 11_907_350_272
-  assert params(full) == 11_959_730_176  # + the vision and audio embedders (carried through)
+  assert params(full) == 11_959_730_176  # + the vision and audio embedders
+  # The patch embedder as params (audio stays carried through: 3840 x 640 = 2,457,600).
+  assert transformer.count_params(_with_embedder(base)) == params(full) - 2_457_600 + base.num_layers
   assert params(assistant) == ours_d - dcfg.text.num_layers == 422_856_960
 
 
@@ -300,11 +314,10 @@ def test_round_trip_is_bit_exact_and_loads_cleanly(src, tmp_path, which):
   _cli("hf-to-jax", "--base", src[which], "--drafter", src["drafter"], "--out", pair_dir)
   pair = checkpoint.load_pair(str(pair_dir))
   assert pair.base_cfg.hf_family == pair.drafter_cfg.text.hf_family == families.UNIFIED
-  if which == "mm":
+  if which == "mm":  # the vision embedder is params (tests/test_unified_vision.py), audio extra
     with st_io.Reader(str(pair_dir / "hf_extra")) as extra:
-      assert any(k.startswith("model.vision_embedder.") for k in extra.keys())
-      assert "model.embed_audio.embedding_projection.weight" in extra.keys()
-      assert "model.embed_vision.embedding_projection.weight" in extra.keys()
+      assert list(extra.keys()) == ["model.embed_audio.embedding_projection.weight"]
+    assert "pos_embedding" in pair.params["base"]["vision"]
   _cli("jax-to-hf", "--checkpoint", pair_dir, "--out", out)
   _assert_same_files(src[which], out / "base")
   _assert_same_files(src["drafter"], out / "drafter", ["model.safetensors", "config.json"])

@@ -5,13 +5,15 @@ Handles both HF layouts: `Gemma4ForCausalLM` (`model.*`) and `Gemma4ForCondition
 `extra` so an export can carry them through). The 12B's `Gemma4UnifiedForCausalLM` /
 `Gemma4UnifiedForConditionalGeneration` use the same text names; their multimodal tensors are the
 embedders `model.vision_embedder.*`, `model.embed_vision.embedding_projection.weight` and
-`model.embed_audio.embedding_projection.weight` (as stored; transformers renames them on load). `lm_head.weight` is tied to the embedding in every
-released model: it is accepted on input when equal to it and never written on output.
+`model.embed_audio.embedding_projection.weight` (as stored; transformers renames them on load).
+`lm_head.weight` is tied to the embedding in every released model: it is accepted on input when
+equal to it and never written on output.
 
-A gemma4 base whose config has a vision tower (`ModelConfig.vision`) converts the tower and its
-embedder (`model.vision_tower.*`, `model.embed_vision.*`) into real params under params["vision"]
-(`hf_names.vision_entries`, `model.vision`); the audio tower (and the 12B's vision embedder) stay
-carried-through extras.
+A base whose config has an image front end (`ModelConfig.vision`) converts it into real params
+under params["vision"] (`hf_names.vision_entries`): gemma4's tower and embedder
+(`model.vision_tower.*`, `model.embed_vision.*`; `model.vision`) or the 12B's patch embedder
+(`model.vision_embedder.*`, `model.embed_vision.embedding_projection.weight`;
+`model.unified_vision`). The audio tower / embedder stays a carried-through extra.
 
 The Flax model is `gemma_mtp_jax.model.transformer`; the per-layer entries are in `hf_names`. Files
 are read by `hf_read` and written by `hf_export`.
@@ -64,7 +66,7 @@ def _split_vision(cfg: config_lib.ModelConfig, prefix: str, extra, where: str):
   if prefix != MULTIMODAL_PREFIX:
     raise names.ConversionError(f"{where}: the config has a vision tower but the checkpoint is "
                                 f"text-only (no {MULTIMODAL_PREFIX!r} tensors)")
-  ours = tuple(CAUSAL_PREFIX + p for p in (names.VISION_TOWER, names.EMBED_VISION))
+  ours = tuple(CAUSAL_PREFIX + p for p in names.vision_prefixes(cfg))
   vision = {k[len(CAUSAL_PREFIX):] for k in extra if k.startswith(ours)}
   unexpected = sorted(vision - {e.hf for e in names.vision_entries(cfg)})
   if unexpected:

@@ -3,9 +3,9 @@
 A pair converted from HF dirs is written back bit for bit: same tensors, dtypes, shard layout,
 config.json and generation_config.json (kept in its `hf_extra` info, see the package docstring).
 A pair whose architecture changed, or one made from scratch, gets configs generated from the JAX
-config by transformers' own config classes. The vision tower of a gemma4 base is written from its
-params (`hf_base`); the carried-through tensors (audio tower, the 12B's vision embedder, a tower the
-config lacks) come back from its hf_extra/ dir.
+config by transformers' own config classes. The image front end (gemma4's vision tower, the 12B's
+patch embedder) is written from its params (`hf_base`); the carried-through tensors (audio tower or
+embedder, a vision front end the config lacks) come back from its hf_extra/ dir.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _fresh_base_config(cfg: config_lib.ModelConfig) -> dict:
   if cfg.vision is None:
     return _fresh_config_json(getattr(transformers, fam.text_config_class)(**d))
   text = getattr(transformers, fam.text_config_class)(**d.pop("text_config"))
-  vision = transformers.Gemma4VisionConfig(**d.pop("vision_config"))
+  vision = getattr(transformers, fam.vision_config_class)(**d.pop("vision_config"))
   return _fresh_config_json(getattr(transformers, fam.multimodal_config_class)(
       text_config=text, vision_config=vision, **d))
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import vision_config
 
 Path = tuple[str, ...]
 
@@ -147,12 +148,44 @@ def _clippable(hf: str, path: Path, entry: Entry, clipped: bool) -> list[Entry]:
   return out
 
 
+VISION_EMBEDDER = "vision_embedder."  # the 12B's patch embedder, as stored on disk
+
+
+def vision_prefixes(cfg: config_lib.ModelConfig) -> tuple[str, ...]:
+  """The HF name prefixes (under `model.`) of the image front end's tensors: gemma4's tower and
+  embedder, or the 12B's patch embedder and its projection."""
+  if isinstance(cfg.vision, vision_config.UnifiedVisionConfig):
+    return (VISION_EMBEDDER, f"{EMBED_VISION}embedding_projection.")
+  return (VISION_TOWER, EMBED_VISION)
+
+
+def unified_vision_entries(cfg: config_lib.ModelConfig) -> list[Entry]:
+  """The 12B's `Gemma4UnifiedVisionEmbedder` under its on-disk names (transformers renames
+  `vision_embedder.*` -> `embed_vision.*` and `embed_vision.embedding_projection` ->
+  `embed_vision.multimodal_embedder.embedding_projection` on load, back on save); Flax paths of
+  `model.unified_vision` under ("vision",)."""
+  v, root, p = cfg.vision, ("vision",), VISION_EMBEDDER
+  c, d = v.channels, v.mm_embed_dim
+  e = [linear(f"{p}patch_dense.weight", root + ("patch_dense",), d, c),
+       copy(f"{p}patch_dense.bias", root + ("patch_dense_bias",), (d,)),
+       copy(f"{p}pos_embedding", root + ("pos_embedding",), (v.mm_posemb_size, 2, d)),
+       linear(f"{EMBED_VISION}embedding_projection.weight", root + ("projection",), cfg.embed_dim,
+              v.output_proj_dims)]
+  for norm, n in (("patch_ln1", c), ("patch_ln2", d), ("pos_norm", d)):
+    e += [copy(f"{p}{norm}.weight", root + (norm, "scale"), (n,)),
+          copy(f"{p}{norm}.bias", root + (norm, "bias"), (n,))]
+  return e
+
+
 def vision_entries(cfg: config_lib.ModelConfig) -> list[Entry]:
-  """Entries of the vision tower and its embedder (HF names under `model.`: `vision_tower.*`,
-  `embed_vision.*`), Flax paths under ("vision",); [] without a tower."""
+  """Entries of the image front end (HF names under `model.`: gemma4's `vision_tower.*`,
+  `embed_vision.*`; the 12B's `unified_vision_entries`), Flax paths under ("vision",); [] without
+  one."""
   v = cfg.vision
   if v is None:
     return []
+  if isinstance(v, vision_config.UnifiedVisionConfig):
+    return unified_vision_entries(cfg)
   d, n, k, h, f = (v.hidden_size, v.num_attention_heads, v.num_key_value_heads, v.head_dim,
                    v.intermediate_size)
   clip, root, pe = v.use_clipped_linears, ("vision",), f"{VISION_TOWER}patch_embedder."

@@ -93,8 +93,8 @@ def read_base(src_dir: str, dtype, shardings):
   info["prefix"] = hf_base.detect_prefix(info["tensors"])
   info["extra"] = sorted(extra)
   if extra:
-    log.info("base: carrying %d tensors outside the model's params (audio tower, or a vision "
-             "tower the config lacks) through untouched", len(extra))
+    log.info("base: carrying %d tensors outside the model's params (audio tower / embedder, or "
+             "a vision front end the config lacks) through untouched", len(extra))
   return trees.with_param_dtype(cfg, params), params, info
 
 

@@ -126,9 +126,9 @@ def image_inputs(cfg: config_lib.ModelConfig, prompts: Sequence[Sequence[int]], 
 
 def soft_token_count(cfg: config_lib.ModelConfig, slots: tuple, pixels: bool) -> int:
   """Soft tokens of one prompt's images: the valid soft slots, or for pixel slots the real
-  patches / pooling_kernel_size**2 per image (HF's split sizes)."""
+  patches / pooling_kernel_size**2 per image (HF's split sizes; the 12B: one per patch)."""
   if not pixels:
     return int(np.sum(np.asarray(slots[1])))
-  k2 = cfg.vision.pooling_kernel_size ** 2
+  k2 = cfg.vision.patches_per_soft_token
   real_ip = np.all(np.asarray(slots[1]) != -1, axis=-1)
   return int(np.sum(real_ip.sum(axis=-1) // k2))

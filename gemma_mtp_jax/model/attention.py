@@ -24,23 +24,27 @@ NEG_INF = -2.3819763e38  # large finite negative (as gm/MaxText); softmax of an 
 def causal_mask(q_pos_BT: Array, kv_pos_BS: Array, kv_valid_BS: Array,
                 sliding_window: int | None = None, q_seg_BT: Array | None = None,
                 kv_seg_BS: Array | None = None, q_block_BT: Array | None = None,
-                kv_block_BS: Array | None = None) -> Array:
+                kv_block_BS: Array | None = None, block_in_window: bool = True) -> Array:
   """Boolean [B, T, S]: kv position <= query position, inside the window, valid, same segment.
 
   Positions are absolute token positions (what RoPE sees); `sliding_window` W keeps the W most recent
   positions including the query's own (HF: kv > q - W).
   q_block_BT / kv_block_BS: image-block ids (-1 outside images, `image_blocks`). A query inside a
-  block also sees the block's later keys (HF's `blockwise_overlay` OR-ed with causality), still
-  under the window's lower bound only: HF's AND(kv > q - W, OR(causal, same block)).
+  block also sees the block's later keys (HF's `blockwise_overlay` OR-ed with causality). With
+  `block_in_window` (gemma4's `create_masks_for_vision_model`) the window's lower bound still
+  applies: AND(kv > q - W, OR(causal, same block)); without it (the 12B's masks, see
+  `transformer.image_overlay`) the whole block is seen: OR(AND(kv > q - W, causal), same block).
   """
   q = q_pos_BT[:, :, None]
   k = kv_pos_BS[:, None, :]
   m = k <= q
+  if sliding_window is not None and not block_in_window:
+    m &= k > q - sliding_window
   if q_block_BT is not None and kv_block_BS is not None:
     qb = q_block_BT[:, :, None]
     m |= (qb == kv_block_BS[:, None, :]) & (qb >= 0)
   m &= kv_valid_BS[:, None, :]
-  if sliding_window is not None:
+  if sliding_window is not None and block_in_window:
     m &= k > q - sliding_window
   if q_seg_BT is not None and kv_seg_BS is not None:
     m &= q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]

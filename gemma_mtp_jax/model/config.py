@@ -82,9 +82,9 @@ class ModelConfig:
   # The transformers family (`families`): "gemma4" or "gemma4_unified" (12B). Same computation;
   # it decides the model_type / classes an export writes.
   hf_family: str = families.GEMMA4
-  # Images (`model.vision`): the tower (None: text only), the top-level HF config's placeholder ids
-  # (video/audio ones are embedded as pad, as HF does), HF's text `use_bidirectional_attention`.
-  vision: vision_lib.VisionConfig | None = None
+  # Images (`model.vision`; the 12B: `model.unified_vision`): None is text only; the top-level HF
+  # config's placeholder ids (video/audio embed as pad, as in HF); `use_bidirectional_attention`.
+  vision: vision_lib.VisionConfig | vision_lib.UnifiedVisionConfig | None = None
   image_token_id: int | None = None
   boi_token_id: int | None = None
   eoi_token_id: int | None = None
@@ -104,7 +104,7 @@ class ModelConfig:
     object.__setattr__(self, "layer_types", tuple(self.layer_types))
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-    object.__setattr__(self, "vision", vision_lib.as_vision_config(self.vision))
+    object.__setattr__(self, "vision", vision_lib.as_vision_config(self.vision, self.hf_family))
     self.validate()
 
   # ------------------------------------------------------------------ validation

@@ -32,6 +32,7 @@ class Family:
   multimodal_config_class: str
   assistant_config_class: str
   assistant_backbone: int  # the assistant config class's default backbone_hidden_size
+  vision_config_class: str = "Gemma4VisionConfig"  # of the image front end (`model.vision_config`)
   # Text-config defaults that differ from gemma4's (the config class's own defaults).
   text_defaults: tuple[tuple[str, Any], ...] = ()
   # Text-config fields the family's config class does not have (its model never reads them).
@@ -63,6 +64,7 @@ FAMILIES = {
         text_config_class="Gemma4UnifiedTextConfig",
         multimodal_config_class="Gemma4UnifiedConfig",
         assistant_config_class="Gemma4UnifiedAssistantConfig", assistant_backbone=3840,
+        vision_config_class="Gemma4UnifiedVisionConfig",
         text_defaults=(("sliding_window", 1024), ("max_position_embeddings", 262_144),
                        ("use_bidirectional_attention", "vision")),
         removed=_PLE_MOE),

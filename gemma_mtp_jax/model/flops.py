@@ -13,6 +13,7 @@ experts, PLE, LM heads); embedding lookups, norms and softmaxes are free. Two us
 from __future__ import annotations
 
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.model import vision_config
 
 
 def layer_macs(cfg: config_lib.ModelConfig, i: int) -> int:
@@ -83,8 +84,11 @@ def vision_flops_per_image(base_cfg: config_lib.ModelConfig, num_patches: int) -
   """Forward FLOPs of the vision tower + projection for one image of `num_patches` patches (padding
   patches included: the tower runs on the whole slot): patch embedding, every encoder layer's
   projections, MLP and bidirectional attention over the patches, and the projection of its
-  num_patches / pooling_kernel_size**2 soft tokens into the text width."""
+  num_patches / pooling_kernel_size**2 soft tokens into the text width. The 12B's patch embedder
+  (`model.unified_vision`): its dense layer and the projection, per patch (= soft token)."""
   v = base_cfg.vision
+  if isinstance(v, vision_config.UnifiedVisionConfig):
+    return 2.0 * num_patches * v.mm_embed_dim * (v.channels + base_cfg.embed_dim)
   d, h = v.hidden_size, v.head_dim
   layer = (2 * d * v.num_attention_heads * h + 2 * d * v.num_key_value_heads * h
            + 3 * d * v.intermediate_size)

@@ -25,7 +25,8 @@ from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import kv_cache as kv_cache_lib
 from gemma_mtp_jax.model import layers
 from gemma_mtp_jax.model import moe
-from gemma_mtp_jax.model import vision as vision_lib
+from gemma_mtp_jax.model import families
+from gemma_mtp_jax.model import unified_vision
 
 Array = jax.Array
 
@@ -234,10 +235,9 @@ class Transformer(nn.Module):
       self.plan = tuple((i, 1, 1) for i in range(cfg.num_layers))
       self.blocks = [block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.final_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
-    if cfg.vision is not None:
-      self.vision = vision_lib.VisionEncoder(cfg.vision, cfg.embed_dim, dtype=cfg.dtype,
-                                             param_dtype=cfg.param_dtype,
-                                             remat_policy=cfg.remat_policy)
+    if cfg.vision is not None:  # gemma4's tower, or the 12B's patch embedder (by config type)
+      self.vision = unified_vision.make_image_encoder(cfg.vision, cfg.embed_dim, cfg.dtype,
+                                                      cfg.param_dtype, cfg.remat_policy)
 
   # -------------------------------------------------------------------------- pieces
   def embed(self, tokens_BT: Array) -> Array:
@@ -312,8 +312,8 @@ class Transformer(nn.Module):
       images: (pixel_values_Bipc, pixel_positions_Bip2) image slots, encoded by the "vision"
         submodule into `image_soft`.
     With images (either form) and `use_bidirectional_attention == "vision"`, each run of image
-    tokens attends itself both ways on sliding layers (HF applies that only on calls given
-    `mm_token_type_ids`: the prefill in `generate`; decode steps are causal, as here).
+    tokens attends itself both ways (on the layer types of `image_overlay`; HF applies that only
+    on calls given `mm_token_type_ids`: the prefill in `generate`; decode steps are causal, as here).
     """
     cfg = self.cfg
     if images is not None:
@@ -341,11 +341,12 @@ class Transformer(nn.Module):
       if bidirectional:
         block_BT = kv_block_BS = attention.image_blocks(image_BT, segment_ids_BT)
     masks = {}
+    overlay, in_window = image_overlay(cfg)
     for lt in types:
-      blocks = (block_BT, kv_block_BS) if lt == config_lib.SLIDING else (None, None)
+      blocks = (block_BT, kv_block_BS) if lt in overlay else (None, None)
       masks[lt] = attention.causal_mask(positions_BT, kv_pos_BS, kv_valid_BS, window_for(cfg, lt),
-                                        segment_ids_BT, kv_seg_BS, *blocks)
-      if bidirectional and lt == config_lib.SLIDING:
+                                        segment_ids_BT, kv_seg_BS, *blocks, in_window)
+      if bidirectional and lt in overlay:
         masks[lt] = attention.Lookahead(masks[lt])
 
     x_BTD, layer_kv = self.run_layers(x_BTD, rope, masks, ple_BTLP, cache, start_B)
@@ -398,6 +399,23 @@ class Transformer(nn.Module):
     return x_BTD, layer_kv
 
 
+def image_overlay(cfg: config_lib.ModelConfig) -> tuple[tuple[str, ...], bool]:
+  """(layer types whose mask gets the bidirectional image-block overlay, whether the sliding
+  window also bounds it): what HF's `generate` runs with its default (dynamic) cache.
+
+  gemma4 (`Gemma4Model.forward`, `create_masks_for_vision_model`): sliding layers only, as
+  AND(window, OR(causal, block)). The 12B (`Gemma4UnifiedModel.forward`) passes the block ids to
+  masking_utils' `create_masks_for_generate` instead: the overlay on full AND sliding layers, the
+  sliding one as OR(AND(window, causal), block), so an image longer than the window still sees
+  all of itself. (transformers 5.23's unified `create_masks_for_generate` static method, used only
+  with compileable caches, builds gemma4's masks instead: an HF inconsistency; we follow the
+  dynamic-cache forward, which `generate` and a plain forward call run.)
+  """
+  if cfg.hf_family == families.UNIFIED:
+    return (config_lib.SLIDING, config_lib.FULL), False
+  return (config_lib.SLIDING,), True
+
+
 def merge_image_soft(x_BTD: Array, image_BT: Array, soft_BisD: Array, valid_Bis: Array) -> Array:
   """x with row b's valid soft tokens written, in slot order, at its image-token positions (HF's
   masked_scatter, per row). Static shapes: the valid tokens are compacted by a stable sort, the
@@ -424,7 +442,7 @@ def init_params(cfg: config_lib.ModelConfig, rng: Array, batch: int = 1, length:
   """Random params (boxed with logical axes; `nn.unbox` them for plain arrays)."""
   tokens = jnp.zeros((batch, length), jnp.int32)
   positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-  images = vision_lib.dummy_images(cfg.vision, batch) if cfg.vision is not None else None
+  images = unified_vision.dummy_inputs(cfg.vision, batch) if cfg.vision is not None else None
   return Transformer(cfg).init(rng, tokens, positions, images=images)["params"]
 
 
