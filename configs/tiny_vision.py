@@ -39,7 +39,7 @@ def get_config():
   cfg.model.use_bidirectional_attention = "vision"
   cfg.train = train_config.train_fields(**{
       **cfg.train.to_dict(),
-      "seq_len": 128, "num_steps": 500, "warmup_steps": 30, "eval_every": 0, "save_every": 250,
+      "seq_len": 128, "num_steps": 300, "warmup_steps": 30, "eval_every": 0, "save_every": 150,
       "eval_prompts": 32, "eval_new_tokens": 16, "eval_max_prompt_len": 100,
       "freeze_vision": False})
   cfg.data = _data()
