@@ -105,10 +105,14 @@ def test_load_config_errors_name_the_preset(tmp_path):
 @pytest.mark.parametrize("name", PRESETS)
 def test_base_round_trips_through_hf(name, tmp_path):
   base, _ = _pair(name)
-  hf = transformers.Gemma4TextConfig(**base.to_hf_config())
+  if base.vision is None:
+    hf = transformers.Gemma4TextConfig(**base.to_hf_config())
+  else:  # a base with a vision tower is a Gemma4ForConditionalGeneration config
+    hf = transformers.Gemma4Config(**base.to_hf_config())
+    assert hf.vision_config.hidden_size == base.vision.hidden_size
   d = hf.to_dict()
   # transformers 5.23 writes global-layer overrides as `per_layer_config`, not global_head_dim.
-  assert "per_layer_config" in d
+  assert "per_layer_config" in d.get("text_config", d)
   back = ModelConfig.from_hf_config(d, **_local(base))
   assert back == base, _diff(base, back)
 
@@ -119,9 +123,18 @@ def test_base_round_trips_through_hf(name, tmp_path):
   assert ModelConfig.from_hf_config(json.loads((tmp_path / "config.json").read_text()),
                                     **_local(base)) == base
 
-  nested = transformers.Gemma4Config(text_config=base.to_hf_config()).to_dict()
+  # The text config inside a multimodal one with no tower reads back as the text-only base.
+  text_only = base.replace(vision=None, image_token_id=None, boi_token_id=None, eoi_token_id=None,
+                           video_token_id=None, audio_token_id=None)
+  nested = transformers.Gemma4Config(text_config=_text_hf(base)).to_dict()
   assert nested["model_type"] == "gemma4"
-  assert ModelConfig.from_hf_config(nested, **_local(base)) == base
+  assert ModelConfig.from_hf_config(nested, **_local(base)) == text_only
+
+
+def _text_hf(base: ModelConfig) -> dict:
+  """The HF text config dict of `base` (the `text_config` of a base with a vision tower)."""
+  d = base.to_hf_config()
+  return d["text_config"] if base.vision is not None else d
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -141,7 +154,7 @@ def test_drafter_round_trips_through_hf(name):
 @pytest.mark.parametrize("name", PRESETS)
 def test_store_layers_match_hf_kv_sharing(name):
   base, _ = _pair(name)
-  modes = transformers.Gemma4TextConfig(**base.to_hf_config()).kv_sharing_modes
+  modes = transformers.Gemma4TextConfig(**_text_hf(base)).kv_sharing_modes
   if base.num_kv_shared_layers:
     assert {i for i, m in enumerate(modes) if m == "store"} == set(base.store_layers.values())
     assert [m == "reuse" for m in modes] == [base.is_kv_shared(i) for i in range(base.num_layers)]
