@@ -153,11 +153,24 @@ PUBLISHED_B = {"e2b": 4.63, "e4b": 7.46, "26b_a4b": 25.23, "31b": 30.70}
 def test_preset_param_count_equals_hf_meta_model(preset):
   from gemma_mtp_jax import presets
   cfg, _ = presets.model_configs(presets.load_config(preset))
+  full = cfg
+  cfg = cfg.replace(vision=None, image_token_id=None)  # the text model (what the table counts)
   ours = transformer.count_params(cfg)  # jax.eval_shape: nothing allocated
+  hf_text = full.to_hf_config()["text_config"] if full.vision else full.to_hf_config()
   with torch.device("meta"):
-    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**cfg.to_hf_config()))
-  # HF keeps `layer_scalar` as a (saved) buffer; here it is a param.
-  hf_count = sum(p.numel() for p in hf.parameters()) + sum(
-      b.numel() for n, b in hf.named_buffers() if n.endswith("layer_scalar"))
-  assert ours == hf_count
+    hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**hf_text))
+  assert ours == _hf_count(hf)
   assert abs(ours / 1e9 - PUBLISHED_B[preset]) < 0.01
+  if full.vision is not None:  # the tower + projection too (HF without its audio tower)
+    with torch.device("meta"):
+      hf = transformers.Gemma4ForConditionalGeneration(
+          transformers.Gemma4Config(**full.to_hf_config()))
+    assert transformer.count_params(full) == _hf_count(hf)
+
+
+def _hf_count(model) -> int:
+  """Parameters of an HF model as this package counts them: HF keeps `layer_scalar` and the
+  vision tower's clip bounds as (saved) buffers; here they are params."""
+  clip = ("layer_scalar", "input_min", "input_max", "output_min", "output_max")
+  return sum(p.numel() for p in model.parameters()) + sum(
+      b.numel() for n, b in model.named_buffers() if n.endswith(clip))
