@@ -101,6 +101,24 @@ def test_routed_equals_dense(load, impl, jit):
   assert _max_diff(g, g_ref) <= TOL, jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g, g_ref)
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_bf16_compute_casts_each_layer_and_changes_no_value(jit):
+  """f32 params, bf16 compute: the weights are cast inside the layer (behind an optimization
+  barrier, `moe._cast_here`), with outputs and gradients bit-equal to casting them beforehand,
+  and within bf16 rounding of the f32 dense reference."""
+  router_in_BTD, x_BTD, params = _inputs("random")
+  block = moe.RoutedMoE(E, K, F, dtype=jnp.bfloat16)
+  y, g = _value_and_grads(block, router_in_BTD, x_BTD, params, jit)
+  pre = jax.tree.map(lambda p: p.astype(jnp.bfloat16) if p.ndim == 3 else p, params)
+  y_pre, g_pre = _value_and_grads(block, router_in_BTD, x_BTD, pre, jit)
+  big = [a for a in jax.tree.leaves(g[0]) if a.ndim == 3]  # the expert weights' gradients
+  assert y.dtype == jnp.bfloat16 and len(big) == 3 and all(a.dtype == jnp.float32 for a in big)
+  assert _max_diff(y, y_pre) == 0.0
+  assert _max_diff(g, jax.tree.map(lambda a, b: a.astype(b.dtype), g_pre, g)) == 0.0
+  y_ref, _ = _value_and_grads(moe.DenseMoE(E, K, F), router_in_BTD, x_BTD, params)
+  assert 0 < float(jnp.abs(y.astype(jnp.float32) - y_ref).max()) <= 0.05
+
+
 def test_route_keeps_leading_dims_and_matches_flat():
   router_in_BTD, _, params = _inputs("random")
   p = params["params"]

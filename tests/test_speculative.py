@@ -102,6 +102,27 @@ class OracleProposer:
     return jnp.where(jnp.arange(k) == m_B[:, None], (d_BA + 1) % self.vocab, d_BA), None
 
 
+
+def test_executable_cache_is_bounded_and_counts_every_compile(pair, monkeypatch):
+  """The decode programs stay cached up to `_MAX_EXECUTABLES` (least recently used dropped first);
+  `compiled_programs` counts every compile, evicted ones too, and an evicted shape compiles again."""
+  base = pair[0]
+  rng = np.random.default_rng(11)
+  monkeypatch.setattr(spec, "_EXECUTABLES", spec.collections.OrderedDict())
+  monkeypatch.setattr(spec, "_MAX_EXECUTABLES", 2)
+  before = spec.compiled_programs()
+  first = _spec(pair, _prompts(rng, base.vocab_size, [5, 6]), 4, 2)
+  assert first.compile_seconds > 0 and len(spec._EXECUTABLES) == 2
+  again = _spec(pair, _prompts(rng, base.vocab_size, [4, 7]), 4, 2)
+  assert again.compile_seconds == 0.0  # same bucket: reused
+  other = _spec(pair, _prompts(rng, base.vocab_size, [5, 6]), 4, 3)  # K = 3: new programs
+  assert other.compile_seconds > 0 and len(spec._EXECUTABLES) == 2
+  evicted = _spec(pair, _prompts(rng, base.vocab_size, [5, 6]), 4, 2)
+  assert evicted.compile_seconds > 0 and len(spec._EXECUTABLES) == 2
+  # prefill does not depend on K: compiled once, kept (recently used); decode for K = 2, K = 3,
+  # then K = 2 again after its eviction.
+  assert spec.compiled_programs() - before == {"prefill": 1, "decode": 3}
+
 # ------------------------------------------------------------------------------ sampling filters
 def test_log_probs_temperature_top_k_top_p():
   logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))

@@ -390,19 +390,23 @@ def decode_prompts(base_params, base_cfg: config_lib.ModelConfig, prompts: Seque
   return result
 
 
-_EXECUTABLES: dict = {}
+# The compiled decode programs, least recently used first. Bounded: a long-lived process (a server,
+# a test session) that decodes many shapes would otherwise keep every executable it ever built.
+_EXECUTABLES: collections.OrderedDict = collections.OrderedDict()
+_MAX_EXECUTABLES = 32
+_COMPILES: collections.Counter = collections.Counter()
 
 
 def compiled_programs() -> collections.Counter:
   """How many executables each decode program ("prefill", "decode") has compiled in this process,
   one per (shapes, options) set: a request that reuses them compiles nothing (`_compiled` is the
   only way the programs are compiled). XLA compiles of everything else: `utils.compiles`."""
-  return collections.Counter(key[0] for key in _EXECUTABLES)
+  return collections.Counter(_COMPILES)
 
 
 def _compiled(fn, args, **static):
   """(`fn` lowered and compiled for these argument shapes and static options, seconds spent
-  compiling: 0 when cached)."""
+  compiling: 0 when cached). The newest `_MAX_EXECUTABLES` executables are kept."""
   leaves, treedef = jax.tree.flatten(args)
   # The shardings too: the trainer's eval decodes with params laid out on its mesh.
   key = (fn.__name__, treedef,
@@ -410,9 +414,13 @@ def _compiled(fn, args, **static):
          tuple(sorted(static.items())))
   exe = _EXECUTABLES.get(key)
   if exe is not None:
+    _EXECUTABLES.move_to_end(key)
     return exe, 0.0
   t0 = time.perf_counter()
   exe = _EXECUTABLES[key] = fn.lower(*args, **static).compile()
+  _COMPILES[fn.__name__] += 1
+  while len(_EXECUTABLES) > _MAX_EXECUTABLES:
+    _EXECUTABLES.popitem(last=False)
   return exe, time.perf_counter() - t0
 
 
