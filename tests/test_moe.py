@@ -102,10 +102,10 @@ def test_routed_equals_dense(load, impl, jit):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_bf16_compute_casts_each_layer_and_changes_no_value(jit):
-  """f32 params, bf16 compute: the weights are cast inside the layer (behind an optimization
-  barrier, `moe._cast_here`), with outputs and gradients bit-equal to casting them beforehand,
-  and within bf16 rounding of the f32 dense reference."""
+def test_bf16_compute_with_f32_params(jit):
+  """f32 params, bf16 compute (the presets' numerics): bf16 outputs within bf16 rounding of the f32
+  dense reference, f32 gradients equal to those of pre-cast bf16 weights, and a NaN input token
+  does not leak into the other tokens."""
   router_in_BTD, x_BTD, params = _inputs("random")
   block = moe.RoutedMoE(E, K, F, dtype=jnp.bfloat16)
   y, g = _value_and_grads(block, router_in_BTD, x_BTD, params, jit)
@@ -117,6 +117,8 @@ def test_bf16_compute_casts_each_layer_and_changes_no_value(jit):
   assert _max_diff(g, jax.tree.map(lambda a, b: a.astype(b.dtype), g_pre, g)) == 0.0
   y_ref, _ = _value_and_grads(moe.DenseMoE(E, K, F), router_in_BTD, x_BTD, params)
   assert 0 < float(jnp.abs(y.astype(jnp.float32) - y_ref).max()) <= 0.05
+  y_nan = block.apply(params, router_in_BTD, x_BTD.at[0, 0, 0].set(jnp.nan))
+  assert bool(jnp.isnan(y_nan[0, 0]).any()) and bool(jnp.isfinite(y_nan[1]).all())
 
 
 def test_route_keeps_leading_dims_and_matches_flat():

@@ -196,6 +196,12 @@ def load_processor(path: str):
   """`AutoProcessor.from_pretrained(path)`; without torchvision, the same processor less video."""
   if _torchvision():
     return transformers.AutoProcessor.from_pretrained(path)
+  return load_processor_pil(path)
+
+
+def load_processor_pil(path: str):
+  """The dir's `Gemma4Processor` with transformers' PIL image processor and no video processor
+  (what `load_processor` gives without torchvision, whatever is installed)."""
   from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
   from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 

@@ -160,19 +160,6 @@ def grouped_mlp(x_YD: Array, sizes_E: Array, gate_EDF: Array, up_EDF: Array, dow
 
 
 # ---------------------------------------------------------------------------- routed experts
-def _cast_here(weights: tuple[Array, ...], dtype) -> tuple[Array, ...]:
-  """The expert weights cast to `dtype` where this layer runs, not before the layer loop.
-
-  Under `scan_layers` XLA rewrites convert(slice(stacked f32 params)) into slice(convert(stacked))
-  and hoists the convert out of the loop: a `dtype` copy of every layer's expert weights then lives
-  through the whole forward and backward (26B-A4B on v5p-32: 2.66 GiB per chip). The barrier keeps
-  the cast per layer; it changes no value.
-  """
-  if all(w.dtype == jnp.dtype(dtype) for w in weights):
-    return weights
-  return tuple(w.astype(dtype) for w in jax.lax.optimization_barrier(weights))
-
-
 def _local_experts(x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD, first_expert, act, dtype,
                    impl):
   """Routed experts for the E experts [first_expert, first_expert + E) held here: [X, D].
@@ -188,8 +175,8 @@ def _local_experts(x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD, first_e
   order_Y = jnp.argsort(key_Y, stable=True)  # stable: a fixed order, whatever the sort backend
   sizes_E = jnp.zeros((e + 1,), jnp.int32).at[key_Y].add(1)[:e]
   x_YD = x_XD.astype(dtype)[order_Y // k]
-  gate_EDF, up_EDF, down_EFD = _cast_here((gate_EDF, up_EDF, down_EFD), dtype)
-  y_YD = grouped_mlp(x_YD, sizes_E, gate_EDF, up_EDF, down_EFD, act, impl)
+  cast = lambda w: w.astype(dtype)
+  y_YD = grouped_mlp(x_YD, sizes_E, cast(gate_EDF), cast(up_EDF), cast(down_EFD), act, impl)
   inverse_Y = jnp.zeros_like(order_Y).at[order_Y].set(jnp.arange(order_Y.shape[0]))
   y_XkD = y_YD[inverse_Y].reshape(x_tokens, k, -1)
   w_Xk = jnp.where(mine_Y.reshape(x_tokens, k), weights_Xk, 0).astype(dtype)
@@ -283,7 +270,7 @@ def routed_experts_sharded(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_E
 
   def body(x_XD, w_Xk, i_Xk, gate_EDF, up_EDF, down_EFD):
     # Cast before gathering D: the gather and the gradient's reduce-scatter move `dtype`.
-    gate_EDF, up_EDF, down_EFD = _cast_here((gate_EDF, up_EDF, down_EFD), dtype)
+    gate_EDF, up_EDF, down_EFD = (a.astype(dtype) for a in (gate_EDF, up_EDF, down_EFD))
     if d_axes:
       gate_EDF, up_EDF = (jax.lax.all_gather(a, d_axes, axis=1, tiled=True)
                           for a in (gate_EDF, up_EDF))
