@@ -86,6 +86,7 @@ class Plan:
   temp_gib: float
   alias_gib: float
   total_gib: float
+  peak_gib: float  # XLA's own peak of live buffers on one chip (0 where the backend reports none)
   hbm_gib: float
   fits: bool
   compiled_flops_per_chip: float  # XLA's count: a loop body (scanned layers, chunks) counts once
@@ -150,7 +151,8 @@ def plan(cfg, topology: str, step_time: float = 1.0, images_per_row: int = 0,
       raise
     temps = int(float(need.group(1)) * gib)
     mem = types.SimpleNamespace(argument_size_in_bytes=state_bytes, output_size_in_bytes=0,
-                                temp_size_in_bytes=temps, alias_size_in_bytes=0)
+                                temp_size_in_bytes=temps, alias_size_in_bytes=0,
+                                peak_memory_in_bytes=0)
     cost = {}
   compile_s = time.time() - t0
   total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -169,7 +171,8 @@ def plan(cfg, topology: str, step_time: float = 1.0, images_per_row: int = 0,
       grad_accum_steps=accum, seq=seq, mode=mode, images_per_row=images_per_row,
       image_soft_tokens=image_soft_tokens if images_per_row else 0, vision=vision, state_gib=state_bytes / gib, argument_gib=mem.argument_size_in_bytes / gib,
       output_gib=mem.output_size_in_bytes / gib, temp_gib=mem.temp_size_in_bytes / gib,
-      alias_gib=mem.alias_size_in_bytes / gib, total_gib=total / gib, hbm_gib=hbm / gib,
+      alias_gib=mem.alias_size_in_bytes / gib, total_gib=total / gib,
+      peak_gib=getattr(mem, "peak_memory_in_bytes", 0) / gib, hbm_gib=hbm / gib,
       fits=total <= hbm, compiled_flops_per_chip=float(cost.get("flops", 0.0)),
       model_flops_per_token=per_token, model_flops_per_step=mflops, mfu_at_step_time=mflops / (step_time * peak * len(devices)),
       step_time_s=step_time, compile_s=compile_s)
@@ -183,7 +186,8 @@ def describe(r: Plan) -> str:
       f"(grad_accum_steps={r.grad_accum_steps}) seq={r.seq}; compiled in {r.compile_s:.0f}s",
       f"  per chip: train state {r.state_gib:.2f} GiB; arguments {r.argument_gib:.2f} GiB + outputs {r.output_gib:.2f} + temps "
       f"{r.temp_gib:.2f} - aliased {r.alias_gib:.2f} = {r.total_gib:.2f} GiB of "
-      f"{r.hbm_gib:.0f} GiB HBM -> {'fits' if r.fits else 'DOES NOT FIT'}",
+      f"{r.hbm_gib:.0f} GiB HBM -> {'fits' if r.fits else 'DOES NOT FIT'}"
+      + (f" (XLA's peak of live buffers: {r.peak_gib:.2f} GiB)" if r.peak_gib else ""),
       f"  model FLOPs: {r.model_flops_per_token:.3e} per token, {r.model_flops_per_step:.3e} per "
       f"step; MFU at {r.step_time_s:g}s/step: {100 * r.mfu_at_step_time:.1f}% (XLA's own count: "
       f"{r.compiled_flops_per_chip:.3e} FLOPs per chip, loop bodies counted once)"])
