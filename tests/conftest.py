@@ -49,7 +49,6 @@ def _release_executables():
     return
   from gemma_mtp_jax.decoding import speculative
   from gemma_mtp_jax.training import step
-  speculative._EXECUTABLES.clear()
-  for cached in (step.init_fn, step._plain_init, step._programs):
-    cached.cache_clear()
+  speculative.clear_executables()
+  step.clear_program_caches()
   jax.clear_caches()

@@ -404,6 +404,11 @@ def compiled_programs() -> collections.Counter:
   return collections.Counter(_COMPILES)
 
 
+def clear_executables() -> None:
+  """Drops the cached decode executables (the compile counts stay)."""
+  _EXECUTABLES.clear()
+
+
 def _compiled(fn, args, **static):
   """(`fn` lowered and compiled for these argument shapes and static options, seconds spent
   compiling: 0 when cached). The newest `_MAX_EXECUTABLES` executables are kept."""

@@ -288,6 +288,13 @@ def _programs(base_cfg, dcfg, tcfg: TrainConfig, mesh, rules) -> Programs:
 
 
 # ------------------------------------------------------------------------------ the mesh
+def clear_program_caches() -> None:
+  """Forgets the cached init functions and programs (and so their compiled executables, once jax's
+  own caches are cleared too: `jax.clear_caches()`); the next run builds them anew."""
+  for cached in (init_fn, _plain_init, _programs):
+    cached.cache_clear()
+
+
 def run_mesh(mesh_cfg, tcfg: TrainConfig, devices=None, process_count: int = 1):
   """(mesh, rules) of a run's `mesh` section over `devices` (default: all), after checking, before
   anything is compiled or written, that the mesh divides the devices and that the global batch
