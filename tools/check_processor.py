@@ -11,6 +11,7 @@ load any Gemma 4 dir without it (the trainer and `generate` use `data.images.loa
 """
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -21,6 +22,10 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("base_dir", help="an exported WORKDIR/hf/base (or any Gemma 4 model dir)")
   args = parser.parse_args(argv)
+  if not os.path.isfile(os.path.join(args.base_dir, "processor_config.json")):
+    print(f"error: {args.base_dir!r} has no processor_config.json (expected an exported "
+          "WORKDIR/hf/base or a Gemma 4 model dir)", file=sys.stderr)
+    return 2
   from transformers import AutoProcessor
   from transformers.utils import is_torchvision_available
 
