@@ -121,6 +121,37 @@ def test_bf16_compute_with_f32_params(jit):
   assert bool(jnp.isnan(y_nan[0, 0]).any()) and bool(jnp.isfinite(y_nan[1]).all())
 
 
+def test_expert_cotangents_come_out_together():
+  """The routed block's backward releases the tokens' and the expert weights' gradients through one
+  optimization barrier (`moe.cotangents_together`), so XLA cannot postpone the weight gradients,
+  and with them the layer's row buffers, past the input gradient; values and gradients unchanged
+  (test_routed_equals_dense), an integer argument gets its float0 cotangent."""
+  router_in_BTD, x_BTD, params = _inputs("random")
+  module = moe.RoutedMoE(E, K, F)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(module.apply(p, router_in_BTD, x)),
+                                  argnums=(0, 1)))(params, x_BTD)
+  barriers = [e for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "optimization_barrier"]
+  shapes = sorted(tuple(v.aval.shape) for e in barriers for v in e.invars)
+  assert shapes == sorted([(B * T, D), (B * T, K), (E, D, F), (E, D, F), (E, F, D)]), shapes
+
+  f = lambda x, i, w: jnp.sum(jnp.sin(x[i] * w))
+  x, i, w = jnp.arange(6.0), jnp.asarray([0, 5, 5]), jnp.asarray([1.0, 2.0, 3.0])
+  g_ref = jax.grad(f, argnums=(0, 2))(x, i, w)
+  g = jax.grad(lambda x, w: moe.cotangents_together(f)(x, i, w), argnums=(0, 1))(x, w)
+  assert _max_diff(g, g_ref) == 0.0 and float(jnp.abs(g_ref[0]).max()) > 0.5
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in its equations' params."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else (v,)):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _eqns(inner)
+
+
 def test_route_keeps_leading_dims_and_matches_flat():
   router_in_BTD, _, params = _inputs("random")
   p = params["params"]

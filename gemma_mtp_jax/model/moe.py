@@ -13,6 +13,9 @@ dropless and routed: each token visits only its k experts.
   routed_experts_sharded
                    the same under `jax.shard_map` with the experts split over the `expert` mesh axis
                    (see its docstring for the dispatch scheme and its communication cost).
+  cotangents_together
+                   wraps both: the backward hands out the tokens' and the expert weights' gradients
+                   at once (one optimization barrier), which bounds the row buffers XLA keeps live.
   DenseMoE, RoutedMoE
                    the Flax modules: the same parameters (names, shapes, logical axes, init), so
                    checkpoints and converters do not depend on the implementation; `IMPLS` maps
@@ -160,6 +163,33 @@ def grouped_mlp(x_YD: Array, sizes_E: Array, gate_EDF: Array, up_EDF: Array, dow
 
 
 # ---------------------------------------------------------------------------- routed experts
+def cotangents_together(fn):
+  """`fn` with the same values and gradients, whose input cotangents all appear at once.
+
+  Its backward runs `jax.vjp(fn)` and passes every floating cotangent through one optimization
+  barrier, so the expert weights' gradients are ready no later than the gradient of the tokens.
+  Without it XLA:TPU postponed the grouped-matmul weight gradients of a scanned period's layers to
+  the end of the period's backward, keeping each layer's [rows, D] buffers alive until then (26B-A4B,
+  v5p-32: six MoE layers' worth at once).
+  """
+
+  @jax.custom_vjp
+  def wrapped(*args):
+    return fn(*args)
+
+  def fwd(*args):
+    return jax.vjp(fn, *args)
+
+  def bwd(vjp_fn, g):
+    leaves, tree = jax.tree.flatten(vjp_fn(g))
+    floats = [j for j, leaf in enumerate(leaves) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    for j, leaf in zip(floats, jax.lax.optimization_barrier([leaves[j] for j in floats])):
+      leaves[j] = leaf
+    return jax.tree.unflatten(tree, leaves)
+
+  wrapped.defvjp(fwd, bwd)
+  return wrapped
+
 def _local_experts(x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD, first_expert, act, dtype,
                    impl):
   """Routed experts for the E experts [first_expert, first_expert + E) held here: [X, D].
@@ -192,7 +222,9 @@ def routed_experts(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_EDF: Arra
   matmuls (gate and up, act(gate) * up, down) and unsorted. Experts that get no token are empty
   groups. Works under jit and grad; compute and memory are O(X * k * D * F), not O(X * E * F).
   """
-  return _local_experts(x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD, 0, act, dtype, impl)
+  run = cotangents_together(functools.partial(_local_experts, first_expert=0, act=act, dtype=dtype,
+                                              impl=impl))
+  return run(x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD)
 
 
 def _token_axes(mesh, num_tokens: int) -> tuple[str, ...]:
@@ -292,7 +324,7 @@ def routed_experts_sharded(x_XD: Array, weights_Xk: Array, ids_Xk: Array, gate_E
   d_spec = d_axes or None
   specs = (tok_spec, tok_spec, tok_spec, P(e_axis, d_spec, f_axis), P(e_axis, d_spec, f_axis),
            P(e_axis, f_axis, d_spec))
-  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=tok_spec)(
+  return cotangents_together(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=tok_spec))(
       x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD)
 
 
