@@ -43,7 +43,8 @@ setup(
     extras_require={
         # torch only for the HF parity tests; the CPU wheel 2.13.0+cpu satisfies this pin.
         # libtpu (jax[tpu]) too: the AOT test compiles for a TPU topology on the CPU (no TPU needed).
-        "test": ["pytest", "torch==2.13.0", "jax[tpu]==0.10.2"],
+        # pytest-xdist: pytest.ini runs the suite on two worker processes.
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "jax[tpu]==0.10.2"],
         # gcsfs: orbax (through etils.epath) reaches gs:// checkpoint directories with it.
         "tpu": ["jax[tpu]==0.10.2", "gcsfs"],
     },
