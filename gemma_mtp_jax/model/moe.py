@@ -190,6 +190,7 @@ def cotangents_together(fn):
   wrapped.defvjp(fwd, bwd)
   return wrapped
 
+
 def _local_experts(x_XD, weights_Xk, ids_Xk, gate_EDF, up_EDF, down_EFD, first_expert, act, dtype,
                    impl):
   """Routed experts for the E experts [first_expert, first_expert + E) held here: [X, D].
