@@ -17,6 +17,7 @@ from gemma_mtp_jax.data import chat
 from gemma_mtp_jax.data import corpus as corpus_lib
 from gemma_mtp_jax.data import packing
 from gemma_mtp_jax.data import pipeline
+from gemma_mtp_jax.data import schemas
 from gemma_mtp_jax.data import sources
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 
@@ -400,6 +401,64 @@ def test_source_errors_name_the_file(tmp_path, hf_cache):
       dict(messages=[dict(role="narrator", content="x")])])
   with pytest.raises(chat.DataError, match="roles.jsonl.*narrator"):
     sources.split_source(sources.load_source(roles, cache_dir=hf_cache), 0.1)
+  # A misspelt schema is refused before loading, with every registered schema's columns.
+  fails(dict(path=missing, schema="chat"), "missing.jsonl.*unknown schema 'chat'; .*'messages' "
+        "needs messages .*'problem_solution' needs problem \\+ solution")
+
+
+@pytest.fixture
+def instruction_output():
+  """A made-up schema (Alpaca-like: instruction is the user turn, output the model's), registered
+  for one test with one call; the registry is restored afterwards."""
+  saved = dict(schemas.SCHEMAS)
+
+  def to_turns(row):
+    return [("user", schemas.read_content(row["instruction"], "instruction", False)),
+            (schemas.MODEL_ROLE, schemas.read_content(row["output"], "output", False))]
+
+  yield schemas.register_schema(schemas.Schema("instruction_output", ("instruction", "output"),
+                                               to_turns, "Alpaca-style pairs"))
+  schemas.SCHEMAS.clear()
+  schemas.SCHEMAS.update(saved)
+  assert "instruction_output" not in schemas.SCHEMAS
+
+
+def test_a_registered_schema_is_read_by_the_pipeline(instruction_output, tok, tmp_path, hf_cache):
+  words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
+  rows = [dict(instruction=f"Spell {w} backwards.", output=w[::-1], id=i)
+          for i, w in enumerate(words)]
+  named = _write_jsonl(tmp_path / "named.jsonl", rows[:4])
+  detected = _write_jsonl(tmp_path / "detected.jsonl", rows[4:])
+  assert sources.load_source(detected, cache_dir=hf_cache).schema == "instruction_output"
+  # Each row encodes as the equivalent `messages` row: the same tokens and assistant-only mask.
+  want = {}
+  for r in rows:
+    doc = chat.encode_example({"messages": [dict(role="user", content=r["instruction"]),
+                                            dict(role="assistant", content=r["output"])]}, tok)
+    want[tuple(doc["tokens"])] = tuple(doc["loss_mask"])
+  doc = chat.encode_example(rows[0], tok)
+  assert tok.decode(doc["tokens"]) == ("<bos><|turn>user\nSpell alpha backwards.<turn|>\n"
+                                       "<|turn>model\nahpla<turn|>\n")
+  assert [tok.decode(doc["tokens"][a:b]) for a, b in _true_runs(doc["loss_mask"])] == [
+      "ahpla<turn|>"]
+  cfg = pipeline.default_data_config()
+  cfg.sources = [dict(name="named", path=named, weight=1.0, schema="instruction_output"),
+                 dict(name="detected", path=detected, weight=1.0)]  # schema: auto
+  cfg.eval_fraction, cfg.eval_max_batches, cfg.hf_cache_dir = 0.25, 0, hf_cache
+  train_iter, eval_batches = pipeline.make_datasets(cfg, tok, seq_len=64, batch_size=2, seed=0)
+  seen = {}
+  for batch in [next(train_iter) for _ in range(8)] + eval_batches:
+    for row, seg, mask in zip(batch["tokens"], batch["segment_ids"], batch["loss_mask"]):
+      for s in range(1, seg.max() + 1):
+        seen[tuple(row[seg == s])] = tuple(mask[seg == s])
+  assert seen == want  # every row of both sources, each exactly as its messages twin
+  with pytest.raises(chat.DataError, match="'instruction_output' needs instruction \\+ output "
+                     "\\(Alpaca-style pairs\\)"):
+    chat.to_turns({"text": "x"})
+  with pytest.raises(ValueError, match="already registered"):
+    schemas.register_schema(instruction_output)
+  with pytest.raises(ValueError, match="reserved"):
+    schemas.register_schema(schemas.Schema("auto", ("a",), lambda row: []))
 
 
 # ---------------------------------------------------------------------------------- corpus + config

@@ -1,11 +1,9 @@
 """One chat example -> Gemma 4 chat tokens and the mask of tokens the model must produce.
 
-Three dataset schemas are read: `messages` (Tulu-3, or HF's multimodal chat: a list of
-{role, content}), `conversation` (the same list under NeMo's MedPix-VQA key) and
-`problem_solution` (Magicoder OSS-Instruct: problem is the user turn, solution the model's).
-A content is a string or HF's list of items: {"type": "text", "text": ...} and, in user turns,
-{"type": "image", "image": <local path | bytes | PIL image | {"bytes", "path"}>} (also under
-"path"; URLs are refused).
+A row becomes [(gemma_role, content), ...] turns by its data schema (`schemas`: the registry of
+`messages`, `conversation`, `problem_solution`, `image_qa` and any schema registered later;
+`to_turns` and `detect_schema` are re-exported here). A content is a string or, in user turns, a
+list of strings and `ImagePart`s.
 
 `encode_example` renders the turns as Gemma 4's chat template does (`chat_pieces`) and tokenizes
 them piece by piece, so control tokens always come from the tokenizer and a literal `<|turn>` in
@@ -23,104 +21,23 @@ and, only when the example has images (i of them, in order of their token blocks
 from __future__ import annotations
 
 import weakref
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from gemma_mtp_jax.data import images as images_lib
 from gemma_mtp_jax.data.errors import DataError
 from gemma_mtp_jax.data.images import ImagePart
+from gemma_mtp_jax.data.schemas import (CONVERSATION, IMAGE_QA, MESSAGES, MODEL_ROLE,
+                                        PROBLEM_SOLUTION, detect_schema, to_turns)
 from gemma_mtp_jax.data.tokenizer import BOI, BOS, EOI, IMAGE, TURN_CLOSE, TURN_OPEN
 
-__all__ = ["DataError", "ImagePart"]  # DataError lives in `errors`; everyone reaches it here
+# Re-exported: DataError lives in `errors`, the schema names and `to_turns` in `schemas`; callers
+# that encode examples reach them all here.
+__all__ = ["CONVERSATION", "DataError", "IMAGE_QA", "ImagePart", "MESSAGES", "MODEL_ROLE",
+           "PROBLEM_SOLUTION", "detect_schema", "to_turns"]
 
 Doc = dict[str, np.ndarray]  # tokens, loss_mask (+ pixel_values, pixel_positions with images)
-
-MESSAGES = "messages"  # Tulu-3 / HF chat: messages = [{role, content}, ...]
-CONVERSATION = "conversation"  # NeMo's MedPix-VQA records: conversation = [{role, content}, ...]
-PROBLEM_SOLUTION = "problem_solution"  # Magicoder OSS-Instruct: problem (user), solution (model)
-IMAGE_QA = "image_qa"  # one image, a question, an answer (columns: image, question, answer)
-SCHEMA_COLUMNS = {MESSAGES: ("messages",), CONVERSATION: ("conversation",),
-                  PROBLEM_SOLUTION: ("problem", "solution"),
-                  IMAGE_QA: ("image", "question", "answer")}
-
-# Dataset roles -> Gemma 4 roles. Gemma 4's template spells the assistant `model` and renders a
-# system (or developer) message as its own `system` turn.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "model",
-         "model": "model"}
-MODEL_ROLE = "model"
-
-
-# ---------------------------------------------------------------------------------- schemas
-def detect_schema(columns: Iterable[str], where: str = "example") -> str:
-  """The first schema (in `SCHEMA_COLUMNS` order) whose columns `columns` has."""
-  columns = list(columns)
-  for schema, needed in SCHEMA_COLUMNS.items():
-    if set(needed) <= set(columns):
-      return schema
-  raise DataError(
-      f"{where}: unknown schema; it has columns {columns}, expected 'messages' or 'conversation' "
-      "(a list of {role, content}), 'problem' + 'solution', or 'image' + 'question' + 'answer'")
-
-
-def _content(value: Any, what: str, images_ok: bool):
-  """A message content -> a string, or a list of text strings and `ImagePart`s when it has images.
-
-  In a list each text item is trimmed, as Gemma 4's template does."""
-  if value is None:
-    return ""
-  if isinstance(value, str):
-    return value
-  if not isinstance(value, (list, tuple)):
-    raise DataError(f"{what} must be a string or a list of content items, got "
-                    f"{type(value).__name__}")
-  parts = []
-  for j, item in enumerate(value):
-    kind = item.get("type") if isinstance(item, Mapping) else None
-    if kind == "text":
-      parts.append((item.get("text") or "").strip())
-    elif kind == "image":
-      if not images_ok:
-        raise DataError(f"{what} item {j}: images are only read in user turns")
-      image = next((item[k] for k in ("image", "path", "url") if item.get(k) is not None), None)
-      if image is None:
-        raise DataError(f"{what} item {j}: an image item without 'image' (or 'path')")
-      parts.append(ImagePart(image))
-    else:
-      raise DataError(f"{what} item {j} has type {kind!r}; expected 'text' or 'image'")
-  if not any(isinstance(p, ImagePart) for p in parts):
-    return "".join(parts)
-  return parts
-
-
-def _chat_turns(messages, what: str) -> list:
-  turns = []
-  for i, message in enumerate(messages or ()):
-    role = ROLES.get(message.get("role"))
-    if role is None:
-      raise DataError(f"{what} {i} has role {message.get('role')!r}; expected one of "
-                      f"{sorted(ROLES)}")
-    turns.append((role, _content(message.get("content"), f"{what} {i} content", role == "user")))
-  return turns
-
-
-def to_turns(example: Mapping[str, Any], schema: str | None = None) -> list[tuple[str, Any]]:
-  """One example of any schema -> [(gemma_role, content), ...] with roles system/user/model.
-
-  A content is a string, or (user turns with images) a list of strings and `ImagePart`s."""
-  schema = schema or detect_schema(example.keys())
-  if schema in (MESSAGES, CONVERSATION):
-    return _chat_turns(example[schema], "message")
-  if schema == PROBLEM_SOLUTION:
-    return [("user", _content(example["problem"], "problem", False)),
-            (MODEL_ROLE, _content(example["solution"], "solution", False))]
-  if schema == IMAGE_QA:
-    if example["image"] is None:
-      raise DataError("the 'image' column is empty")
-    question = _content(example["question"], "question", False)
-    return [("user", [ImagePart(example["image"]), question.strip()]),
-            (MODEL_ROLE, _content(example["answer"], "answer", False))]
-  raise DataError(f"unknown schema {schema!r}; expected one of {sorted(SCHEMA_COLUMNS)}")
 
 
 # ---------------------------------------------------------------------------------- chat format

@@ -17,7 +17,7 @@ import sysconfig
 import textwrap
 from typing import Iterable, Iterator
 
-from gemma_mtp_jax.data.chat import to_turns
+from gemma_mtp_jax.data.schemas import to_turns
 from gemma_mtp_jax.utils import files
 
 BUILTIN = "builtin:"  # builtin:chat / builtin:code, the local corpus

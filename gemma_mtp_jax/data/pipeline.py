@@ -2,9 +2,9 @@
 
 The pipeline, top-down, with the module that does each step:
 
-  sources.py  source (`datasets`: hub id or local json/jsonl/parquet; schema `messages` or
-              `problem_solution`) -> held-out split by a hash of each example's content
-              (independent of the training seed)
+  sources.py  source (`datasets`: hub id or local json/jsonl/parquet) in a data schema
+              (`schemas.py`: the registry of `messages`, `problem_solution`, ...) -> held-out
+              split by a hash of each example's content (independent of the training seed)
   packing.py  weighted mixture (e.g. Tulu-3 80% / Magicoder 20%), a fixed function of
               (seed, doc index)
   chat.py     `encode_example`: Gemma 4 chat tokens + a loss mask on what the model must produce
@@ -21,6 +21,9 @@ max_images_per_row}; the sizes must be the model's vision tower's) encodes image
 Gemma 4's image processor, and its batches carry `max_images_per_row` image slots per row
 (`packing`). Without it, batches are text only and an example with an image is an error.
 
+A source's `schema` is a name in the registry of `schemas` (or "auto"); a program adds one with
+`register_schema(Schema(name, columns, to_turns))` before it builds the datasets.
+
 This module holds the data configs and builds the iterators from one (`make_datasets`). The names
 the trainer, train CLI, benchmarks and tests reach as `pipeline.<name>` are importable from here
 (`__all__`).
@@ -33,10 +36,11 @@ import os
 
 import ml_collections
 
-from gemma_mtp_jax.data.chat import MESSAGES, PROBLEM_SOLUTION, DataError, control_ids
+from gemma_mtp_jax.data.chat import DataError, control_ids
 from gemma_mtp_jax.data.corpus import BUILTIN, build_local_corpus, corpus_texts, default_cache_dir
 from gemma_mtp_jax.data.images import build_image_processor, build_processor, save_processor
 from gemma_mtp_jax.data.packing import Batch, DataIterator, make_eval_batches
+from gemma_mtp_jax.data.schemas import MESSAGES, PROBLEM_SOLUTION, Schema, register_schema
 from gemma_mtp_jax.data.sources import VISION_QA, load_source, spec_dict, split_source
 from gemma_mtp_jax.data.tokenizer import TURN_CLOSE, build_tiny_tokenizer, load_tokenizer
 from gemma_mtp_jax.utils import files
@@ -46,7 +50,7 @@ __all__ = [
     "default_data_config", "image_processor_from_config", "load_source", "make_datasets",
     "processor_from_config", "save_processor", "split_source", "tokenizer_from_config",
     "tulu_magicoder_data_config", "vision_qa_data_config", "tokenizer_files_dir",
-    "check_image_tokens",
+    "check_image_tokens", "Schema", "register_schema",
 ]
 
 

@@ -18,13 +18,14 @@ import numpy as np
 
 from gemma_mtp_jax.data import corpus, vision_qa
 from gemma_mtp_jax.utils import files as files_lib
-from gemma_mtp_jax.data.chat import (SCHEMA_COLUMNS, DataError, Doc, detect_schema, encode_example,
-                                     to_turns)
+from gemma_mtp_jax.data.chat import DataError, Doc, encode_example
+from gemma_mtp_jax.data.schemas import AUTO, detect_schema, get_schema, to_turns
 
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """Rows of a `datasets.Dataset` in one schema; `indices` are the rows in this split, in order."""
+  """Rows of a `datasets.Dataset` in one registered schema (`schemas`, by name); `indices` are the
+  rows in this split, in order."""
 
   name: str
   dataset: datasets.Dataset
@@ -84,15 +85,14 @@ class Source:
 
 def source_from_dataset(dataset: datasets.Dataset, name: str, schema: str | None = None,
                         files: tuple[tuple[int, str], ...] = ()) -> Source:
-  """Wraps a loaded dataset; checks it is non-empty and has the schema's columns."""
+  """Wraps a loaded dataset; checks it is non-empty and has the columns of `schema` (a registered
+  schema's name; None, "" or "auto": the first registered schema whose columns it has)."""
   if len(dataset) == 0:
     raise DataError(f"data source {name!r} is empty")
-  if schema in (None, "", "auto"):
+  if schema in AUTO:
     schema = detect_schema(dataset.column_names, f"data source {name!r}")
-  elif schema not in SCHEMA_COLUMNS:
-    raise DataError(f"data source {name!r}: unknown schema {schema!r}; expected one of "
-                    f"{sorted(SCHEMA_COLUMNS)}")
-  missing = [c for c in SCHEMA_COLUMNS[schema] if c not in dataset.column_names]
+  missing = [c for c in get_schema(schema, f"data source {name!r}").columns
+             if c not in dataset.column_names]
   if missing:
     raise DataError(f"data source {name!r}: schema {schema!r} needs columns {missing}, "
                     f"it has {dataset.column_names}")
@@ -286,14 +286,14 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
 
   Args:
     spec: a path / hub id, or a mapping with `path` and optionally `name` (used in errors),
-      `schema` ("messages", "problem_solution", or "auto"), `split` (hub datasets; default "train"),
-      `subset` (hub config name), `limit` (keep only the first N rows; 0 = all), `columns` (a
-      schema column -> the data's column name, e.g. {"image": "img", "answer": "label"} for the
-      `image_qa` schema). `path` is a local .json/.jsonl/.parquet file or a dir of them, a
-      `datasets` save_to_disk dir (e.g. with an Image column; `split` picks a DatasetDict's), a
-      hub id ("allenai/tulu-3-sft-mixture"), or "builtin:chat" / "builtin:code" (the local
-      corpus, built on first use in `corpus_dir`) or "builtin:vision_qa" (the generated image QA
-      set, in `corpus_dir`/vision_qa_v<VERSION>).
+      `schema` (a registered schema's name, `schemas.SCHEMAS`, or "auto"), `split` (hub
+      datasets; default "train"), `subset` (hub config name), `limit` (keep only the first N
+      rows; 0 = all), `columns` (a schema column -> the data's column name, e.g. {"image":
+      "img", "answer": "label"} for the `image_qa` schema). `path` is a local
+      .json/.jsonl/.parquet file or a dir of them, a `datasets` save_to_disk dir (e.g. with an
+      Image column; `split` picks a DatasetDict's), a hub id ("allenai/tulu-3-sft-mixture"), or
+      "builtin:chat" / "builtin:code" (the local corpus, built on first use in `corpus_dir`) or
+      "builtin:vision_qa" (the generated image QA set, in `corpus_dir`/vision_qa_v<VERSION>).
     cache_dir: `datasets`' cache dir (None: its default).
     corpus_dir: where the builtin corpus lives (None: `corpus.default_cache_dir()/corpus`).
   Raises:
@@ -303,6 +303,10 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
   path = str(spec["path"])
   if path.startswith(corpus.BUILTIN):
     path = _builtin(path, corpus_dir)
+  # Errors from here on name both the config's name for the source and the file behind it.
+  name = f"{spec['name']} ({path})" if spec.get("name") else path
+  if spec.get("schema") not in AUTO:  # a misspelt schema is reported before a hub download
+    get_schema(spec["schema"], f"data source {name!r}")
   local = os.path.expanduser(path)
   files = ()
   try:
@@ -319,17 +323,15 @@ def load_source(spec: str | Mapping[str, Any], *, cache_dir: str | None = None,
     raise DataError(f"data source {path!r}: could not load it ({type(e).__name__}: {e})") from e
   if spec.get("limit"):
     dataset = dataset.select(range(min(int(spec["limit"]), len(dataset))))
-  # Errors from here on name both the config's name for the source and the file behind it.
-  name = f"{spec['name']} ({path})" if spec.get("name") else path
   dataset = _rename_columns(dataset, spec.get("columns"), path)
   return source_from_dataset(dataset, name, spec.get("schema"), files)
 
 
 def _split_keys(*columns: list, schema: str) -> dict[str, list[float]]:
   """Batched: each example's position in [0, 1), a hash of its normalized turns."""
-  keys = []
+  keys, found = [], get_schema(schema)
   for values in zip(*columns):
-    turns = to_turns(dict(zip(SCHEMA_COLUMNS[schema], values)), schema)
+    turns = found.to_turns(dict(zip(found.columns, values)))
     text = json.dumps(turns, ensure_ascii=False, default=lambda part: {"image": part.key()})
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     keys.append((int.from_bytes(digest, "little") >> 11) / 2.0**53)
@@ -349,7 +351,7 @@ def split_source(source: Source, eval_fraction: float) -> tuple[Source, Source]:
     return source, source.select(np.zeros(len(source), bool))
   try:
     keys = source.dataset.map(
-        _split_keys, batched=True, input_columns=list(SCHEMA_COLUMNS[source.schema]),
+        _split_keys, batched=True, input_columns=list(get_schema(source.schema).columns),
         remove_columns=source.dataset.column_names, fn_kwargs={"schema": source.schema},
         desc=f"hashing {source.name} for the eval split")
   except DataError as e:

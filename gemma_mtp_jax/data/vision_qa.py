@@ -23,6 +23,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from gemma_mtp_jax.data.schemas import CONVERSATION, MESSAGES
 from gemma_mtp_jax.utils import files
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -107,8 +108,8 @@ def build_vision_qa(out_dir: str, num_records: int = 3000, seed: int = 0,
     shape: "messages" (HF chat records) or "conversation" (NeMo's MedPix-VQA records).
   An existing set (its manifest.json) in `out_dir` is reused as is, whatever the arguments say.
   """
-  if shape not in ("messages", "conversation"):
-    raise ValueError(f"shape must be 'messages' or 'conversation', got {shape!r}")
+  if shape not in (MESSAGES, CONVERSATION):
+    raise ValueError(f"shape must be {MESSAGES!r} or {CONVERSATION!r}, got {shape!r}")
   jsonl = os.path.join(out_dir, "train.jsonl")
   if os.path.exists(os.path.join(out_dir, _MANIFEST)):
     return jsonl
