@@ -112,7 +112,7 @@ def test_eval_accepted_length_equals_generate_json(copy_pair, capsys, scan_layer
 
 
 # ------------------------------------------------------------------------------ stop ids
-def test_eval_stops_where_generate_stops(dirs, capsys, tmp_path):
+def test_eval_stops_where_generate_stops(dirs, capsys, tmp_path, monkeypatch):
   """A base whose generation_config.json lists more eos ids than its config.json (as Google's
   releases do: [1, 106, 50] there, 1 in config.json): the trainer's eval stops on exactly the ids
   `generate` stops on by default, for an `hf_base` run before its workdir exists (read from the HF
@@ -133,7 +133,9 @@ def test_eval_stops_where_generate_stops(dirs, capsys, tmp_path):
   tok = tokenizer_lib.load_tokenizer(hf)
   turn = tok.convert_tokens_to_ids(tokenizer_lib.TURN_CLOSE)
   want = sorted({1, 50, 106, turn})
-  argv = ("--prompt-ids", "2,3", "--max-new-tokens", 1, "--plain")
+  # The eval test's request (its compiled programs), default stops.
+  argv = ("--drafter", dirs["drafter"], "--prompt-ids", ",".join(map(str, PROMPTS[0])),
+          "--max-new-tokens", NUM_NEW, "--num-draft-tokens", K)
   assert _json(capsys, "--base", hf, *argv)["stop_ids"] == want
   pair_dir = checkpoint.hf_to_jax(hf, str(tmp_path / "pair"))
   assert _json(capsys, "--base", pair_dir, *argv)["stop_ids"] == want
@@ -145,6 +147,14 @@ def test_eval_stops_where_generate_stops(dirs, capsys, tmp_path):
   workdir = checkpoint.init_workdir(str(tmp_path / "run"), pair)
   moved = ml_collections.ConfigDict({"hf_base": str(tmp_path / "moved_away")})
   assert loop.eval_stop_ids(moved, workdir, pair.base_cfg, tok) == want  # the workdir's record
+  # A hub id: its generation_config.json alone is fetched (here: served from the local copy).
+  import huggingface_hub
+  fetched = []
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                      lambda repo, name: fetched.append((repo, name)) or gen_path)
+  hub = ml_collections.ConfigDict({"hf_base": "someorg/tiny-gemma"})
+  assert loop.eval_stop_ids(hub, fresh, pair.base_cfg, tok) == want
+  assert fetched == [("someorg/tiny-gemma", "generation_config.json")]
   # A random-init run: no generation config, the base's eos and the end of a turn.
   scratch = ml_collections.ConfigDict({"hf_base": ""})
   assert loop.eval_stop_ids(scratch, fresh, pair.base_cfg, tok) == sorted({1, turn})
