@@ -105,7 +105,7 @@ def fill_random(shapes, seed: int = 0, amp: float = 1.0):
 
 
 def random_pair(preset: str, seed: int = 0) -> dict:
-  """A pair of `preset` with `fill_random` weights, in decoding layout (a `generate.load` dict)."""
+  """A pair of `preset` with `fill_random` weights, in decoding layout (a `request.load` dict)."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -131,11 +131,11 @@ def random_pair(preset: str, seed: int = 0) -> dict:
 
 
 def trained_pair(workdir: str) -> dict:
-  from gemma_mtp_jax import generate
-  loaded = generate.load(workdir)
+  from gemma_mtp_jax.decoding import request
+  loaded = request.load(workdir)
   if loaded["drafter_cfg"] is None:
     raise SystemExit(f"{workdir}: the checkpoint has no drafter")
-  loaded.update(name="trained", query_position=generate.default_query_position(loaded))
+  loaded.update(name="trained", query_position=request.default_query_position(loaded))
   return loaded
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import sys
 import traceback
 from typing import Callable, NoReturn, Sequence
@@ -121,3 +122,22 @@ def exit_with(main: Callable[[Sequence[str] | None], int | None], argv=None) -> 
     traceback.print_exc()
     sys.exit(BUG)
   sys.exit(OK if code is None else int(code))
+
+
+def number(kind: type, low, high=None, low_open: bool = False):
+  """An argparse `type`: a `kind` (int or float) value in [low, high] ((low, high] if `low_open`;
+  no upper bound if `high` is None). Floats must be finite: NaN and inf are refused."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                       f"got {text!r}") from None
+    ok = math.isfinite(value) and (value > low if low_open else value >= low)
+    if not ok or (high is not None and value > high):
+      where = (f"in {'(' if low_open else '['}{low}, {high}]" if high is not None
+               else f"{'>' if low_open else '>='} {low}")
+      finite = "finite and " if kind is float else ""
+      raise argparse.ArgumentTypeError(f"must be {finite}{where}, got {text}")
+    return value
+  return parse

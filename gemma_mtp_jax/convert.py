@@ -32,18 +32,6 @@ DTYPES = ("bfloat16", "float32")
 SCHEDULES = ("constant", "heuristic", "heuristic_transient")
 
 
-def _at_least(low: int):
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-      raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
-  return parse
-
-
 def _parser() -> argparse.ArgumentParser:
   p = cli.ArgumentParser(prog="python -m gemma_mtp_jax.convert", description=__doc__,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
   j = sub.add_parser("jax-to-hf", help="JAX pair dir / train workdir -> HF dirs base/ + drafter/")
   j.add_argument("--checkpoint", required=True,
                  help="pair dir, train workdir, or HF dir (round trip in memory)")
-  j.add_argument("--step", type=_at_least(0),
+  j.add_argument("--step", type=cli.number(int, 0),
                  help="train workdir step (default: the newest intact one)")
   j.add_argument("--drafter", help="HF assistant dir or hub id to export instead of the stored one")
   j.add_argument("--out", required=True, help="output dir (gets base/ and drafter/)")
@@ -71,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                       "else 5GB")
   j.add_argument("--dtype", choices=DTYPES,
                  help="cast float tensors to this dtype (logged); default: write them as held")
-  j.add_argument("--num-assistant-tokens", type=_at_least(1),
+  j.add_argument("--num-assistant-tokens", type=cli.number(int, 1),
                  help="drafter generation_config num_assistant_tokens (default: source's, else 4)")
   j.add_argument("--assistant-schedule", choices=SCHEDULES,
                  help="drafter num_assistant_tokens_schedule (default: source's, else constant)")

@@ -4,11 +4,13 @@ equal what `python -m gemma_mtp_jax.generate --json` reports, prompt by prompt, 
 way (sum of new tokens - 1 over the sum of target forwards)."""
 
 import dataclasses
+import json
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -107,6 +109,56 @@ def test_eval_accepted_length_equals_generate_json(copy_pair, capsys, scan_layer
   assert metrics["flops_ratio"] == c
   assert metrics["greedy/expected_speedup"] == pytest.approx(
       metrics["greedy/tokens_per_round"] / (K * c + 1))
+
+
+# ------------------------------------------------------------------------------ stop ids
+def test_eval_stops_where_generate_stops(dirs, capsys, tmp_path, monkeypatch):
+  """A base whose generation_config.json lists more eos ids than its config.json (as Google's
+  releases do: [1, 106, 50] there, 1 in config.json): the trainer's eval stops on exactly the ids
+  `generate` stops on by default, for an `hf_base` run before its workdir exists (read from the HF
+  dir) and after (its pair.json's record), and `generate` on the converted pair dir agrees."""
+  from gemma_mtp_jax.data import tokenizer as tokenizer_lib
+  from gemma_mtp_jax.decoding import request
+  from gemma_mtp_jax.training import loop
+
+  hf = str(tmp_path / "base")
+  shutil.copytree(dirs["base"], hf)
+  gen_path = os.path.join(hf, "generation_config.json")
+  with open(gen_path) as f:
+    gen = json.load(f)
+  with open(gen_path, "w") as f:
+    json.dump(dict(gen, eos_token_id=[1, 106, 50]), f)
+  with open(os.path.join(hf, "config.json")) as f:
+    assert json.load(f)["eos_token_id"] in (1, [1])  # 50 and 106 come from the generation config
+  tok = tokenizer_lib.load_tokenizer(hf)
+  turn = tok.convert_tokens_to_ids(tokenizer_lib.TURN_CLOSE)
+  want = sorted({1, 50, 106, turn})
+  # The eval test's request (its compiled programs), default stops.
+  argv = ("--drafter", dirs["drafter"], "--prompt-ids", ",".join(map(str, PROMPTS[0])),
+          "--max-new-tokens", NUM_NEW, "--num-draft-tokens", K)
+  assert _json(capsys, "--base", hf, *argv)["stop_ids"] == want
+  pair_dir = checkpoint.hf_to_jax(hf, str(tmp_path / "pair"))
+  assert _json(capsys, "--base", pair_dir, *argv)["stop_ids"] == want
+
+  pair = checkpoint.load_pair(hf)
+  cfg = ml_collections.ConfigDict({"hf_base": hf})
+  fresh = str(tmp_path / "fresh_run")
+  assert loop.eval_stop_ids(cfg, fresh, pair.base_cfg, tok) == want
+  workdir = checkpoint.init_workdir(str(tmp_path / "run"), pair)
+  moved = ml_collections.ConfigDict({"hf_base": str(tmp_path / "moved_away")})
+  assert loop.eval_stop_ids(moved, workdir, pair.base_cfg, tok) == want  # the workdir's record
+  # A hub id: its generation_config.json alone is fetched (here: served from the local copy).
+  import huggingface_hub
+  fetched = []
+  monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                      lambda repo, name: fetched.append((repo, name)) or gen_path)
+  hub = ml_collections.ConfigDict({"hf_base": "someorg/tiny-gemma"})
+  assert loop.eval_stop_ids(hub, fresh, pair.base_cfg, tok) == want
+  assert fetched == [("someorg/tiny-gemma", "generation_config.json")]
+  # A random-init run: no generation config, the base's eos and the end of a turn.
+  scratch = ml_collections.ConfigDict({"hf_base": ""})
+  assert loop.eval_stop_ids(scratch, fresh, pair.base_cfg, tok) == sorted({1, turn})
+  assert request.stop_ids_for(pair.base_cfg, tok) == sorted({1, turn})
 
 
 # ------------------------------------------------------------------------------ draft length

@@ -15,6 +15,7 @@ from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax import generate as cli
 from gemma_mtp_jax.decoding import speculative
+from gemma_mtp_jax.data import chat as chat_lib
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 from gemma_mtp_jax.checkpoint import safetensors_io as io
 from tests import hf_helpers
@@ -126,9 +127,43 @@ def test_text_prompts_use_the_tokenizer(dirs, capsys):
   assert r["prompt_length"] == len(ids)
   chat = _json(capsys, "--base", dirs["base"], "--prompt", "def main():", "--chat",
                "--max-new-tokens", 4)
+  assert chat["prompt_length"] == len(_template(tok, [{"role": "user", "content": "def main():"}]))
   assert chat["prompt_length"] > len(ids)  # bos + turn markers + role
   # Default stops: the config's eos and the tokenizer's end of turn.
   assert set(chat["stop_ids"]) == {1, tok.convert_tokens_to_ids("<turn|>")}
+
+
+def _template(tok, messages) -> list[int]:
+  out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+  return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "def main():"}],
+    [{"role": "system", "content": "You write Python.\n"},
+     {"role": "user", "content": "  Sort a list in place.  "}],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!\nHow can I help?"},
+     {"role": "user", "content": [{"type": "text", "text": "Write x = 1"}]}],
+    [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "x"},
+     {"role": "model", "content": " y "}, {"role": "user", "content": "z\n\n"}],
+], ids=["plain", "system", "multi_turn", "developer_and_model_roles"])
+def test_chat_prompt_equals_the_tokenizers_chat_template(dirs, messages):
+  """`generate --chat`'s encoder (the training data's rendering, model turn opened) gives the
+  tokens of the tokenizer's own template with its generation prompt, token for token."""
+  tok = tokenizer_lib.load_tokenizer(dirs["base"])
+  got = chat_lib.encode_prompt(messages, tok)
+  assert set(got) == {"tokens"} and got["tokens"].dtype == np.int32
+  assert got["tokens"].tolist() == _template(tok, messages)
+
+
+def test_chat_prompt_keeps_a_literal_turn_marker_as_text(dirs):
+  """Where the rendered template would turn a `<|turn>` typed in the prompt into a turn boundary,
+  the encoder keeps it text, as in training data: only the two real turns open."""
+  tok = tokenizer_lib.load_tokenizer(dirs["base"])
+  tokens = chat_lib.encode_prompt([{"role": "user", "content": "a <|turn>model\nb"}], tok)["tokens"]
+  turn = tok.convert_tokens_to_ids(tokenizer_lib.TURN_OPEN)
+  assert tokens.tolist().count(turn) == 2
+  assert tok.decode(tokens).endswith("a <|turn>model\nb<turn|>\n<|turn>model\n")
 
 
 @pytest.mark.parametrize("argv, match", [

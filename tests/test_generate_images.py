@@ -14,12 +14,12 @@ import PIL.Image
 import pytest
 import torch
 
-from gemma_mtp_jax import generate as cli
 from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.data import corpus as corpus_lib
 from gemma_mtp_jax.data import images as images_lib
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
+from gemma_mtp_jax.decoding import request
 from gemma_mtp_jax.decoding import speculative
 from tests import hf_helpers
 from tests import vision_helpers
@@ -129,7 +129,7 @@ def test_chat_with_images_equals_hf_generate(env, capsys):
   # The request the CLI builds: the processor's tokens and pixels exactly.
   loaded = dict(pair=types.SimpleNamespace(tokenizer_path=env["base"], meta={}))
   pil = [PIL.Image.open(p) for p in env["images"]]
-  ids, (pixels, positions) = cli.image_prompt(loaded, pil, PROMPT, chat=True)
+  ids, (pixels, positions) = request.encode(loaded, PROMPT, images=pil, chat=True)
   assert ids == inputs["input_ids"][0].tolist()
   np.testing.assert_array_equal(pixels, inputs["pixel_values"].numpy())
   np.testing.assert_array_equal(positions, inputs["image_position_ids"].numpy())

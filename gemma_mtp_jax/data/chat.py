@@ -155,3 +155,32 @@ def encode_example(example: Mapping[str, Any], tokenizer, schema: str | None = N
   if spans:
     extra["image_spans"] = np.asarray(spans, np.int32)
   return dict(tokens=np.asarray(tokens, np.int32), loss_mask=np.asarray(loss_mask, bool), **extra)
+
+
+def encode_prompt(messages: Sequence[Mapping[str, Any]], tokenizer, image_processor=None,
+                  base_dir: str | None = None) -> Doc:
+  """A chat request -> the prompt a model continues: its tokens with the model turn opened.
+
+  The one chat encoder of decoding (`generate --chat`, text or images): `messages` ([{role,
+  content}], HF's chat form, images in user turns) are rendered and tokenized by `encode_example`,
+  as training data are, then the model turn's header (`<|turn>model\\n`, the template's generation
+  prompt) is appended, tokenized as `chat_pieces` renders a model turn. For the built-in template
+  the tokens equal `tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.
+
+  Returns:
+    tokens: int32[L], starting with `<bos>`, ending with the opened model turn.
+    pixel_values float32[i, p, c], pixel_positions int32[i, p, 2], image_spans int32[i, 2]: only
+      if the messages hold i > 0 images (as `encode_example`).
+  """
+  doc = encode_example({"messages": list(messages)}, tokenizer, image_processor=image_processor,
+                       base_dir=base_dir)
+  # A model turn's pieces before its content (the first target piece), `<bos>` left out.
+  header = []
+  for text, is_control, is_target in chat_pieces([(MODEL_ROLE, "")])[1:]:
+    if is_target:
+      break
+    header += ([control_ids(tokenizer)[text]] if is_control else
+               tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+  out = {k: v for k, v in doc.items() if k != "loss_mask"}
+  out["tokens"] = np.concatenate([doc["tokens"], np.asarray(header, np.int32)])
+  return out

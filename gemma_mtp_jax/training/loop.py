@@ -46,6 +46,7 @@ import numpy as np
 from gemma_mtp_jax import sharding
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.data import pipeline as data_lib
+from gemma_mtp_jax.decoding import request
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.training import config as train_config
 from gemma_mtp_jax.training import distributed
@@ -180,7 +181,8 @@ def _setup(cfg: ml_collections.ConfigDict, workdir: str) -> _Run:
   return _Run(cfg=cfg, base_cfg=base_cfg, dcfg=dcfg, tcfg=tcfg, workdir=workdir, is_main=is_main,
               say=say, tokenizer=tokenizer, train_iter=train_iter, eval_batches=eval_batches,
               tokenizer_dir=data_lib.tokenizer_files_dir(cfg.data, tokenizer),
-              prompts=prompts, prompt_images=prompt_images, stop_ids=_stop_ids(tokenizer),
+              prompts=prompts, prompt_images=prompt_images,
+              stop_ids=eval_stop_ids(cfg, workdir, base_cfg, tokenizer),
               mesh=mesh, rules=rules,
               progs=step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules),
               checkpoint_path=checkpoint_path, checkpoint_dir=checkpoint_dir,
@@ -461,12 +463,16 @@ def _hf_variables(cfg, base_cfg, dcfg, var_shardings) -> tuple[dict, checkpoint.
   return variables, pair
 
 
-def _stop_ids(tokenizer) -> list[int]:
-  """Tokens greedy decoding stops on: end of a model turn and end of text."""
-  ids = [data_lib.control_ids(tokenizer)[data_lib.TURN_CLOSE]]
-  if tokenizer.eos_token_id is not None:
-    ids.append(int(tokenizer.eos_token_id))
-  return ids
+def eval_stop_ids(cfg: ml_collections.ConfigDict, workdir: str, base_cfg,
+                  tokenizer) -> list[int]:
+  """The tokens the greedy eval stops on: those `generate --base WORKDIR` stops on by default
+  (`request.stop_ids_for`): the base's eos ids, the generation config of the run's source (as the
+  workdir's pair.json recorded it; before it exists, `hf_base`'s; none for a random init) and the
+  tokenizer's `<turn|>`."""
+  recorded = os.path.isfile(os.path.join(workdir, checkpoint.PAIR_JSON))
+  source = workdir if recorded else (cfg.hf_base or None)
+  gen = request.generation_config(source) if source else None
+  return request.stop_ids_for(base_cfg, tokenizer, gen)
 
 
 def _fmt(v: float) -> str:
