@@ -111,7 +111,7 @@ class Drafter(nn.Module):
                             axes=("backbone_embed", "embed"))
     self.post_projection = p("post_projection", layers.default_kernel_init, (d, m),
                              axes=("embed", "backbone_embed"))
-    block = transformer.remat_block(t.remat_policy)
+    block = layers.remat(transformer.Block, t.remat_policy)
     self.blocks = [block(t, i, kv_window(cfg, t.layer_types[i]), name=f"layer_{i}")
                    for i in range(t.num_layers)]
     self.final_norm = layers.RMSNorm(t.rms_norm_eps, param_dtype=pdt)

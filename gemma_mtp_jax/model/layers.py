@@ -139,6 +139,23 @@ def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
   return x_BTNH * cos + rot * sin
 
 
+# ---------------------------------------------------------------------------- remat
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # config key `remat_policy`
+# What `jax.checkpoint` keeps for the backward pass ("full": nothing, everything is recomputed).
+_SAVED = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
+          "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+
+
+def remat(cls: type[nn.Module], policy: str) -> type[nn.Module]:
+  """`cls` under `nn.remat` with the named policy, or `cls` itself for "none": the one table of
+  remat policies, for the text blocks (base and drafter) and the vision tower's layers alike."""
+  if policy == "none":
+    return cls
+  if policy not in _SAVED:
+    raise ValueError(f"unknown remat policy {policy!r}; expected one of {REMAT_POLICIES}")
+  return nn.remat(cls, policy=_SAVED[policy])
+
+
 # ---------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
   """Gated MLP: down(act(gate(x)) * up(x))."""

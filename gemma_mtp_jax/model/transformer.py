@@ -135,17 +135,6 @@ class Block(nn.Module):
     return x_BTD, kv_out
 
 
-def remat_block(policy: str):
-  if policy == "none":
-    return Block
-  policies = {
-      "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  }
-  return nn.remat(Block, policy=policies[policy])
-
-
 MAX_SCAN_PERIOD = 8
 
 
@@ -182,7 +171,7 @@ class ScanPeriod(nn.Module):
   def __call__(self, x_BTD, xs, bc):
     ple_BTpP, cache_kv = xs  # per repeat: PLE inputs of the period's layers, their cache buffers
     rope, masks, shared_kv, start_B = bc  # the same for every repeat
-    block = remat_block(self.cfg.remat_policy)
+    block = layers.remat(Block, self.cfg.remat_policy)
     kv_outs = []
     for j in range(self.period):
       i = self.first + j
@@ -226,7 +215,7 @@ class Transformer(nn.Module):
           self, "ple_projection", layers.default_kernel_init, (cfg.embed_dim, lp), pdt,
           ("embed", "ple_layers"))
       self.ple_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
-    block = remat_block(cfg.remat_policy)
+    block = layers.remat(Block, cfg.remat_policy)
     if cfg.scan_layers:
       self.plan = scan_plan(cfg)
       self.blocks = [block(cfg, f, name=f"layer_{f}") if r == 1 else

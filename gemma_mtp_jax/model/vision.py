@@ -48,14 +48,8 @@ from gemma_mtp_jax.model.vision_config import (  # re-exported: the vision API
 __all__ = ["BUFFER_NAMES", "MULTIMODAL_TOKEN_FIELDS", "VisionConfig", "as_vision_config",
            "fields_from_hf", "hf_config_out", "is_buffer", "dummy_images", "VisionEncoder",
            "VisionLayer", "VisionAttention", "VisionMLP", "ClippableLinear", "pool", "rope_cos_sin",
-           "apply_rope_2d", "REMAT_POLICIES"]
+           "apply_rope_2d"]
 Array = jax.Array
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-
-
-def _error(msg: str) -> Exception:
-  from gemma_mtp_jax.model.config import ConfigError  # config imports vision_config, not this
-  return ConfigError(msg)
 
 
 def dummy_images(cfg: VisionConfig, batch: int = 1) -> tuple[Array, Array]:
@@ -67,17 +61,6 @@ def dummy_images(cfg: VisionConfig, batch: int = 1) -> tuple[Array, Array]:
 
 
 # ------------------------------------------------------------------ modules
-def _remat(cls, policy: str):
-  """`cls` under `nn.remat` with the text model's policy names (see `transformer.remat_block`)."""
-  if policy == "none":
-    return cls
-  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
-              "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
-  if policy not in policies:
-    raise _error(f"unknown remat policy {policy!r}; expected one of {REMAT_POLICIES}")
-  return nn.remat(cls, policy=policies[policy])
-
-
 def _const(module: nn.Module, name: str, init, shape, dtype, axes) -> Array:
   """A non-trainable constant kept in params (see the module docstring): no gradient flows."""
   return jax.lax.stop_gradient(layers.param_with_axes(module, name, init, shape, dtype, axes))
@@ -247,7 +230,7 @@ class VisionEncoder(nn.Module):
     self.position_table = p("position_table", nn.initializers.normal(0.02),
                             (2, c.position_embedding_size, c.hidden_size),
                             axes=(None, "vision_pos", "vision_embed"))
-    layer = _remat(VisionLayer, self.remat_policy)
+    layer = layers.remat(VisionLayer, self.remat_policy)
     self.layers = [layer(c, layers.as_dtype(self.dtype), pdt, name=f"layer_{j}")
                    for j in range(c.num_hidden_layers)]
     if c.standardize:
