@@ -1,8 +1,7 @@
 """Small building blocks shared by the base model and the drafter: norms, RoPE, MLP (MoE: `moe`).
 
 Every parameter carries logical axis names (MaxText style) so sharding is a rule change in the
-config, never an edit here. Names in shapes: B batch, T sequence, D embed, N query heads, K kv heads,
-H head dim, F mlp hidden, E experts, V vocab, P per-layer-embedding dim, L layers.
+config, never an edit here. Shape letters: the package's table (`gemma_mtp_jax.model`).
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ class ScanPeriod(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, xs, bc):
-    ple_BTpP, cache_kv = xs  # per repeat: PLE inputs of the period's layers, their cache buffers
+    ple_BTLP, cache_kv = xs  # per repeat: PLE inputs of the period's L layers, their cache buffers
     rope, masks, shared_kv, start_B = bc  # the same for every repeat
     block = layers.remat(Block, self.cfg.remat_policy)
     kv_outs = []
@@ -178,7 +178,7 @@ class ScanPeriod(nn.Module):
       lt = self.cfg.layer_types[i]
       kv_in = shared_kv[j] if self.cfg.is_kv_shared(i) else (
           cache_kv[j] if cache_kv is not None else None)
-      ple_BTP = ple_BTpP[:, :, j] if ple_BTpP is not None else None
+      ple_BTP = ple_BTLP[:, :, j] if ple_BTLP is not None else None
       x_BTD, kv_out = block(self.cfg, i, name=f"layer_{j}")(
           x_BTD, rope[lt][0], rope[lt][1], masks[lt], kv_in, start_B, ple_BTP)
       kv_outs.append(kv_out)
@@ -239,11 +239,12 @@ class Transformer(nn.Module):
     b, t = tokens_BT.shape
     dt = layers.as_dtype(cfg.dtype)
     tok_scale = jnp.asarray(cfg.ple_dim ** 0.5, dtype=self.ple_embedding.dtype)
-    tok_BTLP = (jnp.take(self.ple_embedding, tokens_BT, axis=0) * tok_scale).astype(dt)
-    tok_BTLP = tok_BTLP.reshape(b, t, cfg.num_layers, cfg.ple_dim)
-    proj_BTLP = jnp.einsum("btd,dq->btq", x_BTD, self.ple_projection.astype(dt))
-    proj_BTLP = proj_BTLP * jnp.asarray(cfg.embed_dim ** -0.5, dt)
-    proj_BTLP = self.ple_norm(proj_BTLP.reshape(b, t, cfg.num_layers, cfg.ple_dim))
+    l, p = cfg.num_layers, cfg.ple_dim
+    tok_BTLP = jnp.take(self.ple_embedding, tokens_BT, axis=0).reshape(b, t, l, p)
+    tok_BTLP = (tok_BTLP * tok_scale).astype(dt)
+    proj_DLP = self.ple_projection.astype(dt).reshape(cfg.embed_dim, l, p)
+    proj_BTLP = jnp.einsum("btd,dlp->btlp", x_BTD, proj_DLP)
+    proj_BTLP = self.ple_norm(proj_BTLP * jnp.asarray(cfg.embed_dim ** -0.5, dt))
     return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, dt)
 
   def logits(self, hidden_BTD: Array) -> Array:
