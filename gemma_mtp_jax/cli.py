@@ -10,16 +10,16 @@ Exit status of every command (`python -m gemma_mtp_jax.train`, `.generate`, `.co
   0    success
   1    reserved for `aot`'s "does not fit" verdict (its own report, not an error)
   2    bad input or environment, reported as ONE line `error: <message>` naming the file, flag,
-       key, tensor or row: the project's error types (ConfigError, DataError, ConversionError,
-       GenerateError, TrainingError), a bad flag (`ArgumentParser` below), OS errors with a known
-       cause (permission, no space, read-only disk, not a directory, is a directory, missing file,
-       ...), undecodable bytes and invalid JSON
+       key, tensor or row: any `UserError` (ConfigError, DataError, ConversionError, GenerateError,
+       TrainingError, ShardingError, LockedError, a bad flag from `ArgumentParser` below, ...), OS
+       errors with a known cause (permission, no space, read-only disk, not a directory, is a
+       directory, missing file, ...), undecodable bytes and invalid JSON
   70   a bug (any other exception): `exit_with` prints its full traceback first, so it stays
        visible (`run` re-raises it instead)
   130  interrupted (Ctrl-C / SIGTERM where the command turns it into KeyboardInterrupt)
 
-The error types are matched without importing their modules (`_KNOWN`): an exception of a class
-whose module was never imported cannot have been raised, and `--help` stays fast.
+User errors are recognised by type (`gemma_mtp_jax.utils.errors.UserError`, the base of every
+layer's error types), whichever module raised them.
 """
 
 from __future__ import annotations
@@ -32,16 +32,10 @@ import sys
 import traceback
 from typing import Callable, NoReturn, Sequence
 
+from gemma_mtp_jax.utils.errors import UserError
+
 OK, NOT_FIT, BAD_INPUT, BUG, INTERRUPTED = 0, 1, 2, 70, 130
 
-# (module, class) of the project's error types; each message already names what is at fault.
-_KNOWN = (
-    ("gemma_mtp_jax.model.config", "ConfigError"),
-    ("gemma_mtp_jax.data.chat", "DataError"),
-    ("gemma_mtp_jax.checkpoint.hf_names", "ConversionError"),
-    ("gemma_mtp_jax.decoding.speculative", "GenerateError"),
-    ("gemma_mtp_jax.training.loop", "TrainingError"),
-)
 # OS errors whose cause is the input or the machine, not the code.
 _OS_CAUSES = {
     errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
@@ -54,7 +48,7 @@ _OS_CAUSES = {
 }
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
   """A bad command line (unknown flag, missing or out-of-range value)."""
 
 
@@ -66,22 +60,13 @@ class ArgumentParser(argparse.ArgumentParser):
     raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def _known_types() -> tuple[type, ...]:
-  out = [UsageError]
-  for module, name in _KNOWN:
-    cls = getattr(sys.modules.get(module), name, None)
-    if cls is not None:
-      out.append(cls)
-  return tuple(out)
-
-
 def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
 def message(e: BaseException) -> str | None:
   """The one-line message for an error with a known cause, or None for a bug."""
-  if isinstance(e, _known_types()):
+  if isinstance(e, UserError):  # its message already names what is at fault
     return _one_line(e)
   if isinstance(e, UnicodeDecodeError):
     return _one_line(f"cannot decode bytes as {e.encoding} (byte {e.object[e.start:e.start + 1]!r} "

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from gemma_mtp_jax.utils.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Logical name -> mesh axis (or axes, or None = replicated). First match wins (flax semantics).
@@ -57,7 +59,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
   """A mesh configuration does not fit the devices; the message names the axis."""
 
 

@@ -33,6 +33,7 @@ from gemma_mtp_jax.checkpoint import safetensors_io as st_io
 from gemma_mtp_jax.checkpoint import workdir as workdir_lib
 from gemma_mtp_jax.data import sources
 from gemma_mtp_jax.utils import files
+from gemma_mtp_jax.utils.errors import UserError
 from tests import hf_helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,6 +168,25 @@ def test_a_bug_keeps_its_traceback():
   res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
   assert res.returncode == cli.BUG and "Traceback" in res.stderr and "a bug" in res.stderr
+
+
+def test_any_user_error_is_one_line_whatever_module_defines_it():
+  # Defined here, in a module the boundary has never heard of: the type alone makes it a user error.
+  class MyError(UserError):
+    pass
+
+  def main(argv):
+    raise MyError("config key 'x.y' is bad:\n  use 3")
+
+  _refused(lambda argv: cli.run(main, argv), [], "config key 'x.y' is bad: use 3")
+  with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit) as exit_:
+    cli.exit_with(main, [])
+  assert exit_.value.code == cli.BAD_INPUT
+  # A plain ValueError (the second base of most user errors) is still a bug.
+  def buggy(argv):
+    raise ValueError("a bug")
+  with pytest.raises(ValueError, match="a bug"):
+    cli.run(buggy, [])
 
 
 def test_workdir_that_is_a_file_is_named(src, tmp_path):

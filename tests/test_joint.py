@@ -238,10 +238,10 @@ def test_router_losses_join_the_loss_and_the_router_load_is_logged():
 
 def test_micro_batch_metrics_reduce_min_max_and_mean():
   from gemma_mtp_jax.training import step as step_lib
-  v_M = jnp.asarray([3.0, 1.0, 2.0])
-  assert float(step_lib.reduce_micro("router/expert_tokens_min", v_M)) == 1.0
-  assert float(step_lib.reduce_micro("router/expert_tokens_max", v_M)) == 3.0
-  assert float(step_lib.reduce_micro("base/loss", v_M)) == 2.0
+  v_m = jnp.asarray([3.0, 1.0, 2.0])
+  assert float(step_lib.reduce_micro("router/expert_tokens_min", v_m)) == 1.0
+  assert float(step_lib.reduce_micro("router/expert_tokens_max", v_m)) == 3.0
+  assert float(step_lib.reduce_micro("base/loss", v_m)) == 2.0
 
 
 def _tiny_vision_pair():

@@ -2,7 +2,8 @@
 
   - imports run one way: a module imports only its own layer or lower ones (function-level imports
     too), in the order of `LAYERS`;
-  - no import cycle among module-level imports;
+  - no import cycle among module-level imports, nor once the imports inside functions are counted
+    too (a function-level import only defers the cycle to the first call; it does not remove it);
   - no module named like a stdlib module or a builtin, no `import x as <stdlib name>` alias;
   - no module over MAX_MODULE_LINES lines, no function over MAX_FUNCTION_LINES lines.
 """
@@ -64,8 +65,8 @@ TREES = {name: ast.parse(open(path, encoding="utf-8").read(), path)
          for name, path in MODULES.items()}
 
 
-def _is_package(module: str) -> bool:
-  return MODULES[module].endswith("__init__.py")
+def _is_package(module: str, modules: dict[str, str]) -> bool:
+  return modules[module].endswith("__init__.py")
 
 
 def _layer(module: str) -> int | None:
@@ -79,14 +80,14 @@ def _layer(module: str) -> int | None:
   return LAYER_OF[parts[1]]
 
 
-def _imports(module: str, tree: ast.AST, top_level_only: bool):
+def _imports(module: str, tree: ast.AST, top_level_only: bool, modules: dict[str, str] = MODULES):
   """(line, imported package module) for each import of a package module in `tree`.
 
-  `from a.b import c` counts as an import of a.b.c when that is a module, else of a.b. With
-  `top_level_only`, imports inside function bodies (which run later, not at import time) are left
-  out; class bodies and module-level if/try blocks run at import time and count.
+  `from a.b import c` counts as an import of a.b.c when that is a module (of `modules`), else of
+  a.b. With `top_level_only`, imports inside function bodies (which run later, not at import time)
+  are left out; class bodies and module-level if/try blocks run at import time and count.
   """
-  package = module if _is_package(module) else module.rpartition(".")[0]
+  package = module if _is_package(module, modules) else module.rpartition(".")[0]
 
   def walk(node):
     for child in ast.iter_child_nodes(node):
@@ -105,15 +106,16 @@ def _imports(module: str, tree: ast.AST, top_level_only: bool):
           continue
         for a in child.names:
           sub = f"{base}.{a.name}"
-          yield child.lineno, sub if sub in MODULES else base
+          yield child.lineno, sub if sub in modules else base
       yield from walk(child)
 
   yield from walk(tree)
 
 
-def _graph(top_level_only: bool) -> dict[str, set[str]]:
-  return {m: {target for _, target in _imports(m, TREES[m], top_level_only) if target != m}
-          for m in MODULES}
+def _graph(top_level_only: bool, trees: dict[str, ast.AST] = TREES,
+           modules: dict[str, str] = MODULES) -> dict[str, set[str]]:
+  return {m: {target for _, target in _imports(m, trees[m], top_level_only, modules) if target != m}
+          for m in modules}
 
 
 def _sccs(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -181,17 +183,52 @@ def test_imports_go_to_the_same_or_a_lower_layer():
   assert not bad, "imports that run back up the layers:\n" + "\n".join(bad)
 
 
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  return [c for c in _sccs(graph) if len(c) > 1]
+
+
+def _cycle_imports(cycle: list[str]) -> list[str]:
+  """`path:line: a imports b` for every import (module-level or not) between modules of `cycle`."""
+  found = {(MODULES[m], line, m, target) for m in cycle
+           for line, target in _imports(m, TREES[m], top_level_only=False)
+           if target in cycle and target != m}
+  return [f"  {path}:{line}: {m} imports {target}" for path, line, m, target in sorted(found)]
+
+
 def test_no_import_cycles():
-  cycles = [c for c in _sccs(_graph(top_level_only=True)) if len(c) > 1]
+  cycles = _cycles(_graph(top_level_only=True))
   assert not cycles, (
       "module-level import cycles (each line: modules that import each other, directly or not):\n"
       + "\n".join(" <-> ".join(c) for c in cycles))
+
+
+def test_no_import_cycles_through_function_level_imports():
+  cycles = _cycles(_graph(top_level_only=False))
+  assert not cycles, (
+      "import cycles once the imports inside functions count (each: the modules, then the imports "
+      "between them):\n" + "\n".join(" <-> ".join(c) + "\n" + "\n".join(_cycle_imports(c))
+                                     for c in cycles))
 
 
 def test_cycle_finder():
   # The checker itself: a 3-cycle, a module importing into it, and one importing nothing.
   graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
   assert sorted(c for c in _sccs(graph) if len(c) > 1) == [["a", "b", "c"]]
+
+
+def test_cycle_finder_sees_function_level_imports():
+  # The checker itself on made-up sources: a and b import each other only through a function
+  # body (a cycle once the function runs); c imports a inside a class body (runs at import time).
+  src = {"a": "import os\ndef f():\n  from gemma_mtp_jax import b\n  return b\n",
+         "b": "from gemma_mtp_jax import a\n",
+         "c": "class C:\n  from gemma_mtp_jax.a import f\n"}
+  modules = {f"{PACKAGE}.{name}": f"{name}.py" for name in src}
+  trees = {f"{PACKAGE}.{name}": ast.parse(text) for name, text in src.items()}
+  a, b, c = sorted(modules)
+  assert _graph(True, trees, modules) == {a: set(), b: {a}, c: {a}}
+  assert _graph(False, trees, modules) == {a: {b}, b: {a}, c: {a}}
+  assert _cycles(_graph(True, trees, modules)) == []
+  assert _cycles(_graph(False, trees, modules)) == [[a, b]]
 
 
 def test_no_module_shadows_the_stdlib_or_a_builtin():

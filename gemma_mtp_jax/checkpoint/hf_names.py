@@ -15,11 +15,12 @@ import numpy as np
 
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import vision_config
+from gemma_mtp_jax.utils.errors import UserError
 
 Path = tuple[str, ...]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """A checkpoint does not match the model; the message names the tensor at fault."""
 
 

@@ -12,10 +12,12 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gemma_mtp_jax.utils.errors import UserError
+
 Array = jax.Array
 
 
-class GenerateError(ValueError):
+class GenerateError(UserError, ValueError):
   """A generation request that cannot run (bad prompt, sizes, drafter); the message says which."""
 
 

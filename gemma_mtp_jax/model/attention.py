@@ -96,45 +96,45 @@ def dot_product_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS:
 def chunked_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array,
                       chunk_size: int, window: int | None = None,
                       attn_softcap: float | None = None, scale: float = 1.0) -> Array:
-  """`dot_product_attention` over blocks of `chunk_size` query rows, one block at a time.
+  """`dot_product_attention` over chunks of U = `chunk_size` query rows, one chunk at a time.
 
-  Each block is a `jax.checkpoint`ed step of a `lax.map`, so neither the forward nor the backward
-  pass ever holds more than one [C, S] block of scores per head (the backward recomputes them):
-  memory falls from O(T * S) to O(C * S) per head, FLOPs stay the same.
+  Each chunk is a `jax.checkpoint`ed step of a `lax.map`, so neither the forward nor the backward
+  pass ever holds more than one [U, S] block of scores per head (the backward recomputes them):
+  memory falls from O(T * S) to O(U * S) per head, FLOPs stay the same.
 
-  window: the mask's sliding window W (it attends positions q - W < p <= q). When the keys are this
-  call's own tokens (S == T, no cache), and positions advance by at least one per slot within a
-  document (true of packed training rows and of left-padded prompts), every key a row may attend
-  lies within W slots before it, so a block of rows [c, c + C) reads only keys [c + C - (C + W),
-  c + C): C + W keys instead of S, which also cuts the sliding layers' FLOPs by S / (C + W).
+  window: the mask's sliding window (it attends positions q - window < p <= q). When the keys are
+  this call's own tokens (S == T, no cache), and positions advance by at least one per slot within
+  a document (true of packed training rows and of left-padded prompts), every key a row may attend
+  lies within `window` slots before it, so the chunk of rows [c, c + U) reads only the U + window
+  keys before c + U instead of S, which also cuts the sliding layers' FLOPs by S / (U + window).
   Returns [B, T, N, H], equal to `dot_product_attention` up to float summation order.
   """
   b, t, n, h = q_BTNH.shape
   s = k_BSKH.shape[1]
-  c = chunk_size
-  nc = -(-t // c)
-  pad = nc * c - t
+  u = chunk_size
+  chunks = -(-t // u)
+  pad = chunks * u - t
   if pad:
     q_BTNH = jnp.pad(q_BTNH, ((0, 0), (0, pad), (0, 0), (0, 0)))
     mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0)))
-  span = c + window if window is not None else s
+  span = u + window if window is not None else s
   local = s == t and span < s
-  q_NcBCNH = jnp.moveaxis(q_BTNH.reshape(b, nc, c, n, h), 1, 0)
-  mask_NcBCS = jnp.moveaxis(mask_BTS.reshape(b, nc, c, s), 1, 0)
+  q_uBUNH = jnp.moveaxis(q_BTNH.reshape(b, chunks, u, n, h), 1, 0)
+  mask_uBUS = jnp.moveaxis(mask_BTS.reshape(b, chunks, u, s), 1, 0)
 
   @jax.checkpoint
-  def block(args):
-    i, q_BCNH, m_BCS = args
+  def chunk(args):
+    i, q_BUNH, mask_BUS = args
     k, v = k_BSKH, v_BSKH
     if local:
-      start = jnp.clip(i * c + c - span, 0, s - span)
+      start = jnp.clip(i * u + u - span, 0, s - span)
       k = jax.lax.dynamic_slice_in_dim(k, start, span, axis=1)
       v = jax.lax.dynamic_slice_in_dim(v, start, span, axis=1)
-      m_BCS = jax.lax.dynamic_slice_in_dim(m_BCS, start, span, axis=2)
-    return dot_product_attention(q_BCNH, k, v, m_BCS, attn_softcap, scale)
+      mask_BUS = jax.lax.dynamic_slice_in_dim(mask_BUS, start, span, axis=2)
+    return dot_product_attention(q_BUNH, k, v, mask_BUS, attn_softcap, scale)
 
-  out_NcBCNH = jax.lax.map(block, (jnp.arange(nc), q_NcBCNH, mask_NcBCS))
-  return jnp.moveaxis(out_NcBCNH, 0, 1).reshape(b, nc * c, n, h)[:, :t]
+  out_uBUNH = jax.lax.map(chunk, (jnp.arange(chunks), q_uBUNH, mask_uBUS))
+  return jnp.moveaxis(out_uBUNH, 0, 1).reshape(b, chunks * u, n, h)[:, :t]
 
 
 class Attention(nn.Module):

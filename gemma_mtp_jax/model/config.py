@@ -14,13 +14,13 @@ from typing import Any, Mapping, Sequence
 
 from gemma_mtp_jax.model import families
 from gemma_mtp_jax.model import vision_config as vision_lib
+from gemma_mtp_jax.utils.errors import UserError
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 
-
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A model configuration is invalid; the message names the field at fault."""
 
 

@@ -111,7 +111,7 @@ class Drafter(nn.Module):
                             axes=("backbone_embed", "embed"))
     self.post_projection = p("post_projection", layers.default_kernel_init, (d, m),
                              axes=("embed", "backbone_embed"))
-    block = transformer.remat_block(t.remat_policy)
+    block = layers.remat(transformer.Block, t.remat_policy)
     self.blocks = [block(t, i, kv_window(cfg, t.layer_types[i]), name=f"layer_{i}")
                    for i in range(t.num_layers)]
     self.final_norm = layers.RMSNorm(t.rms_norm_eps, param_dtype=pdt)
@@ -163,7 +163,7 @@ class Drafter(nn.Module):
     ordering_CZ = jnp.asarray(self.token_ordering.value).reshape(c, v // c)
     ids_BTZ = ordering_CZ[top_BTk].reshape(b, t, k * (v // c))
     emb_BTZD = jnp.take(self.embedding, ids_BTZ, axis=0).astype(dt)
-    sel_BTZ = jnp.einsum("btd,btnd->btn", hidden_BTD.astype(dt), emb_BTZD,
+    sel_BTZ = jnp.einsum("btd,btzd->btz", hidden_BTD.astype(dt), emb_BTZD,
                          preferred_element_type=jnp.float32)
     fill_BT1 = jnp.min(sel_BTZ, axis=-1, keepdims=True) - 1.0
     out_BTV = jnp.broadcast_to(fill_BT1, (b, t, v))

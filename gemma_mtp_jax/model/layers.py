@@ -1,8 +1,7 @@
 """Small building blocks shared by the base model and the drafter: norms, RoPE, MLP (MoE: `moe`).
 
 Every parameter carries logical axis names (MaxText style) so sharding is a rule change in the
-config, never an edit here. Names in shapes: B batch, T sequence, D embed, N query heads, K kv heads,
-H head dim, F mlp hidden, E experts, V vocab, P per-layer-embedding dim, L layers.
+config, never an edit here. Shape letters: the package's table (`gemma_mtp_jax.model`).
 """
 
 from __future__ import annotations
@@ -137,6 +136,23 @@ def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
   rot = jnp.concatenate([-x2, x1], axis=-1)
   cos, sin = cos_BTH[:, :, None, :], sin_BTH[:, :, None, :]
   return x_BTNH * cos + rot * sin
+
+
+# ---------------------------------------------------------------------------- remat
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # config key `remat_policy`
+# What `jax.checkpoint` keeps for the backward pass ("full": nothing, everything is recomputed).
+_SAVED = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
+          "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
+
+
+def remat(cls: type[nn.Module], policy: str) -> type[nn.Module]:
+  """`cls` under `nn.remat` with the named policy, or `cls` itself for "none": the one table of
+  remat policies, for the text blocks (base and drafter) and the vision tower's layers alike."""
+  if policy == "none":
+    return cls
+  if policy not in _SAVED:
+    raise ValueError(f"unknown remat policy {policy!r}; expected one of {REMAT_POLICIES}")
+  return nn.remat(cls, policy=_SAVED[policy])
 
 
 # ---------------------------------------------------------------------------- MLP

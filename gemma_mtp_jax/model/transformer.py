@@ -135,17 +135,6 @@ class Block(nn.Module):
     return x_BTD, kv_out
 
 
-def remat_block(policy: str):
-  if policy == "none":
-    return Block
-  policies = {
-      "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  }
-  return nn.remat(Block, policy=policies[policy])
-
-
 MAX_SCAN_PERIOD = 8
 
 
@@ -180,16 +169,16 @@ class ScanPeriod(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD, xs, bc):
-    ple_BTpP, cache_kv = xs  # per repeat: PLE inputs of the period's layers, their cache buffers
+    ple_BTLP, cache_kv = xs  # per repeat: PLE inputs of the period's L layers, their cache buffers
     rope, masks, shared_kv, start_B = bc  # the same for every repeat
-    block = remat_block(self.cfg.remat_policy)
+    block = layers.remat(Block, self.cfg.remat_policy)
     kv_outs = []
     for j in range(self.period):
       i = self.first + j
       lt = self.cfg.layer_types[i]
       kv_in = shared_kv[j] if self.cfg.is_kv_shared(i) else (
           cache_kv[j] if cache_kv is not None else None)
-      ple_BTP = ple_BTpP[:, :, j] if ple_BTpP is not None else None
+      ple_BTP = ple_BTLP[:, :, j] if ple_BTLP is not None else None
       x_BTD, kv_out = block(self.cfg, i, name=f"layer_{j}")(
           x_BTD, rope[lt][0], rope[lt][1], masks[lt], kv_in, start_B, ple_BTP)
       kv_outs.append(kv_out)
@@ -226,7 +215,7 @@ class Transformer(nn.Module):
           self, "ple_projection", layers.default_kernel_init, (cfg.embed_dim, lp), pdt,
           ("embed", "ple_layers"))
       self.ple_norm = layers.RMSNorm(cfg.rms_norm_eps, param_dtype=pdt)
-    block = remat_block(cfg.remat_policy)
+    block = layers.remat(Block, cfg.remat_policy)
     if cfg.scan_layers:
       self.plan = scan_plan(cfg)
       self.blocks = [block(cfg, f, name=f"layer_{f}") if r == 1 else
@@ -250,11 +239,12 @@ class Transformer(nn.Module):
     b, t = tokens_BT.shape
     dt = layers.as_dtype(cfg.dtype)
     tok_scale = jnp.asarray(cfg.ple_dim ** 0.5, dtype=self.ple_embedding.dtype)
-    tok_BTLP = (jnp.take(self.ple_embedding, tokens_BT, axis=0) * tok_scale).astype(dt)
-    tok_BTLP = tok_BTLP.reshape(b, t, cfg.num_layers, cfg.ple_dim)
-    proj_BTLP = jnp.einsum("btd,dq->btq", x_BTD, self.ple_projection.astype(dt))
-    proj_BTLP = proj_BTLP * jnp.asarray(cfg.embed_dim ** -0.5, dt)
-    proj_BTLP = self.ple_norm(proj_BTLP.reshape(b, t, cfg.num_layers, cfg.ple_dim))
+    l, p = cfg.num_layers, cfg.ple_dim
+    tok_BTLP = jnp.take(self.ple_embedding, tokens_BT, axis=0).reshape(b, t, l, p)
+    tok_BTLP = (tok_BTLP * tok_scale).astype(dt)
+    proj_DLP = self.ple_projection.astype(dt).reshape(cfg.embed_dim, l, p)
+    proj_BTLP = jnp.einsum("btd,dlp->btlp", x_BTD, proj_DLP)
+    proj_BTLP = self.ple_norm(proj_BTLP * jnp.asarray(cfg.embed_dim ** -0.5, dt))
     return (proj_BTLP + tok_BTLP) * jnp.asarray(2.0 ** -0.5, dt)
 
   def logits(self, hidden_BTD: Array) -> Array:

@@ -1,13 +1,13 @@
 """The Gemma 4 vision tower and multimodal embedder in Flax (HF `Gemma4VisionModel` +
 `Gemma4MultimodalEmbedder`): image patches in, soft tokens of the text model's width out.
 
-  pixels [B, i, p, c] --(2(x - 0.5), input_proj, + 2-D position table)--> [X, p, d]
+  pixels [B, i, p, c] --(2(x - 0.5), input_proj, + 2-D position table)--> [b, p, d]
     --(encoder layers: bidirectional attention over the image's real patches, 2-D RoPE)-->
     --(pooler: average k x k patch blocks into s = p / k^2 slots, * sqrt(d) in float32)-->
-    --(standardize, when configured)--> features [X, s, d]
+    --(standardize, when configured)--> features [b, s, d]
     --(embedder: scale-free RMSNorm, projection d -> D)--> soft tokens [B, i, s, D]
 
-X = B * i (every image slot of the batch, flattened); d is the tower's width, D the text model's.
+The shape letters are the package's (`gemma_mtp_jax.model`; the tower's own: b, d, h, q).
 Padding patches (position (-1, -1), as HF's image processor pads) get no position embedding, are
 never attended to, and add nothing to the pool; an empty slot (all patches padding) yields no valid
 soft token. HF's `get_image_features` strips invalid slots; here they stay in place (zeroed) with
@@ -48,14 +48,8 @@ from gemma_mtp_jax.model.vision_config import (  # re-exported: the vision API
 __all__ = ["BUFFER_NAMES", "MULTIMODAL_TOKEN_FIELDS", "VisionConfig", "as_vision_config",
            "fields_from_hf", "hf_config_out", "is_buffer", "dummy_images", "VisionEncoder",
            "VisionLayer", "VisionAttention", "VisionMLP", "ClippableLinear", "pool", "rope_cos_sin",
-           "apply_rope_2d", "REMAT_POLICIES"]
+           "apply_rope_2d"]
 Array = jax.Array
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-
-
-def _error(msg: str) -> Exception:
-  from gemma_mtp_jax.model.config import ConfigError  # config imports vision_config, not this
-  return ConfigError(msg)
 
 
 def dummy_images(cfg: VisionConfig, batch: int = 1) -> tuple[Array, Array]:
@@ -67,17 +61,6 @@ def dummy_images(cfg: VisionConfig, batch: int = 1) -> tuple[Array, Array]:
 
 
 # ------------------------------------------------------------------ modules
-def _remat(cls, policy: str):
-  """`cls` under `nn.remat` with the text model's policy names (see `transformer.remat_block`)."""
-  if policy == "none":
-    return cls
-  policies = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
-              "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
-  if policy not in policies:
-    raise _error(f"unknown remat policy {policy!r}; expected one of {REMAT_POLICIES}")
-  return nn.remat(cls, policy=policies[policy])
-
-
 def _const(module: nn.Module, name: str, init, shape, dtype, axes) -> Array:
   """A non-trainable constant kept in params (see the module docstring): no gradient flows."""
   return jax.lax.stop_gradient(layers.param_with_axes(module, name, init, shape, dtype, axes))
@@ -111,26 +94,26 @@ class ClippableLinear(nn.Module):
     return y
 
 
-def rope_cos_sin(positions_Xp2: Array, cfg: VisionConfig, dtype) -> tuple[Array, Array]:
-  """HF `Gemma4VisionRotaryEmbedding`: cos/sin [X, p, H] laid out [x, x, y, y] (each a quarter:
+def rope_cos_sin(positions_bp2: Array, cfg: VisionConfig, dtype) -> tuple[Array, Array]:
+  """HF `Gemma4VisionRotaryEmbedding`: cos/sin [b, p, H] laid out [x, x, y, y] (each a quarter:
   head_dim // 4 frequencies of theta over head_dim // 2). Padding's -1 positions go in as they are
   (their keys are masked and their outputs never pooled)."""
   spatial = cfg.head_dim // 2
   inv = (1.0 / (np.float32(cfg.rope_theta) ** (
       np.arange(0, spatial, 2, dtype=np.int64).astype(np.float32) / np.float32(spatial))))
-  freqs_Xp2h = positions_Xp2[..., None].astype(jnp.float32) * jnp.asarray(inv, jnp.float32)
-  fx, fy = freqs_Xp2h[:, :, 0], freqs_Xp2h[:, :, 1]
-  angles_XpH = jnp.concatenate([fx, fx, fy, fy], axis=-1)
-  return jnp.cos(angles_XpH).astype(dtype), jnp.sin(angles_XpH).astype(dtype)
+  freqs_bp2h = positions_bp2[..., None].astype(jnp.float32) * jnp.asarray(inv, jnp.float32)
+  fx, fy = freqs_bp2h[:, :, 0], freqs_bp2h[:, :, 1]
+  angles_bpH = jnp.concatenate([fx, fx, fy, fy], axis=-1)
+  return jnp.cos(angles_bpH).astype(dtype), jnp.sin(angles_bpH).astype(dtype)
 
 
-def apply_rope_2d(x_XpNH: Array, cos_XpH: Array, sin_XpH: Array) -> Array:
+def apply_rope_2d(x_bpNH: Array, cos_bpH: Array, sin_bpH: Array) -> Array:
   """HF `apply_multidimensional_rope` with 2 dims: the first half of each head rotates by x, the
   second by y, each half with its own rotate_half."""
-  half = x_XpNH.shape[-1] // 2
+  half = x_bpNH.shape[-1] // 2
   return jnp.concatenate([
-      layers.apply_rope(x_XpNH[..., :half], cos_XpH[..., :half], sin_XpH[..., :half]),
-      layers.apply_rope(x_XpNH[..., half:], cos_XpH[..., half:], sin_XpH[..., half:])], axis=-1)
+      layers.apply_rope(x_bpNH[..., :half], cos_bpH[..., :half], sin_bpH[..., :half]),
+      layers.apply_rope(x_bpNH[..., half:], cos_bpH[..., half:], sin_bpH[..., half:])], axis=-1)
 
 
 class VisionAttention(nn.Module):
@@ -142,28 +125,28 @@ class VisionAttention(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_XpD: Array, cos_XpH, sin_XpH, valid_Xp: Array) -> Array:
+  def __call__(self, x_bpd: Array, cos_bpH, sin_bpH, valid_bp: Array) -> Array:
     c = self.cfg
     d, n, k, h = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
     lin = functools.partial(ClippableLinear, clipped=c.use_clipped_linears, dtype=self.dtype,
                             param_dtype=self.param_dtype)
     heads_in = lambda name, nh, ax: lin((d, nh, h), ("vision_embed", ax, "vision_head_dim"),
-                                        "xpd,dnh->xpnh", name=name)(x_XpD)
+                                        "bpd,dnh->bpnh", name=name)(x_bpd)
     norm = functools.partial(layers.RMSNorm, c.rms_norm_eps, param_dtype=self.param_dtype)
-    q_XpNH = apply_rope_2d(norm(name="q_norm")(heads_in("q", n, "vision_heads")), cos_XpH, sin_XpH)
-    k_XpKH = apply_rope_2d(norm(name="k_norm")(heads_in("k", k, "vision_kv_heads")), cos_XpH,
-                           sin_XpH)
-    v_XpKH = norm(with_scale=False, name="v_norm")(heads_in("v", k, "vision_kv_heads"))
-    xb, p = q_XpNH.shape[:2]
-    q_XpKGH = q_XpNH.reshape(xb, p, k, n // k, h)
-    s_XKGpq = jnp.einsum("xpkgh,xqkh->xkgpq", q_XpKGH, k_XpKH, preferred_element_type=jnp.float32)
+    q_bpNH = apply_rope_2d(norm(name="q_norm")(heads_in("q", n, "vision_heads")), cos_bpH, sin_bpH)
+    k_bpKH = apply_rope_2d(norm(name="k_norm")(heads_in("k", k, "vision_kv_heads")), cos_bpH,
+                           sin_bpH)
+    v_bpKH = norm(with_scale=False, name="v_norm")(heads_in("v", k, "vision_kv_heads"))
+    nb, p = q_bpNH.shape[:2]
+    q_bpKGH = q_bpNH.reshape(nb, p, k, n // k, h)
+    s_bKGpq = jnp.einsum("bpkgh,bqkh->bkgpq", q_bpKGH, k_bpKH, preferred_element_type=jnp.float32)
     # A finite floor (as HF's additive mask): an empty image's rows stay finite, not NaN.
-    s_XKGpq = jnp.where(valid_Xp[:, None, None, None, :], s_XKGpq, jnp.finfo(jnp.float32).min)
-    w_XKGpq = jax.nn.softmax(s_XKGpq, axis=-1).astype(self.dtype)
-    o_XpKGH = jnp.einsum("xkgpq,xqkh->xpkgh", w_XKGpq, v_XpKH.astype(self.dtype))
-    o_XpNH = o_XpKGH.reshape(xb, p, n, h)
-    return lin((n, h, d), ("vision_heads", "vision_head_dim", "vision_embed"), "xpnh,nhd->xpd",
-               name="o")(o_XpNH)
+    s_bKGpq = jnp.where(valid_bp[:, None, None, None, :], s_bKGpq, jnp.finfo(jnp.float32).min)
+    w_bKGpq = jax.nn.softmax(s_bKGpq, axis=-1).astype(self.dtype)
+    o_bpKGH = jnp.einsum("bkgpq,bqkh->bpkgh", w_bKGpq, v_bpKH.astype(self.dtype))
+    o_bpNH = o_bpKGH.reshape(nb, p, n, h)
+    return lin((n, h, d), ("vision_heads", "vision_head_dim", "vision_embed"), "bpnh,nhd->bpd",
+               name="o")(o_bpNH)
 
 
 class VisionMLP(nn.Module):
@@ -174,16 +157,16 @@ class VisionMLP(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_XpD: Array) -> Array:
+  def __call__(self, x_bpd: Array) -> Array:
     c = self.cfg
     lin = functools.partial(ClippableLinear, clipped=c.use_clipped_linears, dtype=self.dtype,
                             param_dtype=self.param_dtype)
     up = ("vision_embed", "vision_mlp")
-    g_XpF = lin((c.hidden_size, c.intermediate_size), up, "xpd,df->xpf", name="gate")(x_XpD)
-    u_XpF = lin((c.hidden_size, c.intermediate_size), up, "xpd,df->xpf", name="up")(x_XpD)
-    h_XpF = layers.activation(c.hidden_activation)(g_XpF) * u_XpF
-    return lin((c.intermediate_size, c.hidden_size), ("vision_mlp", "vision_embed"), "xpf,fd->xpd",
-               name="down")(h_XpF)
+    g_bpF = lin((c.hidden_size, c.intermediate_size), up, "bpd,df->bpf", name="gate")(x_bpd)
+    u_bpF = lin((c.hidden_size, c.intermediate_size), up, "bpd,df->bpf", name="up")(x_bpd)
+    h_bpF = layers.activation(c.hidden_activation)(g_bpF) * u_bpF
+    return lin((c.intermediate_size, c.hidden_size), ("vision_mlp", "vision_embed"), "bpf,fd->bpd",
+               name="down")(h_bpF)
 
 
 class VisionLayer(nn.Module):
@@ -194,39 +177,39 @@ class VisionLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_XpD: Array, cos_XpH, sin_XpH, valid_Xp) -> Array:
+  def __call__(self, x_bpd: Array, cos_bpH, sin_bpH, valid_bp) -> Array:
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = functools.partial(layers.RMSNorm, c.rms_norm_eps, param_dtype=self.param_dtype)
-    h = VisionAttention(c, name="attn", **kw)(norm(name="pre_attention_norm")(x_XpD), cos_XpH,
-                                              sin_XpH, valid_Xp)
-    x_XpD = x_XpD + norm(name="post_attention_norm")(h)
-    h = VisionMLP(c, name="mlp", **kw)(norm(name="pre_ffw_norm")(x_XpD))
-    x_XpD = x_XpD + norm(name="post_ffw_norm")(h)
+    h = VisionAttention(c, name="attn", **kw)(norm(name="pre_attention_norm")(x_bpd), cos_bpH,
+                                              sin_bpH, valid_bp)
+    x_bpd = x_bpd + norm(name="post_attention_norm")(h)
+    h = VisionMLP(c, name="mlp", **kw)(norm(name="pre_ffw_norm")(x_bpd))
+    x_bpd = x_bpd + norm(name="post_ffw_norm")(h)
     return nn.with_logical_constraint(
-        x_XpD, ("activation_batch", "activation_length", "activation_embed"))
+        x_bpd, ("activation_batch", "activation_length", "activation_embed"))
 
 
-def pool(x_XpD: Array, positions_Xp2: Array, valid_Xp: Array, k: int, dtype) -> tuple[Array, Array]:
-  """HF `Gemma4VisionPooler`: (float32 [X, s, D] averages of each k x k block of patches, laid out
-  row-major over the image's block grid, times sqrt(D); valid_Xs: slots holding a real patch).
+def pool(x_bpd: Array, positions_bp2: Array, valid_bp: Array, k: int, dtype) -> tuple[Array, Array]:
+  """HF `Gemma4VisionPooler`: (float32 [b, s, d] averages of each k x k block of patches, laid out
+  row-major over the image's block grid, times sqrt(d); valid_bs: slots holding a real patch).
 
   Differs from HF only where HF is degenerate: an all-padding image has no valid slot (HF's mask
   marks slot 0) and k == 1 marks the real patches valid (HF returns the padding mask there)."""
-  x_XpD = jnp.where(valid_Xp[..., None], x_XpD, 0).astype(dtype)
-  p, d = x_XpD.shape[1:]
+  x_bpd = jnp.where(valid_bp[..., None], x_bpd, 0).astype(dtype)
+  p, d = x_bpd.shape[1:]
   if k == 1:
-    out_XsD, valid_Xs = x_XpD, valid_Xp
+    out_bsd, valid_bs = x_bpd, valid_bp
   else:
     s = p // (k * k)
-    pos_Xp2 = jnp.maximum(positions_Xp2, 0)
-    width_X1 = jnp.max(pos_Xp2[..., 0], axis=-1, keepdims=True) + 1
-    block_Xp2 = pos_Xp2 // k
-    slot_Xp = block_Xp2[..., 0] + (width_X1 // k) * block_Xp2[..., 1]
-    onehot_Xps = jax.nn.one_hot(slot_Xp, s, dtype=jnp.float32)
-    out_XsD = jnp.einsum("xps,xpd->xsd", onehot_Xps / (k * k), x_XpD.astype(jnp.float32))
-    out_XsD = out_XsD.astype(dtype)
-    valid_Xs = jnp.any((onehot_Xps > 0) & valid_Xp[..., None], axis=1)
-  return out_XsD.astype(jnp.float32) * float(d) ** 0.5, valid_Xs
+    pos_bp2 = jnp.maximum(positions_bp2, 0)
+    width_b1 = jnp.max(pos_bp2[..., 0], axis=-1, keepdims=True) + 1
+    block_bp2 = pos_bp2 // k
+    slot_bp = block_bp2[..., 0] + (width_b1 // k) * block_bp2[..., 1]
+    onehot_bps = jax.nn.one_hot(slot_bp, s, dtype=jnp.float32)
+    out_bsd = jnp.einsum("bps,bpd->bsd", onehot_bps / (k * k), x_bpd.astype(jnp.float32))
+    out_bsd = out_bsd.astype(dtype)
+    valid_bs = jnp.any((onehot_bps > 0) & valid_bp[..., None], axis=1)
+  return out_bsd.astype(jnp.float32) * float(d) ** 0.5, valid_bs
 
 
 class VisionEncoder(nn.Module):
@@ -247,7 +230,7 @@ class VisionEncoder(nn.Module):
     self.position_table = p("position_table", nn.initializers.normal(0.02),
                             (2, c.position_embedding_size, c.hidden_size),
                             axes=(None, "vision_pos", "vision_embed"))
-    layer = _remat(VisionLayer, self.remat_policy)
+    layer = layers.remat(VisionLayer, self.remat_policy)
     self.layers = [layer(c, layers.as_dtype(self.dtype), pdt, name=f"layer_{j}")
                    for j in range(c.num_hidden_layers)]
     if c.standardize:
@@ -258,15 +241,15 @@ class VisionEncoder(nn.Module):
     self.projection = p("projection", layers.default_kernel_init, (c.hidden_size, self.text_dim),
                         axes=("vision_embed", "embed"))
 
-  def embed_patches(self, pixels_Xpc: Array, positions_Xp2: Array, valid_Xp: Array) -> Array:
+  def embed_patches(self, pixels_bpc: Array, positions_bp2: Array, valid_bp: Array) -> Array:
     """HF `Gemma4VisionPatchEmbedder`: input_proj(2 (x - 0.5)) + x-row + y-row of the table."""
     dt = layers.as_dtype(self.dtype)
-    x_Xpc = (2 * (pixels_Xpc - 0.5)).astype(dt)
-    h_XpD = jnp.einsum("xpc,cd->xpd", x_Xpc, self.input_proj.astype(dt))
-    pos_Xp2 = jnp.maximum(positions_Xp2, 0)
+    x_bpc = (2 * (pixels_bpc - 0.5)).astype(dt)
+    h_bpd = jnp.einsum("bpc,cd->bpd", x_bpc, self.input_proj.astype(dt))
+    pos_bp2 = jnp.maximum(positions_bp2, 0)
     table = self.position_table
-    pe_XpD = jnp.take(table[0], pos_Xp2[..., 0], axis=0) + jnp.take(table[1], pos_Xp2[..., 1], axis=0)
-    return h_XpD + jnp.where(valid_Xp[..., None], pe_XpD, 0).astype(dt)
+    pe_bpd = jnp.take(table[0], pos_bp2[..., 0], axis=0) + jnp.take(table[1], pos_bp2[..., 1], axis=0)
+    return h_bpd + jnp.where(valid_bp[..., None], pe_bpd, 0).astype(dt)
 
   def features(self, pixel_values_Bipc: Array, pixel_positions_Bip2: Array) -> tuple[Array, Array]:
     """The tower's output before the embedder (HF `Gemma4VisionModel`'s last_hidden_state, here
@@ -277,17 +260,17 @@ class VisionEncoder(nn.Module):
       raise ValueError(f"pixel values have {ch} values per patch; the vision config's "
                        f"patch_size={c.patch_size} needs 3 * {c.patch_size}**2 = {c.channels}")
     s = c.soft_tokens(p)
-    pixels_Xpc = pixel_values_Bipc.reshape(b * i, p, ch)
-    positions_Xp2 = pixel_positions_Bip2.reshape(b * i, p, 2).astype(jnp.int32)
-    valid_Xp = jnp.any(positions_Xp2 != -1, axis=-1)  # HF: padding iff both coordinates are -1
-    x_XpD = self.embed_patches(pixels_Xpc, positions_Xp2, valid_Xp)
-    cos_XpH, sin_XpH = rope_cos_sin(positions_Xp2, c, dt)
+    pixels_bpc = pixel_values_Bipc.reshape(b * i, p, ch)
+    positions_bp2 = pixel_positions_Bip2.reshape(b * i, p, 2).astype(jnp.int32)
+    valid_bp = jnp.any(positions_bp2 != -1, axis=-1)  # HF: padding iff both coordinates are -1
+    x_bpd = self.embed_patches(pixels_bpc, positions_bp2, valid_bp)
+    cos_bpH, sin_bpH = rope_cos_sin(positions_bp2, c, dt)
     for layer in self.layers:
-      x_XpD = layer(x_XpD, cos_XpH, sin_XpH, valid_Xp)
-    x_XsD, valid_Xs = pool(x_XpD, positions_Xp2, valid_Xp, c.pooling_kernel_size, dt)
+      x_bpd = layer(x_bpd, cos_bpH, sin_bpH, valid_bp)
+    x_bsd, valid_bs = pool(x_bpd, positions_bp2, valid_bp, c.pooling_kernel_size, dt)
     if c.standardize:  # in float32: the bias cancels the large pooled values
-      x_XsD = (x_XsD - self.std_bias.astype(jnp.float32)) * self.std_scale.astype(jnp.float32)
-    return x_XsD.astype(dt).reshape(b, i, s, -1), valid_Xs.reshape(b, i, s)
+      x_bsd = (x_bsd - self.std_bias.astype(jnp.float32)) * self.std_scale.astype(jnp.float32)
+    return x_bsd.astype(dt).reshape(b, i, s, -1), valid_bs.reshape(b, i, s)
 
   def __call__(self, pixel_values_Bipc: Array, pixel_positions_Bip2: Array) -> tuple[Array, Array]:
     """(soft_BisD, valid_Bis): HF `Gemma4MultimodalEmbedder` (scale-free RMSNorm with the vision

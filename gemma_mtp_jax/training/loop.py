@@ -57,12 +57,13 @@ from gemma_mtp_jax.training import run_dir
 from gemma_mtp_jax.training import step as step_lib
 from gemma_mtp_jax.utils import compiles
 from gemma_mtp_jax.utils import files
+from gemma_mtp_jax.utils.errors import UserError
 
 ConfigError = train_config.ConfigError
 DataError = data_lib.DataError
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
   """Training cannot go on (e.g. a non-finite loss); the message names the step and the checkpoint."""
 
 

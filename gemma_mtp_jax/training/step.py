@@ -77,14 +77,14 @@ def trainable_params(params, tcfg: TrainConfig):
 
 
 # ------------------------------------------------------------------------------ the step
-def reduce_micro(name: str, values_M: jax.Array) -> jax.Array:
+def reduce_micro(name: str, values_m: jax.Array) -> jax.Array:
   """One metric over the micro-batches of a step: the min of a `*_min`, the max of a `*_max`
   (the router's per-expert load), the mean of everything else."""
   if name.endswith("_min"):
-    return jnp.min(values_M, axis=0)
+    return jnp.min(values_m, axis=0)
   if name.endswith("_max"):
-    return jnp.max(values_M, axis=0)
-  return jnp.mean(values_M, axis=0)
+    return jnp.max(values_m, axis=0)
+  return jnp.mean(values_m, axis=0)
 
 
 def train_step(state: TrainState, buffers, batch, *, base_cfg: config_lib.ModelConfig,
@@ -115,9 +115,9 @@ def train_step(state: TrainState, buffers, batch, *, base_cfg: config_lib.ModelC
 
     zeros = jax.eval_shape(grad_fn, trainable, jax.tree.map(lambda x: x[0], micro))[1]
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    grads, metrics_M = jax.lax.scan(body, zeros, micro)
+    grads, metrics_m = jax.lax.scan(body, zeros, micro)
     grads = jax.tree.map(lambda x: x / accum_steps, grads)
-    metrics = {k: reduce_micro(k, v) for k, v in metrics_M.items()}
+    metrics = {k: reduce_micro(k, v) for k, v in metrics_m.items()}
   updates, opt_state = tx.update(grads, state.opt_state, trainable)
   trainable = optax.apply_updates(trainable, updates)
   metrics["grad_norm"] = optax.tree.norm(grads)

@@ -2,8 +2,9 @@
 
 Every command's error boundary (`gemma_mtp_jax.cli`) prints such an error as one `error: ...` line
 and exits 2; anything else is a bug. Each layer's own error types (ConfigError, DataError,
-ConversionError, GenerateError, TrainingError, ...) subclass `UserError`, so the boundary
-recognises them by type, whichever module raised them.
+ShardingError, ConversionError, GenerateError, TrainingError, LockedError, the CLI's UsageError)
+subclass `UserError` (keeping ValueError or RuntimeError as a second base, for callers that catch
+those), so the boundary recognises them by type, whichever module raised them.
 """
 
 

@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from typing import Iterator
 
+from gemma_mtp_jax.utils.errors import UserError
+
 log = logging.getLogger("gemma_mtp_jax.files")
 
 # Temp dirs are named `.{base}.partial-{pid}-...` (being written) and `.{base}.old-{pid}-...` (a
@@ -203,7 +205,7 @@ def atomic_dir(out_dir: str, *, replace: bool = False, marker: str | None = None
 LOCK_NAME = ".gemma_mtp_jax.lock"
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
   """The directory is locked by another live process; the message names its pid and host."""
 
 
