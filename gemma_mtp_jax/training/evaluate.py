@@ -48,6 +48,7 @@ from gemma_mtp_jax.training import distributed
 from gemma_mtp_jax.training.config import TrainConfig
 from gemma_mtp_jax.training import losses
 from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training import objectives
 
 Array = jax.Array
 
@@ -72,7 +73,7 @@ def eval_sums(params: Mapping, buffers: Mapping | None, batch: Mapping[str, Arra
   """
   num_draft_steps = jcfg.num_draft_steps
   # The eval scores the task drafting meets whatever objective trained the drafter.
-  jcfg = dataclasses.replace(jcfg, drafter_objective="aligned")
+  jcfg = dataclasses.replace(jcfg, drafter_objective=objectives.INFERENCE_ALIGNED)
   head = joint.drafter_head(params, buffers, dcfg, jcfg).replace(masked=False)
   chunk = jcfg.loss_chunk_size
 
