@@ -1,18 +1,20 @@
-"""Drafter-objective ablation (issue #16): `train.drafter_objective` "aligned" vs "nemo_composite".
+"""Drafter-objective ablation (issue #16): every registered `train.drafter_objective`.
 
   python -m benchmarks objective [--config tiny] [--steps N] [--finetune-steps N]
                                  [--finetune-lr LR] [--eval-prompts N] [--workdir DIR] [--json]
 
 1. From scratch: the preset's run (configs/tiny.py by default: same data, seed and steps) once per
-   objective. Each run is the trainer's own (`training.loop.run`, eval only at the end, the HF
-   export and its check on): HF assisted generation's tokens per target forward on the held-out
-   eval prompts (`training.export.hf_check`: transformers' `generate(assistant_model=...)` on the
-   exported pair), the trainer's greedy accepted length (tokens per target forward of the shipped
+   objective registered in `training/objectives.py` ("aligned", "nemo_composite", ...). Each run
+   is the trainer's own (`training.loop.run`, eval only at the end, the HF export and its check
+   on): HF assisted generation's tokens per target forward on the held-out eval prompts
+   (`training.export.hf_check`: transformers' `generate(assistant_model=...)` on the exported
+   pair), the trainer's greedy accepted length (tokens per target forward of the shipped
    decoder) and its per-step draft accuracy (teacher-forced on the held-out batches; the eval
    always scores the task drafting meets, whatever objective trained the drafter).
-2. Fine-tuning, NeMo's use case: from the aligned run's exported pair (standing in for Google's
-   released drafter: `hf_base` / `hf_drafter`), `--finetune-steps` more steps at lambda = 0.01
-   with each objective; how much of the starting HF acceptance each keeps.
+2. Fine-tuning, NeMo's use case: from the inference-aligned ("aligned") run's exported pair
+   (standing in for Google's released drafter: `hf_base` / `hf_drafter`), `--finetune-steps`
+   more steps at lambda = 0.01 with each objective; how much of the starting HF acceptance each
+   keeps.
 
 `--steps 100 --finetune-steps 30 --eval-prompts 12` runs in a few minutes on a quiet 2-core CPU (the
 HF check, torch assisted generation at batch 1, dominates a short run); the default is the preset's
@@ -96,17 +98,20 @@ def _row(name: str, r: dict) -> str:
 
 def bench_objective(argv) -> dict:
   """Runs the ablation; prints the table (and JSON with --json); returns the results."""
+  from gemma_mtp_jax.training import objectives
+
   a = _args(argv)
-  res = {"config": a.config, "scratch": {}, "finetune": {}}
-  for obj in ("aligned", "nemo_composite"):
+  res = {"config": a.config, "aligned": objectives.INFERENCE_ALIGNED, "scratch": {},
+         "finetune": {}}
+  for obj in objectives.names():
     cfg = _config(a, obj, a.steps)
     res["steps"] = cfg.train.num_steps
     res["scratch"][obj] = _run(cfg, os.path.join(a.workdir, f"scratch_{obj}"))
     _record(res, a.workdir, f"scratch {obj} ({res['steps']})", res["scratch"][obj])
-  start = res["scratch"]["aligned"]
+  start = res["scratch"][res["aligned"]]
   ft_steps = res["steps"] if a.finetune_steps < 0 else a.finetune_steps
   if ft_steps and start["export"]:
-    for obj in ("aligned", "nemo_composite"):
+    for obj in objectives.names():
       cfg = _config(a, obj, ft_steps)
       cfg.hf_base = os.path.join(start["export"], "base")
       cfg.hf_drafter = os.path.join(start["export"], "drafter")
@@ -118,9 +123,9 @@ def bench_objective(argv) -> dict:
       res["finetune"][obj] = r
       res["finetune_steps"], res["finetune_lr"] = ft_steps, cfg.train.learning_rate
       _record(res, a.workdir, f"finetune {obj} (+{ft_steps})", r)
-  s = res["scratch"]
-  res["aligned_over_nemo_hf"] = (s["aligned"]["hf_tokens_per_forward"]
-                                 / s["nemo_composite"]["hf_tokens_per_forward"])
+  # HF tokens per target forward of the inference-aligned objective over each other's.
+  res["aligned_over_hf"] = {obj: start["hf_tokens_per_forward"] / r["hf_tokens_per_forward"]
+                            for obj, r in res["scratch"].items() if obj != res["aligned"]}
   _print(res)
   if a.json:
     print(json.dumps(res))
@@ -134,7 +139,8 @@ def _print(res: dict) -> None:
   print(f"  {'run':<28} {'HF':>8} {'greedy':>8}   draft acc per step   base loss")
   for obj, r in res["scratch"].items():
     print(_row(f"scratch {obj} ({res['steps']})", r))
-  print(f"  aligned / nemo_composite (HF, from scratch): {res['aligned_over_nemo_hf']:.2f}x")
+  for obj, ratio in res["aligned_over_hf"].items():
+    print(f"  {res['aligned']} / {obj} (HF, from scratch): {ratio:.2f}x")
   for obj, r in res["finetune"].items():
     print(_row(f"finetune {obj} (+{res['finetune_steps']})", r)
           + f"   keeps {100 * r['kept']:.0f}% of the start's HF acceptance")

@@ -25,12 +25,12 @@ import time
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gemma_mtp_jax.model.flops import model_flops_per_token, vision_flops_per_image
 from gemma_mtp_jax import cli
 from gemma_mtp_jax import sharding
+from gemma_mtp_jax.data import batch_layout
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.training import config as train_config
 from gemma_mtp_jax.training import step as step_lib
@@ -111,6 +111,14 @@ def image_slots(base_cfg: config_lib.ModelConfig, images_per_row: int,
   return images_per_row, soft_tokens * v.patches_per_soft_token, v.channels
 
 
+def abstract_batch(rows: int, seq_len: int, slots: tuple[int, int, int] | None,
+                   batch_sharding) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's batch as abstract arrays: the training batch's layout (`data.batch_layout`), every
+  array split over rows by `batch_sharding`."""
+  return {name: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sharding)
+          for name, s in batch_layout.batch_layout(rows, seq_len, slots).items()}
+
+
 def plan(cfg, topology: str, step_time: float = 1.0, images_per_row: int = 0,
          image_soft_tokens: int = 280) -> Plan:
   """Compiles the trainer's step for `cfg` (a preset ConfigDict, overrides applied) on `topology`;
@@ -124,15 +132,7 @@ def plan(cfg, topology: str, step_time: float = 1.0, images_per_row: int = 0,
   progs = step_lib.programs(base_cfg, dcfg, tcfg, mesh, rules)
   _, buffers_abs = step_lib.split_vars(progs.abstract_vars)
   state_abs = progs.abstract_state()
-  row = lambda dtype: jax.ShapeDtypeStruct((batch, seq), dtype, sharding=progs.batch_sh)
-  batch_abs = dict(tokens=row(jnp.int32), segment_ids=row(jnp.int32), positions=row(jnp.int32),
-                   loss_mask=row(jnp.bool_))
-  if slots is not None:
-    i, p, c = slots
-    batch_abs["pixel_values"] = jax.ShapeDtypeStruct((batch, i, p, c), jnp.float32,
-                                                     sharding=progs.batch_sh)
-    batch_abs["pixel_positions"] = jax.ShapeDtypeStruct((batch, i, p, 2), jnp.int32,
-                                                        sharding=progs.batch_sh)
+  batch_abs = abstract_batch(batch, seq, slots, progs.batch_sh)
   state_bytes = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
                     for x in jax.tree.leaves(state_abs))
   t0 = time.time()

@@ -10,6 +10,7 @@ import pytest
 
 from gemma_mtp_jax import aot
 from gemma_mtp_jax import presets
+from gemma_mtp_jax.data import batch_layout
 
 
 def _needs_libtpu():
@@ -24,9 +25,21 @@ def _tiny(**train):
   return cfg
 
 
-def test_aot_plan_tiny_on_v5e_topology():
+def test_aot_plan_tiny_on_v5e_topology(monkeypatch):
   _needs_libtpu()
+  compiled_batches = []
+
+  def abstract_batch(*args):
+    compiled_batches.append(real(*args))
+    return compiled_batches[-1]
+
+  real = aot.abstract_batch
+  monkeypatch.setattr(aot, "abstract_batch", abstract_batch)
   r = aot.plan(_tiny(), "v5e-4")
+  # The compiled step's batch is the training batch's one layout (`data.batch_layout`).
+  (batch,) = compiled_batches
+  assert {k: (x.shape, x.dtype) for k, x in batch.items()} == {
+      k: (s.shape, s.dtype) for k, s in batch_layout.batch_layout(4, 32).items()}
   assert r.mesh == {"fsdp": 2, "tensor": 2}
   assert r.mode == "joint"
   assert r.fits and 0 < r.total_gib < 1

@@ -13,6 +13,7 @@ import pytest
 
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training import objectives
 from gemma_mtp_jax.training.config import TrainConfig
 from tests.test_drafter import FAMILY_CONFIGS, jit_base, jit_draft, random_params, tiny_configs
 
@@ -82,7 +83,7 @@ def test_targets_mask_end_padding_documents_and_non_assistant_tokens():
   tokens = jnp.asarray([[10, 11, 12, 13, 14, 15, 16, 17]])
   seg = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0]])  # two documents, then padding
   lm = jnp.asarray([[0, 1, 1, 0, 1, 0, 1, 1]], bool)  # token 15 is not an assistant token
-  targets = joint.Targets.build(tokens, seg, seg != 0, lm, num_draft_steps=2)
+  targets = objectives.Targets.build(tokens, seg, seg != 0, lm, num_draft_steps=2)
   lab1, m1 = targets.at(1)
   np.testing.assert_array_equal(lab1[0], [11, 12, 13, 14, 15, 16, 17, 0])
   np.testing.assert_array_equal(m1[0], [1, 1, 0, 1, 0, 1, 0, 0])

@@ -17,6 +17,7 @@ from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.training import objective
+from gemma_mtp_jax.training import objectives
 from gemma_mtp_jax.training.config import TrainConfig
 from tests import hf_helpers
 from tests.test_drafter import _hf_pair, random_params, tiny_configs
@@ -55,7 +56,7 @@ def test_hand_example_pairing_labels_positions_masks():
   pos = np.arange(S)[None]
   seg = np.ones((1, S), np.int32)
   store = _store(pos, np.ones((1, S), bool), seg)
-  pairing = objective.nemo_composite_pairing(_dcfg(W), store, jnp.asarray(pos), jnp.asarray(seg))
+  pairing = objectives.nemo_composite_pairing(_dcfg(W), store, jnp.asarray(pos), jnp.asarray(seg))
 
   want_sliding = np.zeros((S, S), bool)
   for i, js in enumerate(SLIDING_READABLE):
@@ -68,7 +69,7 @@ def test_hand_example_pairing_labels_positions_masks():
 
   tokens = jnp.asarray(X[None], jnp.int32)
   lm = jnp.ones((1, S), bool)  # x_0 is never a target; x_1..x_7 are
-  targets = objective.Targets.build(tokens, jnp.asarray(seg), lm, lm, K)
+  targets = objectives.Targets.build(tokens, jnp.asarray(seg), lm, lm, K)
   for k in range(K):
     tok, labels, mask = (np.asarray(a)[0] for a in pairing.step_arrays(targets, k))
     np.testing.assert_array_equal(tok, ROUND_TOKENS[k], err_msg=f"round {k} inputs")
@@ -77,7 +78,7 @@ def test_hand_example_pairing_labels_positions_masks():
 
   # The aligned objective on the same batch, for contrast: step 0 at row t consumes x_{t+1} and
   # predicts x_{t+2}, at query position t + 1, reading K/V at positions <= t (sliding t-3 .. t).
-  aligned = objective.aligned_pairing(_dcfg(W), TrainConfig(num_draft_steps=K), store,
+  aligned = objectives.aligned_pairing(_dcfg(W), TrainConfig(num_draft_steps=K), store,
                                       jnp.asarray(pos), jnp.asarray(seg))
   tok, labels, mask = (np.asarray(a)[0] for a in aligned.step_arrays(targets, 0))
   np.testing.assert_array_equal(tok, list(X[1:]) + [0])
@@ -93,8 +94,8 @@ def test_prompt_tokens_mask_targets_not_anchors():
   tokens = jnp.asarray(X[None], jnp.int32)
   seg = jnp.ones((1, S), jnp.int32)
   lm = jnp.asarray([[False, False, False, True, True, True, True, True]])
-  targets = objective.Targets.build(tokens, seg, jnp.ones((1, S), bool), lm, K)
-  pairing = objective.Pairing(jnp.zeros((1, S), jnp.int32), {}, offset=0, fill_outside_doc=True)
+  targets = objectives.Targets.build(tokens, seg, jnp.ones((1, S), bool), lm, K)
+  pairing = objectives.Pairing(jnp.zeros((1, S), jnp.int32), {}, offset=0, fill_outside_doc=True)
   want = [[IGN, IGN, 13, 14, 15, 16, 17, IGN], [IGN, 13, 14, 15, 16, 17, IGN, IGN]]
   for k in range(K):
     _, labels, mask = pairing.step_arrays(targets, k)
@@ -108,7 +109,7 @@ def test_composite_mask_padding_and_empty_band():
   pos = np.arange(S)[None]
   seg = np.where(valid, 1, 0)
   # Per document (n = 3): |i + j - 2| <= 1 over the document's slots.
-  m = np.asarray(objective.composite_mask(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(pos),
+  m = np.asarray(objectives.composite_mask(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(pos),
                                           jnp.asarray(valid), jnp.asarray(seg), 1))[0]
   np.testing.assert_array_equal(m[:3, :3], [[0, 1, 1], [1, 1, 1], [1, 1, 0]])
   assert not m[:3, 3:].any()
@@ -205,3 +206,61 @@ def test_nemo_loss_equals_torch_composite(objective_name):
 def test_config_rejects_unknown_objective():
   with pytest.raises(config_lib.ConfigError, match="drafter_objective"):
     TrainConfig(drafter_objective="nemo")
+
+
+@pytest.fixture
+def made_up_objective():
+  """An objective registered for one test with one `register` call (the registry restored after):
+  a toy pairing that skips a token (step k at row t consumes x_{t+k+2} and is labelled x_{t+k+3},
+  reading K/V at positions <= t) with the composite's base-count step normaliser."""
+  saved = dict(objectives.REGISTRY)
+
+  def skip_one(dcfg, jcfg, store_kv, pos_BT, seg_BT):
+    return objectives.aligned_pairing(dcfg, jcfg, store_kv, pos_BT, seg_BT).replace(offset=2)
+
+  objectives.register(objectives.Objective("skip_one", skip_one,
+                                           step_norm=objectives.base_count_norm))
+  yield "skip_one"
+  objectives.REGISTRY.clear()
+  objectives.REGISTRY.update(saved)
+
+
+def test_a_registered_objective_needs_no_other_edit(made_up_objective):
+  """Config validation, the loss and the eval read the registry: the made-up name validates, the
+  loss changes exactly as the entry says, and the eval still scores the inference-aligned task."""
+  from gemma_mtp_jax.training import evaluate
+  base, dcfg = tiny_configs(ordered=False, small=True)
+  params, buffers = random_params(base, dcfg, seed=4)
+  rng = np.random.default_rng(4)
+  batch = {"tokens": jnp.asarray(rng.integers(3, base.vocab_size, (2, 10))),
+           "loss_mask": jnp.asarray(np.arange(10)[None].repeat(2, 0) >= 2)}
+  lam, steps = 0.5, (1, 2)
+
+  def jcfg(name):
+    return TrainConfig(num_draft_steps=len(steps), drafter_loss_weight=lam, drafter_objective=name)
+
+  def loss(name):  # eager: three small calls cost less than compiling them
+    got, m = objective.loss_fn(params, buffers, batch, base, dcfg, jcfg(name))
+    return float(got), {k: float(v) for k, v in m.items()}
+
+  aligned, am = loss("aligned")
+  got, m = loss(made_up_objective)
+  assert np.isfinite(got) and abs(got - aligned) > 1e-3
+  # The pairing: step k's labels are aligned step k + 1's (the same target mask); the base's are
+  # untouched. The normaliser: L = L_base + lambda sum_k S_k / N_base (metrics stay means).
+  assert m["drafter/tokens_1"] == am["drafter/tokens_2"] < m["base/tokens"] == am["base/tokens"]
+  assert m["base/loss"] == pytest.approx(am["base/loss"], rel=1e-6)
+  want = m["base/loss"] + lam * sum(m[f"drafter/loss_{k}"] * m[f"drafter/tokens_{k}"]
+                                    for k in steps) / m["base/tokens"]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # The eval scores what drafting meets, whatever objective trained the drafter: its per-step
+  # figures are the aligned objective's (dense head here, as the loss's).
+  sums, _, _ = evaluate.eval_sums(params, buffers, batch, base, dcfg, jcfg(made_up_objective))
+  for k in steps:
+    assert float(sums["drafter/count"][k - 1]) == am[f"drafter/tokens_{k}"]
+    np.testing.assert_allclose(float(sums["drafter/loss_sum"][k - 1]) / am[f"drafter/tokens_{k}"],
+                               am[f"drafter/loss_{k}"], rtol=1e-5)
+  # A bad name's error lists every registered objective.
+  with pytest.raises(config_lib.ConfigError,
+                     match="one of \\('aligned', 'nemo_composite', 'skip_one'\\), got 'skip'"):
+    TrainConfig(drafter_objective="skip")

@@ -1,21 +1,7 @@
 """Documents -> fixed-length packed rows: the training mixture, packing, the resumable iterator.
 
-Batches are dicts of numpy arrays, B rows of T tokens:
-  tokens       int32[B, T]
-  segment_ids  int32[B, T]  0 = padding, 1, 2, ... = the documents of the row, in order
-  positions    int32[B, T]  restart at 0 in every document (0 on padding)
-  loss_mask    bool[B, T]   tokens[b, t] is produced by the model: model-turn content or its closing
-                            `<turn|>`. Prompt, user/system turns, role headers, padding are False.
-
-and, only when the data has images (`image_slots` = (i, p, c) set), i image slots per row:
-  pixel_values     float32[B, i, p, c]  the k-th image of row b is the k-th block of image tokens
-                                        of row b, in order; empty slots are zeros
-  pixel_positions  int32[B, i, p, 2]    patch (x, y) positions; padding patches and empty slots -1
-
-Nothing is shifted. The base model's target at position t is tokens[t + 1] when
-segment_ids[t + 1] == segment_ids[t] != 0, weighted by loss_mask[t + 1]; the drafter's k-step-ahead
-targets come from the same arrays. Every document starts with `<bos>` (never a target), so a target
-never has to cross a document boundary.
+Batches are dicts of numpy arrays, B rows of T tokens, laid out as `batch_layout` says (the arrays,
+their shapes and dtypes, and what each entry means are written there, once).
 
 A document longer than T is truncated to its first T tokens (prompt first, then as much of the
 answer as fits): splitting it would start rows with answer text whose prompt the model cannot see.
@@ -33,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
+from gemma_mtp_jax.data import batch_layout
 from gemma_mtp_jax.data import images as images_lib
 from gemma_mtp_jax.data.chat import DataError, Doc
 from gemma_mtp_jax.data.sources import Source
@@ -127,14 +114,6 @@ def _kept(doc: Doc, seq_len: int) -> tuple[int, int]:
   return length, int((spans[:, 1] <= length).sum())
 
 
-def _image_arrays(num_rows: int, image_slots: tuple[int, int, int] | None) -> Batch:
-  if image_slots is None:
-    return {}
-  i, p, c = image_slots
-  return dict(pixel_values=np.zeros((num_rows, i, p, c), np.float32),
-              pixel_positions=np.full((num_rows, i, p, 2), -1, np.int32))
-
-
 def _check_images(doc: Doc, images: int, image_slots) -> None:
   where = doc.get("record", "a document")
   if image_slots is None:
@@ -157,13 +136,11 @@ def pack_batch(stream: DocStream, seq_len: int, num_rows: int,
   for the next batch.
   Args:
     image_slots: (i, p, c): i image slots per row of `images.slot_shape` (p, c); None = text only.
-  Returns None if the stream ends before any document is packed; otherwise the batch described in
-  the module docstring, rows after the stream's end being padding.
+  Returns None if the stream ends before any document is packed; otherwise a batch of
+  `batch_layout.batch_layout(num_rows, seq_len, image_slots)`, rows after the stream's end being
+  padding.
   """
-  batch = dict(tokens=np.zeros((num_rows, seq_len), np.int32),
-               segment_ids=np.zeros((num_rows, seq_len), np.int32),
-               positions=np.zeros((num_rows, seq_len), np.int32),
-               loss_mask=np.zeros((num_rows, seq_len), bool), **_image_arrays(num_rows, image_slots))
+  batch = batch_layout.empty_batch(num_rows, seq_len, image_slots)
   row, col, used, segment, packed, skips = 0, 0, 0, 0, 0, 0
   while row < num_rows:
     doc = stream.peek()

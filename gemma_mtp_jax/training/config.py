@@ -27,13 +27,11 @@ from gemma_mtp_jax import sharding
 from gemma_mtp_jax.data import pipeline as data_lib
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter as drafter_lib
+from gemma_mtp_jax.training import objectives
 
 ConfigError = config_lib.ConfigError
 DEFAULT_CONFIG = "tiny"  # the embedded default run: configs/tiny.py into runs/tiny
 EXPORT_DTYPES = ("", "bfloat16", "float32")
-# `train.drafter_objective` (training/objective.py): the inference-aligned task, or a faithful port
-# of NeMo-Automodel's Gemma4WithDrafter training forward (for the ablation of issue #16).
-DRAFTER_OBJECTIVES = ("aligned", "nemo_composite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +44,10 @@ class TrainConfig:
   drafter_loss_weight: float = 0.01  # lambda: weight of the drafter loss next to the base LM loss
   step_weights: tuple[float, ...] | None = None  # w_k of the K step losses; None: all 1
   draft_query_position: str = "next"  # RoPE position of the drafter queries: "next" (HF) or "anchor"
-  # "aligned": each draft step trains the task it meets at inference; "nemo_composite": NeMo's
-  # composite forward (shifted pairing, whole-row K/V, anchor positions, N_base normaliser)
-  drafter_objective: str = "aligned"
+  # A name of the registry in training/objectives.py: "aligned" (default), each draft step trains
+  # the task it meets at inference; "nemo_composite", NeMo's composite forward (shifted pairing,
+  # whole-row K/V, anchor positions, N_base normaliser)
+  drafter_objective: str = objectives.INFERENCE_ALIGNED
   freeze_base: bool = False  # drafter-only: the base gets no gradient and no optimizer state
   # A base with a vision tower: the tower and its projection into the text model (base params
   # "vision") stay frozen, as NeMo's Gemma 4 recipe keeps them; False trains them with the base.
@@ -114,8 +113,7 @@ class TrainConfig:
       _need(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
     _need(self.draft_query_position in drafter_lib.QUERY_POSITIONS, "draft_query_position",
           f"must be one of {drafter_lib.QUERY_POSITIONS}, got {self.draft_query_position!r}")
-    _need(self.drafter_objective in DRAFTER_OBJECTIVES, "drafter_objective",
-          f"must be one of {DRAFTER_OBJECTIVES}, got {self.drafter_objective!r}")
+    objectives.get(self.drafter_objective)  # ConfigError listing the registered names
     _need(self.step_weights is None or len(self.step_weights) == self.num_draft_steps,
           "step_weights", f"has {len(self.step_weights or ())} entries for "
           f"{self.num_draft_steps} draft steps")

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp_jax.data import batch_layout
 from gemma_mtp_jax.decoding import speculative
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import flops
@@ -48,6 +49,7 @@ from gemma_mtp_jax.training import distributed
 from gemma_mtp_jax.training.config import TrainConfig
 from gemma_mtp_jax.training import losses
 from gemma_mtp_jax.training import objective as joint
+from gemma_mtp_jax.training import objectives
 
 Array = jax.Array
 
@@ -72,7 +74,7 @@ def eval_sums(params: Mapping, buffers: Mapping | None, batch: Mapping[str, Arra
   """
   num_draft_steps = jcfg.num_draft_steps
   # The eval scores the task drafting meets whatever objective trained the drafter.
-  jcfg = dataclasses.replace(jcfg, drafter_objective="aligned")
+  jcfg = dataclasses.replace(jcfg, drafter_objective=objectives.INFERENCE_ALIGNED)
   head = joint.drafter_head(params, buffers, dcfg, jcfg).replace(masked=False)
   chunk = jcfg.loss_chunk_size
 
@@ -138,7 +140,7 @@ def prompts_from_batches(batches: Sequence[Mapping[str, np.ndarray]], max_prompt
                          ) -> tuple[list[np.ndarray], list]:
   """Held-out prompts: each document's tokens up to its first target (through `<|turn>model\\n`),
   and the images of that prompt: (pixel_values_ipc, pixel_positions_ip2) of its image blocks (runs
-  of `image_token_id`; a row's k-th block is its k-th slot, `gemma_mtp_jax.data.packing`), or None
+  of `image_token_id`; a row's k-th block is its k-th slot, `gemma_mtp_jax.data.batch_layout`), or None
   for a prompt without images.
 
   Documents whose prompt is longer than `max_prompt_len`, or who have no target, are skipped.
@@ -183,20 +185,16 @@ class GreedyBatch:
 def build_greedy_batch(prompts: Sequence[np.ndarray], continuations: Sequence[np.ndarray],
                        length: int, images: Sequence | None = None,
                        slots: tuple[int, int, int] | None = None) -> GreedyBatch:
-  """Lays prompt + continuation in a row of `length` tokens (right padding); with `slots`
-  (i, p, c), each row also gets its prompt's images (`images[row]`, or None) in i image slots.
+  """Lays prompt + continuation in a row of `length` tokens (right padding) of a training batch
+  (`batch_layout`); with `slots` (i, p, c), each row also gets its prompt's images (`images[row]`,
+  or None) in i image slots.
 
   The continuation's tokens are the targets (loss_mask); anchors start at the last prompt token,
   whose base forward produced the first new token (the prefill), so the first round drafts from it.
   """
   b = len(prompts)
-  arrays = {k: np.zeros((b, length), dt) for k, dt in
-            (("tokens", np.int32), ("segment_ids", np.int32), ("positions", np.int32),
-             ("loss_mask", bool))}
+  arrays = batch_layout.empty_batch(b, length, slots)
   if slots is not None:
-    i, p, c = slots
-    arrays["pixel_values"] = np.zeros((b, i, p, c), np.float32)
-    arrays["pixel_positions"] = np.full((b, i, p, 2), -1, np.int32)
     for row, img in enumerate(images or ()):
       if img is not None:
         arrays["pixel_values"][row, :len(img[0])] = img[0]

@@ -17,7 +17,9 @@ h_t in its round 0, so round 0 learns what h_t already predicts, and it calls th
 whole row, whose eager masks are not causal: a query reads base K/V of positions after it (full
 layers: the whole row; sliding layers: an anti-diagonal band). At inference those positions are not
 verified yet. `train.drafter_objective = "nemo_composite"` reproduces that forward exactly (see
-`nemo_composite_pairing`) so the two can be compared (`python -m benchmarks objective`).
+`objectives.nemo_composite_pairing`) so the two can be compared (`python -m benchmarks objective`).
+What the objectives differ in, and the names `train.drafter_objective` takes, are the registry of
+`training/objectives.py`; this module reads it and switches on no objective's name.
 
 Training switches (fields of `training.config.TrainConfig`):
   freeze_base: the base gets no gradient and no optimizer state (its leaves are left out of the
@@ -48,13 +50,14 @@ from gemma_mtp_jax.model import layers
 from gemma_mtp_jax.model import moe
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.training import losses
+from gemma_mtp_jax.training import objectives
 from gemma_mtp_jax.training.config import TrainConfig
 
 Array = jax.Array
 Batch = Mapping[str, Array]
 
 
-# ------------------------------------------------------------------------------ batch layout
+# ------------------------------------------------------------------------------ the batch
 def batch_arrays(batch: Batch):
   """(tokens, positions, valid, segment_ids, loss_mask), each [B, T], with the defaults of
   `gemma_mtp_jax.data` (segment 0 = padding): one document per row, every valid token a target."""
@@ -73,142 +76,13 @@ def batch_arrays(batch: Batch):
   return tokens_BT, pos_BT, valid_BT, seg_BT, lm_BT
 
 
-@flax.struct.dataclass
-class Targets:
-  """The batch padded on the right by K + 1 columns, so `at(j)` reads column t + j for every row t."""
-  tokens: Array  # [B, T + K + 1]
-  seg: Array  # -1 past the end: never the same document
-  loss_mask: Array  # False past the end (also False on padding)
-  anchor_ok_BT: Array  # row t is a real token (its hidden and K/V exist)
-  anchor_seg_BT: Array
-
-  @classmethod
-  def build(cls, tokens_BT, seg_BT, valid_BT, lm_BT, num_draft_steps: int) -> "Targets":
-    pad = ((0, 0), (0, num_draft_steps + 1))
-    return cls(tokens=jnp.pad(tokens_BT, pad), seg=jnp.pad(seg_BT, pad, constant_values=-1),
-               loss_mask=jnp.pad(lm_BT, pad), anchor_ok_BT=valid_BT, anchor_seg_BT=seg_BT)
-
-  def at(self, j) -> tuple[Array, Array]:
-    """(x_{t+j} [B, T], mask [B, T]): the token j ahead of each row and whether it is a target of
-    row t (same document, a loss token, row t real). `j` may be traced (inside the scan over k)."""
-    t = self.anchor_ok_BT.shape[1]
-    tok = jax.lax.dynamic_slice_in_dim(self.tokens, j, t, axis=1)
-    seg = jax.lax.dynamic_slice_in_dim(self.seg, j, t, axis=1)
-    lm = jax.lax.dynamic_slice_in_dim(self.loss_mask, j, t, axis=1)
-    # Documents are contiguous, so the same document at t and t + j covers every token between.
-    return tok, self.anchor_ok_BT & lm & (seg == self.anchor_seg_BT)
-
-  def same_doc(self, j) -> Array:
-    """bool [B, T]: column t + j is in row t's document (False past the row end)."""
-    t = self.anchor_ok_BT.shape[1]
-    return jax.lax.dynamic_slice_in_dim(self.seg, j, t, axis=1) == self.anchor_seg_BT
-
-
-# ------------------------------------------------------------------------------ the two objectives
-@flax.struct.dataclass
-class Pairing:
-  """What the drafter objectives differ in (`train.drafter_objective`): the queries' RoPE positions
-  and the [B, T, S] mask per layer type (the same for every step), and the pairing: 0-based step k
-  at row t consumes x_{t+k+offset} and is labelled x_{t+k+offset+1}. Everything else (base forward,
-  carried hidden, heads, losses, data) is shared."""
-  q_pos_BT: Array
-  masks: dict[str, Array]
-  offset: int = flax.struct.field(pytree_node=False, default=1)
-  # NeMo fills the step input past the row's end with token 0 (`<pad>`); per document here
-  fill_outside_doc: bool = flax.struct.field(pytree_node=False, default=False)
-
-  def step_arrays(self, targets: Targets, k) -> tuple[Array, Array, Array]:
-    """(input token, label, label mask), each [B, T], of 0-based step k (k may be traced)."""
-    tok_BT, _ = targets.at(k + self.offset)
-    if self.fill_outside_doc:
-      tok_BT = jnp.where(targets.same_doc(k + self.offset), tok_BT, 0)
-    labels_BT, mask_BT = targets.at(k + self.offset + 1)
-    return tok_BT, labels_BT, mask_BT
-
-
-def aligned_pairing(dcfg: config_lib.DrafterConfig, jcfg: TrainConfig,
-                    store_kv: dict[str, transformer.StoreKV], pos_BT: Array,
-                    seg_BT: Array) -> Pairing:
-  """The default objective (the module docstring): step k at row t consumes x_{t+k+1} with h_t or
-  the carry, at query position `draft_query_position`, reading base K/V at positions <= t."""
-  return Pairing(drafter_lib.query_positions(pos_BT, jcfg.draft_query_position),
-                 drafter_lib.kv_masks(dcfg, store_kv, pos_BT, seg_BT), offset=1)
-
-
-def composite_mask(q_pos_BT: Array, q_seg_BT: Array | None, kv_pos_BS: Array, kv_valid_BS: Array,
-                   kv_seg_BS: Array | None, window: int | None) -> Array:
-  """bool [B, T, S]: the base slots HF's drafter lets query row t read when it is called on a whole
-  sequence with eager attention (`Gemma4AssistantForCausalLM.create_attention_masks`,
-  modeling_gemma4_assistant.py, transformers 5.12.1 as NeMo pins and 5.23).
-
-  Full layers (`window` None): `create_bidirectional_mask`, every valid slot of the document,
-  later ones included. Sliding layers: `create_bidirectional_sliding_window_mask` on the flipped
-  padding mask, then flipped on the kv axis: |i + j - (n - 1)| <= W with i, j the offsets of query
-  and slot in the document and n its length -- an anti-diagonal band tied to the row's end, not to
-  i. A row with no allowed slot attends to all S slots uniformly (eager adds finfo.min instead of
-  masking, `eager_attention_forward`); here that row gets every slot.
-  Per document: NeMo never packs (one conversation per row, batch 1 in the MedPix recipe, which
-  has no padding), so with a packed row each document is masked as if it were NeMo's whole row; a
-  row that is one unpadded document gives exactly NeMo's mask. (With right padding NeMo's band is
-  tied to the padded row end instead; this port ties it to the document's last token.)
-  """
-  doc_BTS = kv_valid_BS[:, None, :]
-  if q_seg_BT is not None and kv_seg_BS is not None:
-    doc_BTS = doc_BTS & (q_seg_BT[:, :, None] == kv_seg_BS[:, None, :])
-  allowed_BTS = doc_BTS
-  if window is not None:
-    n_BT1 = jnp.sum(doc_BTS, axis=-1, keepdims=True, dtype=jnp.int32)
-    kv_pos_B1S = kv_pos_BS[:, None, :]
-    start_BT1 = jnp.min(jnp.where(doc_BTS, kv_pos_B1S, jnp.iinfo(jnp.int32).max), axis=-1,
-                        keepdims=True)
-    i_BT1, j_BTS = q_pos_BT[:, :, None] - start_BT1, kv_pos_B1S - start_BT1
-    allowed_BTS = doc_BTS & (jnp.abs(i_BT1 + j_BTS - (n_BT1 - 1)) <= window)
-  return allowed_BTS | ~jnp.any(allowed_BTS, axis=-1, keepdims=True)
-
-
-def nemo_composite_pairing(dcfg: config_lib.DrafterConfig,
-                           store_kv: dict[str, transformer.StoreKV], pos_BT: Array,
-                           seg_BT: Array) -> Pairing:
-  """NeMo-Automodel's `Gemma4WithDrafter` training forward, exactly (issue #16; read at
-  NVIDIA-NeMo/Automodel 36044ad3, unchanged since the feature merge 9238c3e6):
-
-  - pairing (`nemo_automodel/components/models/gemma4_drafter/composite.py`,
-    `Gemma4WithDrafter.forward`): round 0 at row t consumes E(x_t) with h_t; round k >= 1 consumes
-    E(x_{t+k}) (`shifted_ids`, 0-filled past the row end) with the carried hidden of the same row.
-    E is the base's scaled embedding (`get_input_embeddings`), as here.
-  - labels (`nemo_automodel/recipes/vlm/finetune.py`, `_shift_labels_left` on the collate's
-    `labels[:, 1:]`, `collate_fns.default_collate_fn`): round k at row t predicts x_{t+k+1}, masked
-    only where that target is not a loss token or lies past the row end (no anchor mask): here
-    `Targets.at(k + 1)` (offset 0).
-  - position ids (`forward`: `position_ids` passed unchanged to every round; None in the VLM
-    collate, so arange(S)): the query at row t sits at t in every round, i.e. the anchor position.
-  - carried hidden (`forward`: `prev_last_hidden_state = drafter_out.last_hidden_state`, HF's
-    post-projected final-norm hidden), not detached: the scan's carry, as in the aligned objective.
-  - mask: `composite_mask` (the HF drafter's eager masks on a whole row, per document).
-  - loss normaliser: `loss_fn` (each round's summed CE over the base's label count).
-  Kept from this project, so that only the objective changes (issue #16: same losses otherwise):
-  the dense head and centroid loss of `drafter_head` (NeMo's HF assistant scores the centroid-
-  masked head with ordered embeddings and has no centroid loss), the step weights (NeMo: none;
-  the default w_k = 1 matches) and the switches `freeze_base`, `share_embedding_with_base`,
-  `drafter_grads_to_base` (NeMo's recipe: False, True, True, the defaults).
-  `draft_query_position` is not read in training (NeMo: the anchor); decoding still uses it.
-  """
-  masks = {}
-  for lt in sorted(set(dcfg.text.layer_types)):
-    kv = store_kv[lt]
-    window = dcfg.text.sliding_window if lt == config_lib.SLIDING else None
-    masks[lt] = composite_mask(pos_BT, seg_BT, kv.positions_BS, kv.valid_BS, kv.segment_BS,
-                               window)
-  return Pairing(pos_BT, masks, offset=0, fill_outside_doc=True)
-
-
 # ------------------------------------------------------------------------------ forward
 @flax.struct.dataclass
 class JointOutput:
   base_logits: Array | None  # [B, T, V] float32, soft-capped; only with the default step_fn
   base_hidden: Array  # [B, T, M]
   steps: Any  # what `step_fn` returned for each step, stacked on a leading A axis
-  targets: Targets  # the batch's labels and masks (`targets.at(1)`: the base's)
+  targets: objectives.Targets  # the batch's labels and masks (`targets.at(1)`: the base's)
   router: dict[str, Array] | None = None  # MoE bases: `moe.router_losses` of the base forward
 
 
@@ -303,13 +177,11 @@ def joint_forward(params: Mapping, buffers: Mapping | None, batch: Batch,
     embedding_VM = jax.lax.stop_gradient(embedding_VM)
 
   # One [B, T, S] mask per layer type, the same for every k: the drafter never reads its own drafts.
-  if jcfg.drafter_objective == "nemo_composite":
-    pairing = nemo_composite_pairing(dcfg, store_kv, pos_BT, seg_BT)
-    # Chunked attention skips keys outside a causal window; the composite's band is not one.
+  obj = objectives.get(jcfg.drafter_objective)
+  pairing = obj.pairing(dcfg, jcfg, store_kv, pos_BT, seg_BT)
+  if not obj.chunked_attention:  # chunks skip keys outside a causal window; these masks are none
     dcfg = dcfg.replace(text=dcfg.text.replace(attention_chunk_size=0))
-  else:
-    pairing = aligned_pairing(dcfg, jcfg, store_kv, pos_BT, seg_BT)
-  targets = Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_draft_steps)
+  targets = objectives.Targets.build(tokens_BT, seg_BT, valid_BT, lm_BT, jcfg.num_draft_steps)
   model = drafter_lib.Drafter(dcfg)
   variables = drafter_variables(params["drafter"], buffers)
   dt = layers.as_dtype(dcfg.text.dtype)
@@ -347,12 +219,10 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
             jcfg: TrainConfig) -> tuple[Array, dict[str, Array]]:
   """L = L_base + lambda * sum_k w_k L_k; returns (loss, metrics).
 
-  Each L is a mean over its valid targets, except under `drafter_objective="nemo_composite"`,
-  where L_k is round k's summed CE over the BASE's target count N (NeMo's recipe loss:
-  `FinetuneRecipeForVLM._maybe_add_drafter_loss` passes `num_label_tokens` = the base's label
-  count to `MaskedCrossEntropy`, reduction "sum", no per-round weights), so round k weighs N_k / N
-  of a per-round mean. That normaliser belongs to the objective: it is how the composite weighs its
-  rounds. The per-step metrics (`drafter/loss_k`) stay per-token means either way."""
+  Each L is a mean over its valid targets, except where the objective has a step normaliser
+  (`objectives.Objective.step_norm`; "nemo_composite": `objectives.base_count_norm`, round k's
+  summed CE over the BASE's target count). The per-step metrics (`drafter/loss_k`) stay per-token
+  means either way."""
   head = drafter_head(params, buffers, dcfg, jcfg)
   kw = dict(chunk=jcfg.loss_chunk_size, z_loss_weight=jcfg.z_loss_weight)
   centroid_loss = dcfg.use_ordered_embeddings and jcfg.centroid_loss_weight > 0
@@ -371,8 +241,8 @@ def loss_fn(params: Mapping, buffers: Mapping | None, batch: Batch,
   base = losses.head_stats(base_head(params, base_cfg), out.base_hidden, labels_BT, mask_BT,
                            **kw).stats
   step_stats, cent_stats = out.steps
-  norm_A = (jnp.full((jcfg.num_draft_steps,), base.count)
-            if jcfg.drafter_objective == "nemo_composite" else None)
+  step_norm = objectives.get(jcfg.drafter_objective).step_norm
+  norm_A = step_norm(base, jcfg.num_draft_steps) if step_norm else None
   loss, metrics = losses.combine(
       base, step_stats, jcfg.drafter_loss_weight,
       losses.step_weights(jcfg.num_draft_steps, jcfg.step_weights), cent_stats,
