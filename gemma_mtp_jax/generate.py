@@ -119,8 +119,7 @@ def _configs_of(path: str):
   """(base ModelConfig, DrafterConfig or None) of a model dir from its JSON files only, or None
   when they cannot be read without loading weights (hub ids)."""
   from gemma_mtp_jax import checkpoint
-  from gemma_mtp_jax.model import config as config_lib
-  from gemma_mtp_jax.model import families
+  from gemma_mtp_jax.checkpoint import hf_config
   from gemma_mtp_jax.checkpoint import safetensors_io
 
   if not os.path.isdir(path):
@@ -128,13 +127,10 @@ def _configs_of(path: str):
   kind = checkpoint.detect_kind(path)
   if kind == "hf":
     hf = safetensors_io.read_json(os.path.join(path, safetensors_io.CONFIG_NAME))
-    if hf.get("model_type") in families.ASSISTANT_TYPES:
-      return None, config_lib.DrafterConfig.from_hf_config(hf)
-    return config_lib.ModelConfig.from_hf_config(hf), None
-  pj = checkpoint.read_pair_json(path)
-  d = pj.get("drafter")
-  return (config_lib.model_config_from_dict(pj["base"], "base"),
-          config_lib.drafter_config_from_dict(d) if d else None)
+    if hf.get("model_type") in hf_config.assistant_types():
+      return None, hf_config.drafter_config_from_hf(hf)
+    return hf_config.model_config_from_hf(hf), None
+  return checkpoint.pair_configs(checkpoint.read_pair_json(path))
 
 
 def check_fit(base: str, drafter: str | None) -> None:

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp_jax.model.common import ACTIVATIONS, ConfigError
+
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -35,13 +37,12 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 def activation(name: str):
-  if name == "gelu_pytorch_tanh":
-    return functools.partial(jax.nn.gelu, approximate=True)
-  if name == "gelu":
-    return functools.partial(jax.nn.gelu, approximate=False)
+  """The MLP activation of an HF `hidden_activation` name (one of `common.ACTIVATIONS`)."""
+  if name not in ACTIVATIONS:
+    raise ConfigError(f"unsupported activation {name!r}; expected one of {ACTIVATIONS}")
   if name == "silu":
     return jax.nn.silu
-  raise ValueError(f"unsupported activation {name!r}")
+  return functools.partial(jax.nn.gelu, approximate=name == "gelu_pytorch_tanh")
 
 
 def embed_lookup(table_VD: Array, tokens: Array, dtype) -> Array:
