@@ -30,6 +30,7 @@ import transformers
 
 from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax import checkpoint
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 from gemma_mtp_jax import convert as cli
 from gemma_mtp_jax.checkpoint import safetensors_io as st_io
@@ -281,9 +282,9 @@ def test_from_scratch_pair_exports_configs_torch_runs(tmp_path):
   from gemma_mtp_jax.model import drafter as drafter_lib
   from gemma_mtp_jax.model import transformer
 
-  cfg = config_lib.ModelConfig.from_hf_config(hf_helpers.hf_text_config(
+  cfg = hf_config.model_config_from_hf(hf_helpers.hf_text_config(
       "e_style", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB).to_dict())
-  dcfg = config_lib.DrafterConfig.from_hf_config(_assistant_config().to_dict())
+  dcfg = hf_config.drafter_config_from_hf(_assistant_config().to_dict())
   rng = np.random.default_rng(0)
 
   def random(s):  # values from shapes alone (no JAX init to run)

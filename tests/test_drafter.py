@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gemma_mtp_jax import hf_torch
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter
 from gemma_mtp_jax.training import step as step_lib
@@ -156,10 +157,10 @@ def test_first_round_drafts_equal_hf(ordered, monkeypatch):
   hf_ids, hf_logits = _first_round(target, assistant, prompt, monkeypatch)
   assert hf_ids.shape == (1, p + 1 + k) and hf_logits.shape == (1, k, 256)
 
-  base = config_lib.ModelConfig.from_hf_config(target.config.to_dict())
+  base = hf_config.model_config_from_hf(target.config.to_dict())
   base_params = convert_base.state_dict_to_params(base, hf_helpers.numpy_state(target))
   with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
   dcfg.check_fits(base)
   assert dcfg.use_ordered_embeddings == ordered and dcfg.text.final_logit_softcap is None
   variables = convert_drafter.state_dict_to_variables(dcfg, hf_helpers.numpy_state(assistant))
@@ -226,7 +227,7 @@ def test_convert_round_trip_is_bit_exact():
   state = hf_helpers.numpy_state(assistant)
   assert state[convert_drafter.TOKEN_ORDERING].dtype == np.int64
   with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
   variables = convert_drafter.state_dict_to_variables(dcfg, state)
   assert variables["buffers"]["token_ordering"].dtype == np.int32
   back = convert_drafter.variables_to_hf(dcfg, variables)
@@ -244,7 +245,7 @@ def test_bad_assistant_checkpoints_name_the_tensor():
   _, assistant = _hf_pair(True, 2)
   state = hf_helpers.numpy_state(assistant)
   with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
   bad = dict(state)
   del bad[convert_drafter.TOKEN_ORDERING]
   with pytest.raises(names.ConversionError, match="token_ordering"):

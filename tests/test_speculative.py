@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from benchmarks import decode as bench_decode
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter as drafter_lib
 from gemma_mtp_jax.decoding import speculative as spec
@@ -151,7 +152,7 @@ def test_log_probs_temperature_top_k_top_p():
 # ------------------------------------------------------------------------------ greedy
 def test_plain_and_speculative_greedy_equal_hf_generate():
   hf = hf_helpers.hf_causal_lm("e_style", seed=0)
-  cfg = config_lib.ModelConfig.from_hf_config(hf.config.to_dict())
+  cfg = hf_config.model_config_from_hf(hf.config.to_dict())
   params = convert_base.state_dict_to_params(cfg, hf_helpers.numpy_state(hf))
   prompts = [[2, 17, 60, 121, 9, 250, 33, 7, 40, 41, 42], [2, 5, 5, 99]]
   n = 16

@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from gemma_mtp_jax.model import config as config_lib
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
 from gemma_mtp_jax.checkpoint import hf_names as names
@@ -20,7 +21,7 @@ TOL = 1e-4
 
 def _setup(variant, seed=0):
   hf = hf_helpers.hf_causal_lm(variant, seed=seed)
-  cfg = config_lib.ModelConfig.from_hf_config(hf.config.to_dict())
+  cfg = hf_config.model_config_from_hf(hf.config.to_dict())
   params = convert_base.state_dict_to_params(cfg, hf_helpers.numpy_state(hf))
   return hf, cfg, params
 
@@ -78,7 +79,7 @@ def test_logits_hidden_and_store_kv_equal_hf(variant, moe_impl):
 def test_store_layers_match_hf_kv_sharing_modes():
   for variant in hf_helpers.VARIANTS:
     hf_cfg = hf_helpers.hf_text_config(variant)
-    cfg = config_lib.ModelConfig.from_hf_config(hf_cfg.to_dict())
+    cfg = hf_config.model_config_from_hf(hf_cfg.to_dict())
     modes = hf_cfg.kv_sharing_modes
     if cfg.num_kv_shared_layers:
       assert sorted(cfg.store_layers.values()) == [i for i, m in enumerate(modes) if m == "store"]
@@ -94,7 +95,7 @@ def test_conditional_generation_text_weights_load():
   mm = hf_helpers.randomize_(transformers.Gemma4ForConditionalGeneration(mm_cfg).eval(), seed=3)
   state = hf_helpers.numpy_state(mm)
   assert any(k.startswith("model.language_model.") for k in state)
-  cfg = config_lib.ModelConfig.from_hf_config(mm.config.to_dict())
+  cfg = hf_config.model_config_from_hf(mm.config.to_dict())
   params, extra = convert_base.hf_to_params(cfg, lambda n: state[n], state.keys())
   tokens = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 9))
   with torch.no_grad():
@@ -142,7 +143,7 @@ def test_bad_checkpoints_name_the_tensor():
 
 def test_other_architecture_config_is_refused():
   with pytest.raises(config_lib.ConfigError, match="llama"):
-    config_lib.ModelConfig.from_hf_config({"model_type": "llama", "hidden_size": 8})
+    hf_config.model_config_from_hf({"model_type": "llama", "hidden_size": 8})
 
 
 # Published text-only parameter counts (reference/gemma4-released-configs.md), in billions.
@@ -156,7 +157,7 @@ def test_preset_param_count_equals_hf_meta_model(preset):
   full = cfg
   cfg = cfg.replace(vision=None, image_token_id=None)  # the text model (what the table counts)
   ours = transformer.count_params(cfg)  # jax.eval_shape: nothing allocated
-  hf_text = full.to_hf_config()["text_config"] if full.vision else full.to_hf_config()
+  hf_text = hf_config.model_config_to_hf(full)["text_config"] if full.vision else hf_config.model_config_to_hf(full)
   with torch.device("meta"):
     hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**hf_text))
   assert ours == _hf_count(hf)
@@ -164,7 +165,7 @@ def test_preset_param_count_equals_hf_meta_model(preset):
   if full.vision is not None:  # the tower + projection too (HF without its audio tower)
     with torch.device("meta"):
       hf = transformers.Gemma4ForConditionalGeneration(
-          transformers.Gemma4Config(**full.to_hf_config()))
+          transformers.Gemma4Config(**hf_config.model_config_to_hf(full)))
     assert transformer.count_params(full) == _hf_count(hf)
 
 
