@@ -16,7 +16,7 @@ Where the numbers come from:
   MoE, no KV sharing, final softcap 30, max_position_embeddings 262144, full layers at 5, 11, ..., 47
   (`layer_types_from_pattern(48, 6)`). 11,907,350,272 text parameters (the HF meta build of the released
   config: 11,959,730,176 with the 49.9M vision and 2.5M audio embedders, which are carried through
-  untouched, not trained; tests/test_unified.py checks both).
+  untouched, not trained; tests/test_transformer_hf.py checks both).
 - Assistant: the model card ("423M"), three third-party loaders' test fixtures that say they mirror the
   released config.json (two Rust, one mlx-swift) and a README describing the projections: backbone
   3840, hidden 1024, intermediate 8192, 16 heads / 8 KV heads (1 global, k_eq_v), head_dim 256 / 512,
