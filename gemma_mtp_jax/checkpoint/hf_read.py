@@ -24,9 +24,11 @@ from gemma_mtp_jax.model import config as config_lib
 
 log = logging.getLogger("gemma_mtp_jax.convert")
 
-# gemma4, gemma4_text, gemma4_assistant and the 12B's gemma4_unified{,_text,_assistant}
-# (`hf_config.FAMILIES`).
+# gemma4, gemma4_text, gemma4_assistant and the 12B's gemma4_unified{,_text,_assistant}: the
+# model types of `hf_config.FAMILIES` (the readers below ask the table itself, so a family
+# registered at run time counts too).
 HF_MODEL_TYPES = hf_config_lib.model_types()
+ASSISTANT_MODEL_TYPES = hf_config_lib.assistant_types()
 
 
 def hf_model_type(path: str) -> str | None:
