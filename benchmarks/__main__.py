@@ -49,12 +49,13 @@ def bench_model(argv) -> dict:
   from gemma_mtp_jax.model import transformer
   from gemma_mtp_jax.utils import compiles
   from gemma_mtp_jax.checkpoint import hf_base as convert_base
+  from gemma_mtp_jax.checkpoint import hf_config
 
   if a.threads:
     torch.set_num_threads(a.threads)
   cfg, _ = presets.model_configs(presets.load_config(a.config))
   cfg = cfg.replace(dtype="float32", param_dtype="float32", scan_layers=False, remat_policy="none")
-  hf_cfg = transformers.Gemma4TextConfig(**cfg.to_hf_config())
+  hf_cfg = transformers.Gemma4TextConfig(**hf_config.model_config_to_hf(cfg))
   hf_cfg._attn_implementation = "sdpa"
   torch.manual_seed(0)
   hf = transformers.Gemma4ForCausalLM(hf_cfg).eval()

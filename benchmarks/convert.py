@@ -32,6 +32,7 @@ import jax, jax.numpy as jnp, numpy as np, orbax.checkpoint as ocp, safetensors.
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.checkpoint import safetensors_io
 src, out = sys.argv[1], sys.argv[2]
 rss0 = psutil.Process().memory_info().rss
@@ -45,8 +46,7 @@ _STREAM = {
 }
 # What a converter without streaming does: every shard into one dict, convert it whole, then place.
 _NAIVE_LOAD = """
-cfg = config_lib.ModelConfig.from_hf_config(
-    safetensors_io.read_json(os.path.join(src, "config.json")))
+cfg = hf_config.model_config_from_hf(safetensors_io.read_json(os.path.join(src, "config.json")))
 state = {}
 for f in sorted(os.listdir(src)):
   if f.endswith(".safetensors"):
@@ -93,6 +93,7 @@ def mid_size_config(target_bytes: int):
 
 def write_random_checkpoint(cfg, out_dir: str, shard_size: str, seed: int = 0) -> int:
   """Random bfloat16 HF checkpoint of `cfg` (generated one tensor at a time); returns its bytes."""
+  from gemma_mtp_jax.checkpoint import hf_config
   from gemma_mtp_jax.checkpoint import hf_names as names
   from gemma_mtp_jax.checkpoint import safetensors_io
   from gemma_mtp_jax.utils import files
@@ -109,7 +110,8 @@ def write_random_checkpoint(cfg, out_dir: str, shard_size: str, seed: int = 0) -
 
   os.makedirs(out_dir, exist_ok=True)
   safetensors_io.write_safetensors(out_dir, specs, get, shard_size)
-  hf = dict(cfg.to_hf_config(), architectures=["Gemma4ForCausalLM"], dtype="bfloat16")
+  hf = dict(hf_config.model_config_to_hf(cfg), architectures=["Gemma4ForCausalLM"],
+            dtype="bfloat16")
   files.write_json(os.path.join(out_dir, safetensors_io.CONFIG_NAME), hf)
   return sum(s.nbytes for s in specs.values())
 

@@ -73,11 +73,13 @@ def bench_torch(base_cfg, dcfg, tcfg, batches):
   trainer's optimizer settings (AdamW, global-norm clipping)."""
   import torch
   import transformers
-  text = transformers.Gemma4TextConfig(**base_cfg.to_hf_config())
+
+  from gemma_mtp_jax.checkpoint import hf_config
+  text = transformers.Gemma4TextConfig(**hf_config.model_config_to_hf(base_cfg))
   text._attn_implementation = "sdpa"
   torch.manual_seed(0)
   target = transformers.Gemma4ForCausalLM(text).float().train()
-  assistant = hf_assistant(dcfg.to_hf_config(), attn_implementation="sdpa").train()
+  assistant = hf_assistant(hf_config.drafter_config_to_hf(dcfg), attn_implementation="sdpa").train()
   if dcfg.use_ordered_embeddings:
     assistant.masked_embedding.token_ordering.copy_(torch.randperm(dcfg.text.vocab_size))
   params = list(assistant.parameters())

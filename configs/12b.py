@@ -2,7 +2,9 @@
 
 transformers (>= 5.10) names this family `gemma4_unified` (text decoder `gemma4_unified_text`, assistant
 `gemma4_unified_assistant`); its text decoder is the gemma4 one without per-layer embeddings and MoE
-(`hf_family="gemma4_unified"`: the same model code, the unified names on export).
+(`hf_family="gemma4_unified"`: the same model code; `presets.text_fields` gives the fields the family
+sets from its entry in `checkpoint.hf_config.FAMILIES`: image masks and the image front end; the
+unified names on export).
 
 Where the numbers come from:
 - Base: the released config.json of google/gemma-4-12B (revision 56820d7d8cbe, written by transformers
@@ -14,7 +16,7 @@ Where the numbers come from:
   MoE, no KV sharing, final softcap 30, max_position_embeddings 262144, full layers at 5, 11, ..., 47
   (`layer_types_from_pattern(48, 6)`). 11,907,350,272 text parameters (the HF meta build of the released
   config: 11,959,730,176 with the 49.9M vision and 2.5M audio embedders, which are carried through
-  untouched, not trained; tests/test_unified.py checks both).
+  untouched, not trained; tests/test_transformer_hf.py checks both).
 - Assistant: the model card ("423M"), three third-party loaders' test fixtures that say they mirror the
   released config.json (two Rust, one mlx-swift) and a README describing the projections: backbone
   3840, hidden 1024, intermediate 8192, 16 heads / 8 KV heads (1 global, k_eq_v), head_dim 256 / 512,
@@ -34,9 +36,9 @@ in the AOT memory plan (README), and v5e-64 with `--config.mesh.axes.fsdp=32
 28 GiB of 16) do not fit.
 """
 
-from gemma_mtp_jax.model import config as mc
-from gemma_mtp_jax.model import families
 from gemma_mtp_jax import presets
+from gemma_mtp_jax.checkpoint import hf_config
+from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax.training import config as train_config
 
 
@@ -61,7 +63,7 @@ def get_config():
       final_logit_softcap=30.0,
       use_bidirectional_attention="vision",  # image tokens attend both ways
       max_position_embeddings=262_144,
-      hf_family=families.UNIFIED,
+      hf_family=hf_config.UNIFIED,
       dtype="bfloat16",
       param_dtype="float32",
       remat_policy="full",
@@ -85,7 +87,7 @@ def get_config():
       num_kv_shared_layers=4,  # every assistant layer reads the base's KV
       final_logit_softcap=None,  # released assistants ship final_logit_softcapping: null
       max_position_embeddings=262_144,
-      hf_family=families.UNIFIED,
+      hf_family=hf_config.UNIFIED,
       attention_chunk_size=512,
       dtype="bfloat16",
       param_dtype="float32",

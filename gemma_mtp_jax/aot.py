@@ -62,7 +62,7 @@ def topology_devices(name: str):
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
   if name not in TOPOLOGIES:
-    raise config_lib.ConfigError(f"unknown --topology {name!r}{config_lib._closest(name, TOPOLOGIES)}"
+    raise config_lib.ConfigError(f"unknown --topology {name!r}{config_lib.closest(name, TOPOLOGIES)}"
                                  f"; known: {', '.join(TOPOLOGIES)}")
   topo = topologies.get_topology_desc(topology_name=TOPOLOGIES[name][0], platform="tpu")
   return topo.devices

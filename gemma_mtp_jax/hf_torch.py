@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import config as config_lib
-from gemma_mtp_jax.model import families
 
 
 def _text_config_classes():
@@ -79,12 +79,12 @@ def hf_assistant_patch():
 
 def hf_assistant(assistant_config: dict, seed: int = 0, attn_implementation: str = "eager"):
   """A Gemma4AssistantForCausalLM or Gemma4UnifiedAssistantForCausalLM (after the dict's
-  model_type; float32, eval) from a `DrafterConfig.to_hf_config()`-style dict."""
+  model_type; float32, eval) from a `hf_config.drafter_config_to_hf`-style dict."""
   import torch
   import transformers
   assistant_config = dict(assistant_config)
   assistant_config.pop("architectures", None)
-  fam = families.of_model_type(assistant_config.pop("model_type", None))
+  fam = hf_config.of_model_type(assistant_config.pop("model_type", None))
   with hf_assistant_patch():
     cfg = getattr(transformers, fam.assistant_config_class)(**assistant_config)
     cfg._attn_implementation = attn_implementation

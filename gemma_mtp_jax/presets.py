@@ -29,11 +29,13 @@ from typing import Any
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model.config import (
+    FAMILY_FIELDS,
     ConfigError,
     DrafterConfig,
     ModelConfig,
-    _closest,
+    closest,
     drafter_config_from_dict,
     model_config_from_dict,
 )
@@ -54,7 +56,9 @@ _NONE_FIELD_TYPES = {"num_global_kv_heads": int, "final_logit_softcap": float,
 
 # ---------------------------------------------------------------------- builders used by configs/*.py
 def text_fields(**fields: Any) -> dict[str, Any]:
-  """Every ModelConfig field: the dataclass defaults (the Gemma 4 family values) updated by `fields`.
+  """Every ModelConfig field: the dataclass defaults (the Gemma 4 family values) updated by `fields`,
+  with the family fields (`FAMILY_FIELDS`) of `hf_family` from the family table
+  (`checkpoint.hf_config.FAMILIES`) unless `fields` sets them.
 
   Writing all fields into the preset makes each one overridable from the command line and visible
   in a dumped config; unknown names raise ConfigError with a suggestion.
@@ -62,11 +66,14 @@ def text_fields(**fields: Any) -> dict[str, Any]:
   names = [f.name for f in dataclasses.fields(ModelConfig)]
   for k in fields:
     if k not in names:
-      raise ConfigError(f"unknown ModelConfig field '{k}'{_closest(k, names)}")
+      raise ConfigError(f"unknown ModelConfig field '{k}'{closest(k, names)}")
+  family = hf_config.family_fields(fields.get("hf_family", ModelConfig.hf_family))
   out = {}
   for f in dataclasses.fields(ModelConfig):
     if f.name in fields:
       v = fields[f.name]
+    elif f.name in FAMILY_FIELDS:
+      v = family[f.name]
     elif f.default is not dataclasses.MISSING:
       v = f.default
     else:
@@ -121,7 +128,7 @@ def _overridden(section: str, defaults: dict[str, Any], overrides: dict[str, Any
   unknown = set(overrides) - set(defaults)
   if unknown:
     k = sorted(unknown)[0]
-    raise ConfigError(f"unknown {section} key '{k}'{_closest(k, sorted(defaults))}")
+    raise ConfigError(f"unknown {section} key '{k}'{closest(k, sorted(defaults))}")
   return {**defaults, **overrides}
 
 
@@ -177,7 +184,7 @@ def _resolve(spec: str) -> Path:
     if path.is_file():
       return path
   valid = valid_presets()
-  raise ConfigError(f"unknown preset {spec!r}{_closest(stem, valid)}; valid presets: "
+  raise ConfigError(f"unknown preset {spec!r}{closest(stem, valid)}; valid presets: "
                     f"{', '.join(valid) or '(none found in ' + str(CONFIG_DIRS[0]) + ')'}")
 
 
@@ -211,15 +218,20 @@ def load_config(path_or_name: str) -> ml_collections.ConfigDict:
 
 
 def model_configs(cfg: ml_collections.ConfigDict) -> tuple[ModelConfig, DrafterConfig | None]:
-  """Builds the frozen (base, drafter) pair from a loaded preset; checks the drafter fits the base.
+  """Builds the frozen (base, drafter) pair from a loaded preset; checks the drafter fits the base
+  and that each config is one its `hf_family` describes (`hf_config.check_family`; a section
+  without the family fields gets its family's).
 
   The drafter is None when the preset has no `drafter` entry (a base-only config).
   """
   if cfg.get("model") is None:
     raise ConfigError("config has no 'model' entry")
-  base = model_config_from_dict(cfg.model, where="model")
+  base = model_config_from_dict(hf_config.with_family_fields(cfg.model), where="model")
+  hf_config.check_family(base, "model")
   if cfg.get("drafter") is None:
     return base, None
-  drafter = drafter_config_from_dict(cfg.drafter, where="drafter")
+  drafter = drafter_config_from_dict(hf_config.drafter_with_family_fields(cfg.drafter),
+                                     where="drafter")
+  hf_config.check_family(drafter.text, "drafter.text")
   drafter.check_fits(base)
   return base, drafter

@@ -30,8 +30,10 @@ import transformers
 
 from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax import checkpoint
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.data import tokenizer as tokenizer_lib
 from gemma_mtp_jax import convert as cli
+from gemma_mtp_jax.checkpoint import hf_names as names
 from gemma_mtp_jax.checkpoint import safetensors_io as st_io
 from gemma_mtp_jax.utils import files
 from tests import hf_helpers
@@ -110,6 +112,27 @@ def src(tmp_path_factory):
   return dirs
 
 
+@pytest.fixture(scope="module")
+def unified_src(src, tmp_path_factory):
+  """The 12B family's source HF dirs: a Gemma4UnifiedForCausalLM base (with `src`'s tokenizer), a
+  Gemma4UnifiedForConditionalGeneration base (patch and audio embedders), a fitting assistant;
+  built inside the module's store-layer patch (the assistant reads the base's last layers)."""
+  root = tmp_path_factory.mktemp("hf_unified")
+  dirs = {k: str(root / k) for k in ("base", "mm", "drafter")}
+  hf_helpers.hf_causal_lm("unified", vocab_size=VOCAB).save_pretrained(dirs["base"])
+  st_io.copy_files(src["base"], st_io.aux_files(src["base"]), dirs["base"])
+  hf_helpers.hf_unified_multimodal(vocab_size=VOCAB).save_pretrained(dirs["mm"])
+  hf_helpers.hf_unified_assistant(vocab_size=VOCAB, ordered=True).save_pretrained(dirs["drafter"])
+  return dirs
+
+
+FAMILIES = (hf_config.GEMMA4, hf_config.UNIFIED)
+
+
+def _family_src(request, family: str) -> dict:
+  return request.getfixturevalue("src" if family == hf_config.GEMMA4 else "unified_src")
+
+
 def _cli(*argv):
   assert cli.main([str(a) for a in argv]) == 0
 
@@ -153,11 +176,14 @@ def _logits(model, tokens=TOKENS):
 
 
 # ------------------------------------------------------------------------------ round trips
-def test_round_trip_is_bit_exact_and_runs_in_torch(src, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_bit_exact_and_runs_in_torch(family, request, tmp_path):
+  src, fam = _family_src(request, family), hf_config.FAMILIES[family]
   pair_dir, out = tmp_path / "pair", tmp_path / "hf"
   _cli("hf-to-jax", "--base", src["base"], "--drafter", src["drafter"], "--out", pair_dir)
   pj = json.loads((pair_dir / "pair.json").read_text())
   assert pj["format"] == checkpoint.PAIR_FORMAT and pj["dtype"] == "float32"
+  assert pj["base"]["hf_family"] == pj["drafter"]["text"]["hf_family"] == family
   assert pj["drafter"]["backbone_hidden_size"] == 64
   assert sorted(os.listdir(pair_dir / "tokenizer")) == sorted(st_io.aux_files(src["base"]))
   _cli("jax-to-hf", "--checkpoint", pair_dir, "--out", out)
@@ -171,10 +197,13 @@ def test_round_trip_is_bit_exact_and_runs_in_torch(src, tmp_path):
   gen = json.loads((out / "drafter" / "generation_config.json").read_text())
   assert gen["num_assistant_tokens"] == 4 and gen["num_assistant_tokens_schedule"] == "constant"
 
-  ref = _load_clean(transformers.Gemma4ForCausalLM, src["base"])
-  target = _load_clean(transformers.Gemma4ForCausalLM, out / "base")
+  # AutoModelForCausalLM takes the family's classes from the written config.json.
+  ref = _load_clean(transformers.AutoModelForCausalLM, src["base"])
+  target = _load_clean(transformers.AutoModelForCausalLM, out / "base")
+  assert type(target).__name__ == fam.causal_lm
   assert torch.equal(_logits(target), _logits(ref))
-  assistant = _load_clean(transformers.Gemma4AssistantForCausalLM, out / "drafter")
+  assistant = _load_clean(transformers.AutoModelForCausalLM, out / "drafter")
+  assert type(assistant).__name__ == fam.assistant_lm
   prompt = TOKENS[:1, :5]
   plain = target.generate(prompt, max_new_tokens=6, do_sample=False)
   spec = target.generate(prompt, assistant_model=assistant, max_new_tokens=6, do_sample=False)
@@ -232,26 +261,38 @@ def test_bf16_stays_bf16_and_dtype_changes_are_explicit(src, tmp_path, capsys):
   _assert_same_files(src["bf16"], tmp_path / "back" / "base")  # bf16 -> f32 -> bf16 is exact
 
 
-def test_multimodal_towers_are_carried_through(src, tmp_path):
+# Per family: the audio tensors a multimodal base carries through, a param of its image front end.
+MULTIMODAL_ROWS = {
+    hf_config.GEMMA4: (("model.audio_tower.", "model.embed_audio."), "layer_0"),  # the tower
+    hf_config.UNIFIED: (("model.embed_audio.",), "pos_embedding"),  # the patch embedder
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_multimodal_towers_are_carried_through(family, request, tmp_path):
+  src, fam = _family_src(request, family), hf_config.FAMILIES[family]
+  audio, front_end_param = MULTIMODAL_ROWS[family]
   pair_dir, out = tmp_path / "pair", tmp_path / "hf"
   _cli("hf-to-jax", "--base", src["mm"], "--drafter", src["drafter"], "--out", pair_dir)
-  with st_io.Reader(str(pair_dir / "hf_extra")) as extra:
-    assert extra.keys() and not any(k.startswith("model.language_model.") for k in extra.keys())
-    # The vision tower and its embedder are params (model.vision); only audio is carried through.
-    assert not any(k.startswith(("model.vision_tower.", "model.embed_vision."))
-                   for k in extra.keys())
-    assert any(k.startswith("model.audio_tower.") for k in extra.keys())
   pair = checkpoint.load_pair(str(pair_dir))
+  with st_io.Reader(str(pair_dir / "hf_extra")) as extra:
+    # The image front end and its embedder are params (model.vision); only audio is carried.
+    assert extra.keys() and all(k.startswith(audio) for k in extra.keys())
+    assert not any(k.startswith(tuple(f"model.{p}" for p in names.vision_prefixes(pair.base_cfg)))
+                   for k in extra.keys())
+  assert pair.base_cfg.hf_family == pair.drafter_cfg.text.hf_family == family
   assert "embedding" in pair.params["base"] and "lm_head" not in pair.params["base"]
-  assert pair.base_cfg.vision is not None and "layer_0" in pair.params["base"]["vision"]
+  assert pair.base_cfg.vision is not None and front_end_param in pair.params["base"]["vision"]
   _cli("jax-to-hf", "--checkpoint", pair_dir, "--out", out)
   _assert_same_files(src["mm"], out / "base")
   with st_io.Reader(str(out / "base")) as r:
     assert "lm_head.weight" not in r.keys()  # tied: never written twice
-  ref = _load_clean(transformers.Gemma4ForConditionalGeneration, src["mm"])
-  model = _load_clean(transformers.Gemma4ForConditionalGeneration, out / "base")
+  ref = _load_clean(transformers.AutoModelForCausalLM, src["mm"])
+  model = _load_clean(transformers.AutoModelForCausalLM, out / "base")
+  assert type(model).__name__ == fam.conditional_generation
   assert torch.equal(_logits(model), _logits(ref))
-  assistant = _load_clean(transformers.Gemma4AssistantForCausalLM, out / "drafter")
+  assistant = _load_clean(transformers.AutoModelForCausalLM, out / "drafter")
+  assert type(assistant).__name__ == fam.assistant_lm
   model.generate(TOKENS[:1, :5], assistant_model=assistant, max_new_tokens=4, do_sample=False)
   # Straight from the HF dirs (converted in memory) gives the same files.
   _cli("jax-to-hf", "--checkpoint", src["mm"], "--drafter", src["drafter"], "--out",
@@ -273,17 +314,29 @@ def test_tied_lm_head_is_accepted_once_and_never_written(src, tmp_path):
   _expect_error(["hf-to-jax", "--base", tied, "--out", tmp_path / "p2"], "lm_head.weight")
 
 
-def test_from_scratch_pair_exports_configs_torch_runs(tmp_path):
+def _from_scratch_configs(family: str):
+  """A (base, drafter) config pair of `family` that no HF dir holds (built from HF dicts)."""
+  if family == hf_config.UNIFIED:
+    text = hf_helpers.hf_text_config("unified", vocab_size=VOCAB)
+    assistant = hf_helpers.hf_unified_assistant_config(vocab_size=VOCAB, ordered=True)
+  else:
+    text = hf_helpers.hf_text_config("e_style", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB)
+    assistant = _assistant_config().to_dict()
+  return (hf_config.model_config_from_hf(text.to_dict()),
+          hf_config.drafter_config_from_hf(assistant))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_scratch_pair_exports_configs_torch_runs(family, tmp_path):
   """No source HF dir (a pair initialised in JAX): the export generates config.json and
-  generation_config.json from the JAX configs, and torch computes what JAX computes."""
+  generation_config.json from the JAX configs with the family's classes, torch loads them with no
+  missing / unexpected keys, and computes what JAX computes."""
   import flax.linen as nn
-  from gemma_mtp_jax.model import config as config_lib
   from gemma_mtp_jax.model import drafter as drafter_lib
   from gemma_mtp_jax.model import transformer
 
-  cfg = config_lib.ModelConfig.from_hf_config(hf_helpers.hf_text_config(
-      "e_style", vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB).to_dict())
-  dcfg = config_lib.DrafterConfig.from_hf_config(_assistant_config().to_dict())
+  fam = hf_config.FAMILIES[family]
+  cfg, dcfg = _from_scratch_configs(family)
   rng = np.random.default_rng(0)
 
   def random(s):  # values from shapes alone (no JAX init to run)
@@ -299,8 +352,14 @@ def test_from_scratch_pair_exports_configs_torch_runs(tmp_path):
   checkpoint.export_hf(pair, str(out))
   gen = json.loads((out / "drafter" / "generation_config.json").read_text())
   assert gen["num_assistant_tokens"] == 4
-  target = _load_clean(transformers.Gemma4ForCausalLM, out / "base")
-  assistant = _load_clean(transformers.Gemma4AssistantForCausalLM, out / "drafter")
+  base_json = json.loads((out / "base" / "config.json").read_text())
+  drafter_json = json.loads((out / "drafter" / "config.json").read_text())
+  assert (base_json["model_type"], base_json["architectures"]) == (fam.text_type, [fam.causal_lm])
+  assert (drafter_json["model_type"], drafter_json["architectures"]) == (
+      fam.assistant_type, [fam.assistant_lm])
+  assert drafter_json["text_config"]["model_type"] == fam.text_type
+  target = _load_clean(getattr(transformers, fam.causal_lm), out / "base")
+  assistant = _load_clean(getattr(transformers, fam.assistant_lm), out / "drafter")
   tokens = np.asarray(TOKENS)
   positions = np.broadcast_to(np.arange(tokens.shape[1]), tokens.shape)
   ours = jax.jit(lambda p, t, q: transformer.Transformer(cfg).apply({"params": p}, t, q).logits)(

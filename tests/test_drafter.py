@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from gemma_mtp_jax import hf_torch
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter
 from gemma_mtp_jax.training import step as step_lib
@@ -59,15 +60,15 @@ def tiny_unified_configs(ordered: bool = True, window: int = 3):
   """A small 12B-style ("gemma4_unified") pair: a base without PLE, MoE or KV sharing, its global
   layers k_eq_v with one KV head; the drafter [s, s, s, f] reads its last sliding (3) and last
   full (4) layer."""
+  family = dict(hf_family=hf_config.UNIFIED, **hf_config.family_fields(hf_config.UNIFIED))
   base = config_lib.ModelConfig(
       vocab_size=64, embed_dim=32, num_layers=5, num_heads=2, num_kv_heads=2, num_global_kv_heads=1,
       attention_k_eq_v=True, head_dim=8, global_head_dim=16, hidden_dim=48,
-      layer_types=(S, F, S, S, F), sliding_window=window, hf_family="gemma4_unified")
+      layer_types=(S, F, S, S, F), sliding_window=window, **family)
   text = config_lib.ModelConfig(
       vocab_size=64, embed_dim=16, num_layers=4, num_heads=2, num_kv_heads=2, num_global_kv_heads=1,
       attention_k_eq_v=True, head_dim=8, global_head_dim=16, hidden_dim=32,
-      layer_types=(S, S, S, F), sliding_window=window, final_logit_softcap=None,
-      hf_family="gemma4_unified")
+      layer_types=(S, S, S, F), sliding_window=window, final_logit_softcap=None, **family)
   dcfg = config_lib.DrafterConfig(text=text, backbone_hidden_size=32, use_ordered_embeddings=ordered,
                                   num_centroids=8, centroid_intermediate_top_k=2)
   dcfg.check_fits(base)
@@ -112,9 +113,23 @@ jit_draft = jax.jit(drafter.draft, static_argnames=(
 
 
 # ------------------------------------------------------------------------------ HF parity
-def _hf_pair(ordered: bool, k: int):
-  target = hf_helpers.hf_causal_lm("e_style", seed=0)  # KV sharing: HF returns shared KV states
+def _hf_pair(ordered: bool, k: int, family: str = hf_config.GEMMA4):
+  """A random HF base + assistant of `family`: gemma4's E2B-style base (KV sharing: HF returns
+  shared KV states) or the 12B-style one (no KV sharing: built with the store layers of
+  `hf_torch.hf_assistant_patch`); the assistant drafts `k` tokens per round."""
+  if family == hf_config.UNIFIED:
+    with hf_torch.hf_assistant_patch():
+      target = hf_helpers.hf_causal_lm("unified", seed=0)
+    assistant = hf_helpers.hf_unified_assistant(ordered=ordered)
+  else:
+    target, assistant = _hf_e_style_pair(ordered)
   target.generation_config.eos_token_id = None  # draft even if the base emits <eos>
+  assistant.generation_config.num_assistant_tokens = k
+  return target, assistant
+
+
+def _hf_e_style_pair(ordered: bool):
+  target = hf_helpers.hf_causal_lm("e_style", seed=0)
   text = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
               num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=32,
               layer_types=[S, S, S, F], sliding_window=4, hidden_size_per_layer_input=0,
@@ -126,7 +141,6 @@ def _hf_pair(ordered: bool, k: int):
   if ordered:
     perm = torch.randperm(256, generator=torch.Generator().manual_seed(3))
     assistant.masked_embedding.token_ordering.copy_(perm)
-  assistant.generation_config.num_assistant_tokens = k
   return target, assistant
 
 
@@ -148,19 +162,21 @@ def _first_round(target, assistant, prompt, monkeypatch):
   return rec["ids"].numpy(), rec["logits"].numpy()
 
 
+@pytest.mark.parametrize("family", [hf_config.GEMMA4, hf_config.UNIFIED])
 @pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "plain"])
-def test_first_round_drafts_equal_hf(ordered, monkeypatch):
+def test_first_round_drafts_equal_hf(ordered, family, monkeypatch):
   k, p = 4, 12  # prompt longer than the drafter window + 1, so the sliding bound matters
-  target, assistant = _hf_pair(ordered, k)
+  target, assistant = _hf_pair(ordered, k, family)
   prompt = torch.tensor(np.random.default_rng(0).integers(3, 256, (1, p)))
   hf_ids, hf_logits = _first_round(target, assistant, prompt, monkeypatch)
   assert hf_ids.shape == (1, p + 1 + k) and hf_logits.shape == (1, k, 256)
 
-  base = config_lib.ModelConfig.from_hf_config(target.config.to_dict())
+  base = hf_config.model_config_from_hf(target.config.to_dict())
   base_params = convert_base.state_dict_to_params(base, hf_helpers.numpy_state(target))
   with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
   dcfg.check_fits(base)
+  assert base.hf_family == dcfg.text.hf_family == family
   assert dcfg.use_ordered_embeddings == ordered and dcfg.text.final_logit_softcap is None
   variables = convert_drafter.state_dict_to_variables(dcfg, hf_helpers.numpy_state(assistant))
   variables = jax.tree.map(jnp.asarray, variables)
@@ -178,7 +194,7 @@ def test_first_round_drafts_equal_hf(ordered, monkeypatch):
   assert hf_logits.std() > 0.5  # not trivially equal
 
   # The query position is load-bearing (the window bound is pinned by the mask test below).
-  if not ordered:
+  if not ordered or family != hf_config.GEMMA4:
     return
   anchor = jit_draft(variables, dcfg, base_params["embedding"], out.store_kv, out.hidden[:, -1], x_p,
                      jnp.array([p - 1]), num_draft_steps=k, query_position="anchor")
@@ -226,7 +242,7 @@ def test_convert_round_trip_is_bit_exact():
   state = hf_helpers.numpy_state(assistant)
   assert state[convert_drafter.TOKEN_ORDERING].dtype == np.int64
   with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
   variables = convert_drafter.state_dict_to_variables(dcfg, state)
   assert variables["buffers"]["token_ordering"].dtype == np.int32
   back = convert_drafter.variables_to_hf(dcfg, variables)
@@ -244,7 +260,7 @@ def test_bad_assistant_checkpoints_name_the_tensor():
   _, assistant = _hf_pair(True, 2)
   state = hf_helpers.numpy_state(assistant)
   with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
   bad = dict(state)
   del bad[convert_drafter.TOKEN_ORDERING]
   with pytest.raises(names.ConversionError, match="token_ordering"):

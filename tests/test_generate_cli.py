@@ -1,5 +1,6 @@
 """`python -m gemma_mtp_jax.generate` on tiny random HF dirs and a converted pair dir: the JSON
-report, speculative == plain tokens, text prompts through the tokenizer, and clear errors."""
+report and speculative == plain tokens (for both families: gemma4's and the 12B's), text prompts
+through the tokenizer, and clear errors."""
 
 import glob
 import json
@@ -72,6 +73,20 @@ def dirs(tmp_path_factory):
   return out
 
 
+@pytest.fixture(scope="module")
+def unified_dirs(dirs, tmp_path_factory):
+  """The 12B family's HF dirs: a Gemma4UnifiedForConditionalGeneration base (with `dirs`'
+  tokenizer) and a fitting assistant; and the pair dir `convert hf-to-jax` makes of them."""
+  root = tmp_path_factory.mktemp("gen_unified")
+  out = {k: str(root / k) for k in ("base", "drafter", "pair")}
+  hf_helpers.hf_unified_multimodal(vocab_size=VOCAB,
+                                   max_position_embeddings=MAX_POS).save_pretrained(out["base"])
+  io.copy_files(dirs["base"], io.aux_files(dirs["base"]), out["base"])
+  hf_helpers.hf_unified_assistant(vocab_size=VOCAB, ordered=True).save_pretrained(out["drafter"])
+  checkpoint.hf_to_jax(out["base"], out["pair"], drafter=out["drafter"])
+  return out
+
+
 def _run(capsys, *argv):
   code = cli.main([str(a) for a in argv])
   captured = capsys.readouterr()
@@ -84,7 +99,9 @@ def _json(capsys, *argv):
   return json.loads(out)
 
 
-def test_json_report_and_speculative_equals_plain(dirs, capsys):
+@pytest.mark.parametrize("family", ["gemma4", "gemma4_unified"])
+def test_json_report_and_speculative_equals_plain(family, request, capsys):
+  dirs = request.getfixturevalue("dirs" if family == "gemma4" else "unified_dirs")
   common = ("--prompt-ids", "2,17,60,121,9,250", "--max-new-tokens", 20, "--no-stop")
   fast = _json(capsys, "--base", dirs["base"], "--drafter", dirs["drafter"], *common,
                "--num-draft-tokens", 3)
@@ -110,7 +127,7 @@ def test_json_report_and_speculative_equals_plain(dirs, capsys):
   for r in (fast, plain):
     assert r["tokens_per_second"] > 0 and r["prefill_seconds"] > 0 and r["decode_seconds"] > 0
   # The pair dir (converted base + drafter, drafter stored with it) gives the same tokens.
-  stored = _json(capsys, "--base", dirs["pair"], *common, "--num-draft-tokens", 2)
+  stored = _json(capsys, "--base", dirs["pair"], *common, "--num-draft-tokens", 3)
   assert stored["tokens"] == plain["tokens"] and stored["draft_rounds"] > 0
 
 

@@ -1,5 +1,6 @@
-"""Speculative decoding is lossless: greedy equals plain greedy (and HF's), sampling keeps the
-base's distribution, rows of a batch are independent, and bad requests fail before any compute.
+"""Speculative decoding is lossless: greedy equals plain greedy (and HF's, for both families),
+sampling keeps the base's distribution, rows of a batch are independent, and bad requests fail
+before any compute.
 
 The pairs are small random ones (no training): a random drafter is rarely right, so the acceptance
 paths are also driven by an oracle proposer that drafts the true greedy continuation with
@@ -16,10 +17,13 @@ import pytest
 import torch
 
 from benchmarks import decode as bench_decode
+from gemma_mtp_jax import hf_torch
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter as drafter_lib
 from gemma_mtp_jax.decoding import speculative as spec
 from gemma_mtp_jax.model import transformer
+from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
 from tests import hf_helpers
 
@@ -149,9 +153,35 @@ def test_log_probs_temperature_top_k_top_p():
 
 
 # ------------------------------------------------------------------------------ greedy
-def test_plain_and_speculative_greedy_equal_hf_generate():
-  hf = hf_helpers.hf_causal_lm("e_style", seed=0)
-  cfg = config_lib.ModelConfig.from_hf_config(hf.config.to_dict())
+def _drafter_for(family, cfg):
+  """(DrafterConfig, variables, HF assistant or None) fitting the HF-converted base `cfg`: a random
+  [s, f] drafter for the gemma4 row; for the 12B row the converted HF `Gemma4UnifiedAssistant`
+  (so HF's own assisted generation can run the pair too)."""
+  if family == hf_config.UNIFIED:
+    assistant = hf_helpers.hf_unified_assistant(ordered=False)
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
+    dvars = jax.tree.map(jnp.asarray, convert_drafter.state_dict_to_variables(
+        dcfg, hf_helpers.numpy_state(assistant)))
+    return dcfg, dvars, assistant
+  text = config_lib.ModelConfig(
+      vocab_size=cfg.vocab_size, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1,
+      head_dim=cfg.head_dim, global_head_dim=cfg.global_head_dim, hidden_dim=32,
+      layer_types=(S, F), sliding_window=cfg.sliding_window, final_logit_softcap=None)
+  dcfg = config_lib.DrafterConfig(text=text, backbone_hidden_size=cfg.embed_dim)
+  return dcfg, _random_drafter(dcfg), None
+
+
+# Per family: the HF base variant, and whether greedy decoding stops on eos (the E2B-style
+# weights reach it in one row; the 12B-style ones decode all n tokens in both).
+GREEDY_ROWS = {hf_config.GEMMA4: ("e_style", True), hf_config.UNIFIED: ("unified", False)}
+
+
+@pytest.mark.parametrize("family", sorted(GREEDY_ROWS))
+def test_plain_and_speculative_greedy_equal_hf_generate(family):
+  variant, stop = GREEDY_ROWS[family]
+  with hf_torch.hf_assistant_patch():  # the store layers an assistant reads, in every base
+    hf = hf_helpers.hf_causal_lm(variant, seed=0)
+  cfg = hf_config.model_config_from_hf(hf.config.to_dict())
   params = convert_base.state_dict_to_params(cfg, hf_helpers.numpy_state(hf))
   prompts = [[2, 17, 60, 121, 9, 250, 33, 7, 40, 41, 42], [2, 5, 5, 99]]
   n = 16
@@ -159,25 +189,29 @@ def test_plain_and_speculative_greedy_equal_hf_generate():
   width = max(map(len, prompts))
   ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
   mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-  eos = cfg.eos_token_id
+  eos = cfg.eos_token_id if stop else None
+  if not stop:
+    hf.generation_config.eos_token_id = None  # no stop: n tokens in every row
+  kw = dict(do_sample=False, max_new_tokens=n, eos_token_id=eos, pad_token_id=0)
   with torch.no_grad():
-    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                      eos_token_id=eos, pad_token_id=0)[:, width:].tolist()
+    out = hf.generate(input_ids=ids, attention_mask=mask, **kw)[:, width:].tolist()
   # HF pads a finished row after its eos; we emit the eos and stop.
   ref = [row[:row.index(eos) + 1] if eos in row else row for row in out]
-  assert any(eos in row for row in ref) and len(ref[0]) == n  # one row stops early
-  plain = spec.decode_prompts(params, cfg, prompts, max_new_tokens=n, stop_tokens=(eos,))
+  assert len(ref[0]) == n and (any(eos in row for row in ref) if stop else len(ref[1]) == n)
+  stops = (eos,) if stop else ()
+  plain = spec.decode_prompts(params, cfg, prompts, max_new_tokens=n, stop_tokens=stops)
   assert plain.tokens == ref
   assert plain.target_forwards == n - 1  # the first token comes from the prefill
-  # A random drafter that fits this base: whatever it proposes, the output is HF's.
-  text = config_lib.ModelConfig(
-      vocab_size=cfg.vocab_size, embed_dim=32, num_layers=2, num_heads=2, num_kv_heads=1,
-      head_dim=cfg.head_dim, global_head_dim=cfg.global_head_dim, hidden_dim=32,
-      layer_types=(S, F), sliding_window=cfg.sliding_window, final_logit_softcap=None)
-  dcfg = config_lib.DrafterConfig(text=text, backbone_hidden_size=cfg.embed_dim)
-  fast = spec.decode_prompts(params, cfg, prompts, drafter_vars=_random_drafter(dcfg), drafter_cfg=dcfg,
-                       num_draft_tokens=3, max_new_tokens=n, stop_tokens=(eos,))
+  # A drafter that fits this base: whatever it proposes, the output is HF's.
+  dcfg, dvars, assistant = _drafter_for(family, cfg)
+  fast = spec.decode_prompts(params, cfg, prompts, drafter_vars=dvars, drafter_cfg=dcfg,
+                             num_draft_tokens=3, max_new_tokens=n, stop_tokens=stops)
   assert fast.tokens == ref
+  if assistant is not None:  # HF's own assisted generation runs the pair (batch 1) too
+    assistant.generation_config.num_assistant_tokens = 3
+    with torch.no_grad(), hf_torch.hf_assistant_patch():
+      hf_spec = hf.generate(input_ids=torch.tensor([prompts[0]]), assistant_model=assistant, **kw)
+    assert hf_spec[0, width:].tolist() == ref[0]
 
 
 @pytest.mark.parametrize("k", range(1, 9))

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.model import config as mc
 from gemma_mtp_jax.data import pipeline as data
@@ -95,6 +96,27 @@ def small_config(assets: dict, **train):
                         export_hf=False, hf_check=False))
   cfg.train.update(train)
   return cfg
+
+
+def family_config(assets: dict, family: str, **train):
+  """`small_config` of a transformers family: for the 12B's, a base without PLE or KV sharing, and
+  both configs get the family's fields."""
+  cfg = small_config(assets, **train)
+  if family == hf_config.UNIFIED:
+    fields = dict(hf_family=family, **hf_config.family_fields(family))
+    cfg.model.update(dict(ple_dim=0, ple_vocab_size=0, num_kv_shared_layers=0, **fields))
+    cfg.drafter.text.update(fields)
+  return cfg
+
+
+def export_random_pair(cfg, tokenizer: str, out: str) -> dict:
+  """A random pair of `cfg` exported as HF dirs: what `hf_base` / `hf_drafter` name in real presets."""
+  base_cfg, dcfg, _ = train_config.validate_config(cfg)
+  variables = jax.device_get(step_lib.random_variables(base_cfg, dcfg, 7, 0.02))
+  pair = run_dir.random_pair(base_cfg, dcfg, variables, tokenizer)
+  pair.params = variables
+  checkpoint.export_hf(pair, out)
+  return {"base": os.path.join(out, "base"), "drafter": os.path.join(out, "drafter")}
 
 
 @pytest.fixture(scope="module")
@@ -196,14 +218,8 @@ def saved_steps(workdir):
 @pytest.fixture(scope="module")
 def hf_pair(assets, tmp_path_factory):
   """A random small pair exported as HF dirs: what `hf_base` / `hf_drafter` name in real presets."""
-  cfg = small_config(assets)
-  base_cfg, dcfg, _ = train_config.validate_config(cfg)
-  variables = jax.device_get(step_lib.random_variables(base_cfg, dcfg, 7, 0.02))
-  pair = run_dir.random_pair(base_cfg, dcfg, variables, assets["tokenizer"])
-  pair.params = variables
-  out = str(tmp_path_factory.mktemp("hf_pair") / "hf")
-  checkpoint.export_hf(pair, out)
-  return {"base": os.path.join(out, "base"), "drafter": os.path.join(out, "drafter")}
+  return export_random_pair(small_config(assets), assets["tokenizer"],
+                            str(tmp_path_factory.mktemp("hf_pair") / "hf"))
 
 
 def test_hf_init_drafter_only_leaves_the_base_bit_identical(assets, hf_pair, tmp_path):
@@ -319,10 +335,24 @@ def test_weight_decay_mask_spares_vectors():
 
 
 # ------------------------------------------------------------------------------ records + export
-def test_records_plots_export_and_hf_check(assets, tmp_path):
-  cfg = small_config(assets, eval_every=2, export_hf=True, hf_check=True)
-  out = trainer.run(cfg, str(tmp_path))
-  records = metrics.read_records(str(tmp_path))
+@pytest.mark.parametrize("family", [hf_config.GEMMA4, hf_config.UNIFIED])
+def test_records_plots_export_and_hf_check(family, assets, tmp_path):
+  """A run's records, plots and HF export, and the end-of-run HF assisted-generation check. The
+  gemma4 pair starts from random init; the 12B family's from its HF dirs (`hf_base` /
+  `hf_drafter`, the real presets' path: loaded, checked against the preset, exported again)."""
+  fam = hf_config.FAMILIES[family]
+  cfg = family_config(assets, family, eval_every=2, export_hf=True, hf_check=True)
+  if family != hf_config.GEMMA4:
+    src = export_random_pair(cfg, assets["tokenizer"], str(tmp_path / "src"))
+    for d, model_type in (("base", fam.text_type), ("drafter", fam.assistant_type)):
+      with open(os.path.join(src[d], "config.json")) as f:
+        assert json.load(f)["model_type"] == model_type
+    cfg.hf_base, cfg.hf_drafter = src["base"], src["drafter"]
+    cfg.data.tokenizer = cfg.hf_base
+  workdir = tmp_path / "run"
+  out = trainer.run(cfg, str(workdir))
+  assert out["status"] == "finished" and out["step"] == cfg.train.num_steps
+  records = metrics.read_records(str(workdir))
   kinds = [(r["step"], r["kind"]) for r in records]
   assert (2, "eval") in kinds and (4, "eval") in kinds and (4, "summary") in kinds
   last = [r for r in records if r["kind"] == "eval"][-1]
@@ -333,11 +363,14 @@ def test_records_plots_export_and_hf_check(assets, tmp_path):
   assert 1.0 <= last["greedy/tokens_per_round"] <= 1 + cfg.train.num_draft_steps
   assert 0 < last["flops_ratio"] < 1
   for name in ("losses", "acceptance", "accepted_length"):
-    assert os.path.getsize(tmp_path / "plots" / f"{name}.png") > 1000
-  assert os.listdir(tmp_path / "tensorboard")
+    assert os.path.getsize(workdir / "plots" / f"{name}.png") > 1000
+  assert os.listdir(workdir / "tensorboard")
 
-  # The export is an HF pair: both load, and assisted generation runs and matches plain greedy.
-  assert out["export"] == str(tmp_path / "hf")
+  # The export is an HF pair of the family: both load, and assisted generation runs and matches
+  # plain greedy.
+  assert out["export"] == str(workdir / "hf")
+  with open(workdir / "hf" / "base" / "config.json") as f:
+    assert json.load(f)["model_type"] == fam.text_type
   hf = out["hf"]
   assert hf["hf/rounds"] > 0
   assert hf["hf/same_as_trainer"] == 1.0  # HF's assisted greedy == the trainer's JAX greedy
@@ -349,13 +382,13 @@ def test_records_plots_export_and_hf_check(assets, tmp_path):
   import transformers
   from gemma_mtp_jax import hf_torch
   with hf_torch.hf_assistant_patch():
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "base")
-    drafter = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf" / "drafter")
-    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf" / "drafter")  # copied too
+    base = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf" / "base")
+    drafter = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf" / "drafter")
+    tok = transformers.AutoTokenizer.from_pretrained(workdir / "hf" / "drafter")  # copied too
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 1 plus 2?"}],
                                   add_generation_prompt=True, return_tensors="pt",
                                   return_dict=True)["input_ids"]
     with torch.no_grad():
       outs = base.generate(ids, assistant_model=drafter, max_new_tokens=5, do_sample=False)
   assert outs.shape[1] > ids.shape[1]
-  assert type(drafter).__name__ == "Gemma4AssistantForCausalLM"
+  assert type(drafter).__name__ == fam.assistant_lm

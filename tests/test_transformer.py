@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from gemma_mtp_jax.decoding import speculative
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import drafter
 from gemma_mtp_jax.model import kv_cache
@@ -20,7 +21,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def _cfg(variant="e_style", **over):
-  cfg = config_lib.ModelConfig.from_hf_config(hf_helpers.hf_text_config(variant).to_dict())
+  cfg = hf_config.model_config_from_hf(hf_helpers.hf_text_config(variant).to_dict())
   return cfg.replace(**over)
 
 

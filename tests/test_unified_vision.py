@@ -24,9 +24,9 @@ import transformers
 from gemma_mtp_jax import checkpoint
 from gemma_mtp_jax import presets
 from gemma_mtp_jax.checkpoint import hf_base
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import attention
 from gemma_mtp_jax.model import config as config_lib
-from gemma_mtp_jax.model import families
 from gemma_mtp_jax.model import kv_cache
 from gemma_mtp_jax.model import transformer
 from gemma_mtp_jax.model import unified_vision
@@ -50,10 +50,10 @@ ROWS = [[0, 1], [2]]  # row 0: wide + tall; row 1: square + an empty slot
 
 # ------------------------------------------------------------------------------ builders
 def hf_unified_vlm(seed: int = 0, bidirectional: bool = True):
-  """A tiny random `Gemma4UnifiedForConditionalGeneration` (the UNIFIED text model, window 4; a
+  """A tiny random `Gemma4UnifiedForConditionalGeneration` (the "unified" text model, window 4; a
   patch embedder of 8 x 8 model patches; an audio embedder), eager attention."""
-  text = hf_helpers.hf_unified_text_config(
-      use_bidirectional_attention="vision" if bidirectional else None)
+  text = hf_helpers.hf_text_config(
+      "unified", use_bidirectional_attention="vision" if bidirectional else None)
   cfg = transformers.Gemma4UnifiedConfig(
       text_config=text.to_dict(), vision_config=VISION, audio_config=dict(audio_embed_dim=8),
       image_token_id=IMG, boi_token_id=BOI, eoi_token_id=EOI, video_token_id=253,
@@ -79,7 +79,7 @@ def disk_state(model) -> dict[str, np.ndarray]:
 
 
 def jax_base(hf):
-  cfg = config_lib.ModelConfig.from_hf_config(hf.config.to_dict())
+  cfg = hf_config.model_config_from_hf(hf.config.to_dict())
   state = disk_state(hf)
   params, extra = hf_base.hf_to_params(cfg, lambda n: state[n], state.keys())
   assert extra == ["model.embed_audio.embedding_projection.weight"]
@@ -181,25 +181,25 @@ def _hf_logits(hf, b, **over):
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_apply(cfg, overlay):
-  """The base forward, jitted once per config (and `image_overlay`, which tests swap)."""
-  del overlay
+def _jit_apply(cfg):
+  """The base forward, jitted once per config."""
   return jax.jit(lambda p, tok, pos, valid, cache, images: transformer.Transformer(cfg).apply(
       {"params": p}, tok, pos, valid, cache=cache, images=images))
 
 
 def _forward(cfg, params, b, images, ids=None, positions=None, mask=None, cache=None):
-  return _jit_apply(cfg, transformer.image_overlay)(
+  return _jit_apply(cfg)(
       params, jnp.asarray(b["ids"] if ids is None else ids),
       jnp.asarray(b["positions"] if positions is None else positions),
       jnp.asarray((b["mask"] if mask is None else mask) > 0), cache, images)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False], ids=["bidirectional", "causal"])
-def test_forward_with_images_equals_hf(batch, bidirectional, monkeypatch):
+def test_forward_with_images_equals_hf(batch, bidirectional):
   hf = hf_unified_vlm(bidirectional=bidirectional)
   cfg, params = jax_base(hf)
-  assert cfg.hf_family == families.UNIFIED and cfg.image_token_id == IMG
+  assert cfg.hf_family == hf_config.UNIFIED and cfg.image_token_id == IMG
+  assert (cfg.image_block_layers, cfg.image_block_in_window) == ((S, F), False)
   ref = _hf_logits(hf, batch)
   valid = batch["mask"] > 0
   err = np.abs(np.asarray(_forward(cfg, params, batch, batch["images"]).logits) - ref)[valid].max()
@@ -209,13 +209,11 @@ def test_forward_with_images_equals_hf(batch, bidirectional, monkeypatch):
     return
   # The overlay is load-bearing on both layer types and past the window: gemma4's masks (sliding
   # only, window-bounded) and the causal ones both miss HF's.
-  monkeypatch.setattr(transformer, "image_overlay", lambda c: ((S,), True))
-  gemma4_masks = _forward(cfg, params, batch, batch["images"]).logits
+  gemma4 = cfg.replace(image_block_layers=(S,), image_block_in_window=True)
+  gemma4_masks = _forward(gemma4, params, batch, batch["images"]).logits
   assert np.abs(np.asarray(gemma4_masks) - ref)[valid].max() > 1e-2
-  monkeypatch.setattr(transformer, "image_overlay", lambda c: ((S, F), True))
-  windowed = _forward(cfg, params, batch, batch["images"]).logits
+  windowed = _forward(cfg.replace(image_block_in_window=True), params, batch, batch["images"]).logits
   assert np.abs(np.asarray(windowed) - ref)[valid].max() > 1e-2
-  monkeypatch.undo()
   causal = _forward(cfg.replace(use_bidirectional_attention=None), params, batch, batch["images"])
   assert np.abs(np.asarray(causal.logits) - ref)[valid].max() > 1e-2
   # Scanned layers and query-chunked attention (chunks of 8 > window 4) give the same logits.
@@ -231,7 +229,7 @@ def test_masks_follow_hf_create_masks_for_generate():
   from transformers.models.gemma4_unified import modeling_gemma4_unified as mu
   tok = np.array([[5, IMG, IMG, IMG, IMG, IMG, IMG, IMG, 6, IMG, IMG, 7]])
   t = tok.shape[1]
-  text = hf_helpers.hf_unified_text_config(sliding_window=3)
+  text = hf_helpers.hf_text_config("unified", sliding_window=3)
   hf_ids = mu.get_block_sequence_ids_for_mask(torch.tensor((tok == IMG).astype(np.int64)), "cpu")
   masks = masking_utils.create_masks_for_generate(text, torch.zeros(1, t, 8), None, None,
                                                   torch.arange(t)[None], block_sequence_ids=hf_ids)
@@ -245,7 +243,7 @@ def test_masks_follow_hf_create_masks_for_generate():
     np.testing.assert_array_equal(np.asarray(ours[0]), want)
     assert want[1, 7] and want[7, 1]  # both ways inside the block, past the window
     assert want[8, 2] == (window is None)  # text after the block stays windowed
-  assert transformer.image_overlay(config_lib.ModelConfig.from_hf_config(text.to_dict())) == (
+  assert transformer.image_overlay(hf_config.model_config_from_hf(text.to_dict())) == (
       (S, F), False)
 
 
@@ -274,29 +272,31 @@ def test_prefill_with_images_then_decode_equals_full_forward(batch):
 # ------------------------------------------------------------------------------ configs, files
 def test_config_round_trips_and_refusals():
   v = vc.UnifiedVisionConfig(**VISION)
-  hf = transformers.Gemma4UnifiedVisionConfig(**v.to_hf_config()).to_dict()
-  assert vc.UnifiedVisionConfig.from_hf_config(hf) == v and v.model_patch_size == 8
-  assert vc.UnifiedVisionConfig.from_hf_config(dict(hf, model_patch_size=8, num_soft_tokens=280)) == v
+  unified = hf_config.UNIFIED
+  hf = transformers.Gemma4UnifiedVisionConfig(**hf_config.vision_config_to_hf(v, unified)).to_dict()
+  assert hf_config.vision_config_from_hf(hf, unified) == v and v.model_patch_size == 8
+  assert hf_config.vision_config_from_hf(
+      dict(hf, model_patch_size=8, num_soft_tokens=280), unified) == v
   with pytest.raises(config_lib.ConfigError, match="model_patch_size"):
-    vc.UnifiedVisionConfig.from_hf_config(dict(hf, model_patch_size=16))
+    hf_config.vision_config_from_hf(dict(hf, model_patch_size=16), unified)
   with pytest.raises(config_lib.ConfigError, match="output_proj_dims"):
     vc.UnifiedVisionConfig(mm_embed_dim=16, output_proj_dims=32)
   with pytest.raises(config_lib.ConfigError, match="gemma4_unified_vision"):
-    vc.UnifiedVisionConfig.from_hf_config({"model_type": "gemma4_vision"})
+    hf_config.vision_config_from_hf({"model_type": "gemma4_vision"}, unified)
   cfg, _ = jax_base(hf_unified_vlm())
-  # Dumped configs (dicts) come back as the family's class; the other family's class is refused.
-  assert cfg.replace(vision=dict(VISION)) == cfg
-  with pytest.raises(config_lib.ConfigError, match="does not fit hf_family"):
+  # Dumped configs (dicts) come back as the front end's class; the other one's class is refused.
+  assert cfg.vision_front_end == "patch_embedder" and cfg.replace(vision=dict(VISION)) == cfg
+  with pytest.raises(config_lib.ConfigError, match="does not fit vision_front_end"):
     cfg.replace(vision=vc.VisionConfig())
   with pytest.raises(config_lib.ConfigError, match="vision.hidden_size"):
     cfg.replace(vision=dict(hidden_size=8))
-  out = cfg.to_hf_config()
+  out = hf_config.model_config_to_hf(cfg)
   assert out["model_type"] == "gemma4_unified" and out["image_token_id"] == IMG
-  assert config_lib.ModelConfig.from_hf_config(
+  assert hf_config.model_config_from_hf(
       transformers.Gemma4UnifiedConfig(**out).to_dict()) == cfg
   # A config.json without token ids takes Gemma4UnifiedConfig's defaults.
   bare = {k: v for k, v in out.items() if not k.endswith("_token_id")}
-  assert config_lib.ModelConfig.from_hf_config(bare).image_token_id == 258_880
+  assert hf_config.model_config_from_hf(bare).image_token_id == 258_880
 
 
 def test_round_trip_is_bit_exact_and_fresh_export_loads(tmp_path, batch):
@@ -305,9 +305,8 @@ def test_round_trip_is_bit_exact_and_fresh_export_loads(tmp_path, batch):
   hf.save_pretrained(src)
   assistant = os.path.join(tmp_path, "drafter")
   from gemma_mtp_jax import hf_torch
-  from tests.test_unified import _hf_assistant
   with hf_torch.hf_assistant_patch():
-    _hf_assistant(ordered=False).save_pretrained(assistant)
+    hf_helpers.hf_unified_assistant(ordered=False).save_pretrained(assistant)
   _cli("hf-to-jax", "--base", src, "--drafter", assistant, "--out", pair_dir)
   pair = checkpoint.load_pair(str(pair_dir))
   assert isinstance(pair.base_cfg.vision, vc.UnifiedVisionConfig)
@@ -338,17 +337,16 @@ def test_plain_and_speculative_greedy_with_images_equal_hf(batch):
   from gemma_mtp_jax import hf_torch
   from gemma_mtp_jax.decoding import inputs
   from gemma_mtp_jax.decoding import speculative as spec
-  from tests.test_unified import _hf_assistant
   k, n = 3, 8
   with hf_torch.hf_assistant_patch():
     target = hf_unified_vlm()
-    assistant = _hf_assistant(ordered=False)
+    assistant = hf_helpers.hf_unified_assistant(ordered=False)
   assistant.generation_config.num_assistant_tokens = k
   target.generation_config.eos_token_id = None
   from gemma_mtp_jax.checkpoint import hf_assistant as convert_drafter
   cfg, base_params = jax_base(target)
   with hf_torch.hf_assistant_patch():
-    dcfg = config_lib.DrafterConfig.from_hf_config(assistant.config.to_dict())
+    dcfg = hf_config.drafter_config_from_hf(assistant.config.to_dict())
   variables = convert_drafter.state_dict_to_variables(dcfg, hf_helpers.numpy_state(assistant))
   prompts = [[int(t) for t, m in zip(ids, mask) if m] for ids, mask in
              zip(batch["ids"], batch["mask"])]

@@ -16,6 +16,7 @@ import transformers
 from gemma_mtp_jax import checkpoint
 from gemma_mtp_jax import convert as cli
 from gemma_mtp_jax.checkpoint import hf_base
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import vision
 from tests import hf_helpers
@@ -38,7 +39,7 @@ def images():
 
 
 def _convert(model):
-  cfg = config_lib.ModelConfig.from_hf_config(model.config.to_dict())
+  cfg = hf_config.model_config_from_hf(model.config.to_dict())
   state = hf_helpers.numpy_state(model)
   params, extra = hf_base.hf_to_params(cfg, lambda n: state[n], state.keys())
   assert extra == []
@@ -58,7 +59,7 @@ def test_tower_equals_hf(images, over):
   processed, (pixels, positions) = images
   model = vh.hf_vlm(seed=1, **over)
   cfg, params, _ = _convert(model)
-  assert cfg.vision == vision.VisionConfig.from_hf_config(vh.hf_vision_config(**over).to_dict())
+  assert cfg.vision == hf_config.vision_config_from_hf(vh.hf_vision_config(**over).to_dict())
   enc = vision.VisionEncoder(cfg.vision, cfg.embed_dim)
   soft, valid = enc.apply({"params": params}, pixels, positions)
   feats, valid_f = enc.apply({"params": params}, pixels, positions, method="features")
@@ -144,23 +145,23 @@ def test_param_tree_matches_init_and_hf_counts():
 
 def test_config_round_trips_through_hf():
   model = vh.hf_vlm(seed=0, use_clipped_linears=True, standardize=True)
-  cfg = config_lib.ModelConfig.from_hf_config(model.config.to_dict())
+  cfg = hf_config.model_config_from_hf(model.config.to_dict())
   assert (cfg.image_token_id, cfg.boi_token_id, cfg.eoi_token_id) == (
       vh.IMAGE_TOKEN_ID, vh.BOI_TOKEN_ID, vh.EOI_TOKEN_ID)
   assert cfg.vision.use_clipped_linears and cfg.vision.standardize
-  out = cfg.to_hf_config()
+  out = hf_config.model_config_to_hf(cfg)
   assert out["model_type"] == "gemma4" and out["vision_config"]["model_type"] == "gemma4_vision"
   hf = transformers.Gemma4Config(
       text_config=transformers.Gemma4TextConfig(**out.pop("text_config")),
       vision_config=transformers.Gemma4VisionConfig(**out.pop("vision_config")), **out)
-  assert config_lib.ModelConfig.from_hf_config(hf.to_dict()) == cfg
+  assert hf_config.model_config_from_hf(hf.to_dict()) == cfg
   # The preset / dumped-config form (plain dicts) comes back equal too.
   d = config_lib.model_config_to_dict(cfg)
   assert isinstance(d["vision"], dict)
   assert config_lib.model_config_from_dict(d) == cfg
   # A text-only config stays text-only, whatever token ids the top level carries.
   text = transformers.Gemma4Config(text_config=hf_helpers.hf_text_config("e_style")).to_dict()
-  assert config_lib.ModelConfig.from_hf_config(text).vision is None
+  assert hf_config.model_config_from_hf(text).vision is None
 
 
 @pytest.mark.parametrize("over, key", [
@@ -173,10 +174,10 @@ def test_config_round_trips_through_hf():
 def test_bad_vision_configs_name_the_key(over, key):
   d = {**vh.VISION, **over}
   with pytest.raises(config_lib.ConfigError, match=key):
-    vision.VisionConfig.from_hf_config(d)
+    hf_config.vision_config_from_hf(d)
   with pytest.raises(config_lib.ConfigError, match="vision.pooling_kernel"):
     config_lib.model_config_from_dict(dict(config_lib.model_config_to_dict(
-        config_lib.ModelConfig.from_hf_config(vh.hf_vlm_config().to_dict())),
+        hf_config.model_config_from_hf(vh.hf_vlm_config().to_dict())),
         vision={"pooling_kernel": 2}))
 
 
@@ -203,14 +204,14 @@ def test_hf_round_trip_is_bit_exact_through_files(tmp_path):
   assert set(a) == set(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
   back = transformers.Gemma4ForConditionalGeneration.from_pretrained(
       tmp_path / "fresh" / "base", attn_implementation="eager").eval()
-  assert config_lib.ModelConfig.from_hf_config(back.config.to_dict()) == pair.base_cfg.architecture()
+  assert hf_config.model_config_from_hf(back.config.to_dict()) == pair.base_cfg.architecture()
   processed = vh.process_images(vh.random_images(SIZES[:1]))
   for x, y in zip(_hf_features(model, processed)[1], _hf_features(back, processed)[1]):
     assert np.array_equal(x, y)
 
 
 def test_text_only_checkpoint_refused_for_a_vision_config():
-  cfg = config_lib.ModelConfig.from_hf_config(vh.hf_vlm_config().to_dict())
+  cfg = hf_config.model_config_from_hf(vh.hf_vlm_config().to_dict())
   state = hf_helpers.numpy_state(hf_helpers.hf_causal_lm("e_style"))
   with pytest.raises(checkpoint.ConversionError, match="vision tower"):
     hf_base.hf_to_params(cfg, lambda n: state[n], state.keys())

@@ -17,6 +17,7 @@ import torch
 
 from gemma_mtp_jax import hf_torch
 from gemma_mtp_jax.checkpoint import hf_base as convert_base
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.decoding import speculative as spec
 from gemma_mtp_jax.model import attention
 from gemma_mtp_jax.model import config as config_lib
@@ -49,7 +50,7 @@ def hf_vlm(bidirectional: bool, seed: int = 0):
 
 def jax_base(hf):
   """(ModelConfig, params) of the HF model (text decoder and vision tower)."""
-  cfg = config_lib.ModelConfig.from_hf_config(hf.config.to_dict())
+  cfg = hf_config.model_config_from_hf(hf.config.to_dict())
   params = convert_base.state_dict_to_params(cfg, hf_helpers.numpy_state(hf))
   return cfg, jax.tree.map(jnp.asarray, params)
 

@@ -1,6 +1,8 @@
 """Checkpoints of a (base, drafter) pair: the JAX-side formats, HF conversion, and one loader.
 
 Modules, lowest first (each imports only the ones above it):
+  hf_config       HF config dicts <-> ModelConfig / DrafterConfig / vision configs, and the table
+                  of Gemma 4 families (HF model types, class names, defaults, family fields)
   hf_names        HF tensor name <-> Flax leaf table entries, ConversionError
   hf_base         the base's table (Gemma4ForCausalLM / Gemma4ForConditionalGeneration)
   hf_assistant    the assistant's table (Gemma4AssistantForCausalLM)
@@ -54,7 +56,7 @@ _PUBLIC = {
     "DTYPES": "trees",
     "PAIR_FORMAT": "layout", "PAIR_JSON": "layout", "PARAMS_DIR": "layout",
     "TOKENIZER_DIR": "layout", "HF_EXTRA_DIR": "layout", "Pair": "layout", "make_pair": "layout",
-    "read_pair_json": "layout", "write_pair_files": "layout", "save_params": "layout",
+    "read_pair_json": "layout", "pair_configs": "layout", "write_pair_files": "layout", "save_params": "layout",
     "CHECKPOINTS_DIR": "workdir", "open_manager": "workdir", "save_args": "workdir",
     "restore_train_state": "workdir", "init_workdir": "workdir",
     "latest_intact_step": "workdir", "restore_newest_intact": "workdir", "step_problem": "workdir",

@@ -21,12 +21,12 @@ import numpy as np
 
 from gemma_mtp_jax.checkpoint import hf_assistant
 from gemma_mtp_jax.checkpoint import hf_base
+from gemma_mtp_jax.checkpoint import hf_config as hf_config_lib
 from gemma_mtp_jax.checkpoint import layout
 from gemma_mtp_jax.checkpoint import safetensors_io
 from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 from gemma_mtp_jax.model import config as config_lib
-from gemma_mtp_jax.model import families
 from gemma_mtp_jax.model import vision_config as vision_lib
 from gemma_mtp_jax.utils import files
 
@@ -95,8 +95,8 @@ def _fresh_base_config(cfg: config_lib.ModelConfig) -> dict:
   """config.json of `cfg` by transformers' classes: the text config, or with a vision tower the
   multimodal one (text + vision config + image token ids, no audio tower)."""
   import transformers
-  fam = families.FAMILIES[cfg.hf_family]
-  d = cfg.to_hf_config()
+  d = hf_config_lib.model_config_to_hf(cfg)  # refuses a config its family cannot describe
+  fam = hf_config_lib.FAMILIES[cfg.hf_family]
   if cfg.vision is None:
     return _fresh_config_json(getattr(transformers, fam.text_config_class)(**d))
   text = getattr(transformers, fam.text_config_class)(**d.pop("text_config"))
@@ -107,11 +107,11 @@ def _fresh_base_config(cfg: config_lib.ModelConfig) -> dict:
 
 def _base_config_json(cfg: config_lib.ModelConfig, info: Mapping, dtype_name: str | None) -> dict:
   orig = info.get("config")
-  if orig is not None and _same_model(config_lib.ModelConfig.from_hf_config(orig), cfg):
+  if orig is not None and _same_model(hf_config_lib.model_config_from_hf(orig), cfg):
     out = copy.deepcopy(orig)
   else:
-    fam = families.FAMILIES[cfg.hf_family]
     fresh = _fresh_base_config(cfg)
+    fam = hf_config_lib.FAMILIES[cfg.hf_family]
     if orig is not None and orig.get("model_type") == fam.multimodal_type:
       out = copy.deepcopy(orig)  # the audio config (and anything else) carried through
       if cfg.vision is None:
@@ -136,13 +136,13 @@ def _base_config_json(cfg: config_lib.ModelConfig, info: Mapping, dtype_name: st
 def _drafter_config_json(dcfg: config_lib.DrafterConfig, info: Mapping,
                          dtype_name: str | None) -> dict:
   orig = info.get("config")
-  src = config_lib.DrafterConfig.from_hf_config(orig) if orig is not None else None
+  src = hf_config_lib.drafter_config_from_hf(orig) if orig is not None else None
   if src is not None and _same_model(src.text, dcfg.text) and src.replace(text=dcfg.text) == dcfg:
     out = copy.deepcopy(orig)
   else:
     import transformers
-    fam = families.FAMILIES[dcfg.text.hf_family]
-    d = dcfg.to_hf_config()
+    d = hf_config_lib.drafter_config_to_hf(dcfg)
+    fam = hf_config_lib.FAMILIES[dcfg.text.hf_family]
     text = _fresh_config_json(getattr(transformers, fam.text_config_class)(**d.pop("text_config")))
     out = _fresh_config_json(getattr(transformers, fam.assistant_config_class)(text_config=text,
                                                                                **d))

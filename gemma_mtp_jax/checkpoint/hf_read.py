@@ -15,18 +15,20 @@ import numpy as np
 
 from gemma_mtp_jax.checkpoint import hf_assistant
 from gemma_mtp_jax.checkpoint import hf_base
+from gemma_mtp_jax.checkpoint import hf_config as hf_config_lib
 from gemma_mtp_jax.checkpoint import layout
 from gemma_mtp_jax.checkpoint import safetensors_io
 from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 from gemma_mtp_jax.model import config as config_lib
-from gemma_mtp_jax.model import families
 
 log = logging.getLogger("gemma_mtp_jax.convert")
 
-# gemma4, gemma4_text, gemma4_assistant and the 12B's gemma4_unified{,_text,_assistant}.
-HF_MODEL_TYPES = families.MODEL_TYPES
-ASSISTANT_MODEL_TYPES = families.ASSISTANT_TYPES
+# gemma4, gemma4_text, gemma4_assistant and the 12B's gemma4_unified{,_text,_assistant}: the
+# model types of `hf_config.FAMILIES` (the readers below ask the table itself, so a family
+# registered at run time counts too).
+HF_MODEL_TYPES = hf_config_lib.model_types()
+ASSISTANT_MODEL_TYPES = hf_config_lib.assistant_types()
 
 
 def hf_model_type(path: str) -> str | None:
@@ -35,7 +37,7 @@ def hf_model_type(path: str) -> str | None:
   if not os.path.isfile(p):
     return None
   mt = safetensors_io.read_json(p).get("model_type")
-  return mt if mt in HF_MODEL_TYPES else None
+  return mt if mt in hf_config_lib.model_types() else None
 
 
 class _Stream:
@@ -77,11 +79,11 @@ def read_base(src_dir: str, dtype, shardings):
   """(ModelConfig, params, hf_extra info) of an HF Gemma 4 base dir, streamed and placed."""
   cfg_path = os.path.join(src_dir, safetensors_io.CONFIG_NAME)
   hf_config = safetensors_io.read_json(cfg_path)
-  if hf_config.get("model_type") in ASSISTANT_MODEL_TYPES:
+  if hf_config.get("model_type") in hf_config_lib.assistant_types():
     raise ConversionError(f"{cfg_path}: this is an assistant (drafter) checkpoint; pass it as the "
                           "drafter (--drafter), with the base model as the base")
   try:
-    cfg = config_lib.ModelConfig.from_hf_config(hf_config)
+    cfg = hf_config_lib.model_config_from_hf(hf_config)
   except config_lib.ConfigError as e:
     raise ConversionError(f"{cfg_path}: {e}") from None
   with safetensors_io.Reader(src_dir) as reader:
@@ -103,11 +105,12 @@ def read_drafter(src_dir: str, base_cfg: config_lib.ModelConfig, base_where: str
   """(DrafterConfig, variables, hf_extra info) of an HF assistant dir, checked against the base."""
   cfg_path = os.path.join(src_dir, safetensors_io.CONFIG_NAME)
   hf_config = safetensors_io.read_json(cfg_path)
-  if hf_config.get("model_type") not in ASSISTANT_MODEL_TYPES:
+  assistant_types = hf_config_lib.assistant_types()
+  if hf_config.get("model_type") not in assistant_types:
     raise ConversionError(f"{cfg_path}: model_type is {hf_config.get('model_type')!r}; the drafter "
-                          f"must be a {' or '.join(map(repr, ASSISTANT_MODEL_TYPES))} checkpoint")
+                          f"must be a {' or '.join(map(repr, assistant_types))} checkpoint")
   try:
-    dcfg = config_lib.DrafterConfig.from_hf_config(hf_config)
+    dcfg = hf_config_lib.drafter_config_from_hf(hf_config)
   except config_lib.ConfigError as e:
     raise ConversionError(f"{cfg_path}: {e}") from None
   try:

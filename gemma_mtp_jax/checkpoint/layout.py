@@ -12,6 +12,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.checkpoint import safetensors_io
 from gemma_mtp_jax.checkpoint import trees
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
@@ -64,6 +65,16 @@ def read_pair_json(path: str) -> dict:
   if j.get("format") != PAIR_FORMAT:
     raise ConversionError(f"{p}: format is {j.get('format')!r}, expected {PAIR_FORMAT!r}")
   return j
+
+
+def pair_configs(pj: dict) -> tuple[config_lib.ModelConfig, config_lib.DrafterConfig | None]:
+  """The (base, drafter or None) configs of a pair.json dict. Dicts written before a family field
+  of ModelConfig existed get their family's value (`hf_config.with_family_fields`): an old 12B
+  pair dir or workdir still computes the 12B's image masks."""
+  base = config_lib.model_config_from_dict(hf_config.with_family_fields(pj["base"]), "base")
+  d = pj.get("drafter")
+  return base, (config_lib.drafter_config_from_dict(hf_config.drafter_with_family_fields(d))
+                if d else None)
 
 
 def make_pair(base_cfg: config_lib.ModelConfig, drafter_cfg: config_lib.DrafterConfig | None,

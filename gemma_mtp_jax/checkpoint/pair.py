@@ -28,8 +28,8 @@ from gemma_mtp_jax.checkpoint.hf_export import export_hf
 from gemma_mtp_jax.checkpoint.hf_names import ConversionError
 from gemma_mtp_jax.checkpoint.hf_read import HF_MODEL_TYPES, hf_model_type
 from gemma_mtp_jax.checkpoint.layout import (HF_EXTRA_DIR, PAIR_FORMAT, PAIR_JSON, PARAMS_DIR,
-                                             TOKENIZER_DIR, Pair, make_pair, read_pair_json,
-                                             save_params, write_pair_files)
+                                             TOKENIZER_DIR, Pair, make_pair, pair_configs,
+                                             read_pair_json, save_params, write_pair_files)
 from gemma_mtp_jax.checkpoint.trees import DTYPES
 from gemma_mtp_jax.checkpoint.workdir import (CHECKPOINTS_DIR, init_workdir, latest_intact_step,
                                               open_manager, restore_newest_intact,
@@ -41,7 +41,7 @@ __all__ = [
     "CHECKPOINTS_DIR", "DTYPES", "HF_EXTRA_DIR", "HF_MODEL_TYPES", "PAIR_FORMAT", "PAIR_JSON",
     "PARAMS_DIR", "TOKENIZER_DIR", "Pair", "detect_kind", "export_hf", "hf_model_type",
     "hf_to_jax", "init_workdir", "jax_to_hf", "latest_intact_step", "load_pair", "make_pair",
-    "open_manager", "read_pair_json", "restore_newest_intact", "restore_params",
+    "open_manager", "pair_configs", "read_pair_json", "restore_newest_intact", "restore_params",
     "restore_train_state", "save_args", "save_params", "step_problem", "write_pair_files", "ocp",
 ]
 
@@ -90,8 +90,7 @@ def _load_saved(path: str, kind: str, step, np_dtype, shardings, target) -> Pair
   path = os.path.abspath(path)
   pj = read_pair_json(path)
   try:
-    base_cfg = config_lib.model_config_from_dict(pj["base"], "base")
-    dcfg = config_lib.drafter_config_from_dict(pj["drafter"]) if pj.get("drafter") else None
+    base_cfg, dcfg = pair_configs(pj)
   except (config_lib.ConfigError, TypeError) as e:
     raise ConversionError(f"{os.path.join(path, PAIR_JSON)}: {e}") from None
   if kind == "pair":

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gemma_mtp_jax import checkpoint
-from gemma_mtp_jax.checkpoint import hf_read
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.checkpoint import safetensors_io
 from gemma_mtp_jax.data import chat as chat_lib
 from gemma_mtp_jax.data import images as images_lib
@@ -49,13 +49,10 @@ def _configs_of(path: str):
     return None
   if checkpoint.detect_kind(path) == "hf":
     hf = safetensors_io.read_json(os.path.join(path, safetensors_io.CONFIG_NAME))
-    if hf.get("model_type") in hf_read.ASSISTANT_MODEL_TYPES:
-      return None, config_lib.DrafterConfig.from_hf_config(hf)
-    return config_lib.ModelConfig.from_hf_config(hf), None
-  pj = checkpoint.read_pair_json(path)
-  d = pj.get("drafter")
-  return (config_lib.model_config_from_dict(pj["base"], "base"),
-          config_lib.drafter_config_from_dict(d) if d else None)
+    if hf.get("model_type") in hf_config.assistant_types():
+      return None, hf_config.drafter_config_from_hf(hf)
+    return hf_config.model_config_from_hf(hf), None
+  return checkpoint.pair_configs(checkpoint.read_pair_json(path))
 
 
 def check_fit(base: str, drafter: str | None) -> None:

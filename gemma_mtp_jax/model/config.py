@@ -1,43 +1,39 @@
 """Model configuration: one frozen dataclass for every Gemma 4 text variant and the assistant.
 
-Built once at the boundary (from an ml_collections ConfigDict, a preset, or an HF `config.json`)
-and passed around read-only. Derived per-layer structure (sliding layers, KV reuse, the "store"
-layers the drafter reads) lives here as small pure helpers, so model code never recomputes it.
+Built once at the boundary (from an ml_collections ConfigDict, a preset, or an HF `config.json`:
+`checkpoint.hf_config`) and passed around read-only. Derived per-layer structure (sliding layers,
+KV reuse, the "store" layers the drafter reads) lives here as small pure helpers, so model code
+never recomputes it. Nothing here knows Hugging Face: what differs between the transformers
+families is a field (`FAMILY_FIELDS`) that `checkpoint.hf_config`'s family table sets.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-from typing import Any, Mapping, Sequence
 
-from gemma_mtp_jax.model import families
 from gemma_mtp_jax.model import vision_config as vision_lib
-from gemma_mtp_jax.utils.errors import UserError
+from gemma_mtp_jax.model.common import (  # re-exported: config_lib.ConfigError, .SLIDING, ...
+    ACTIVATIONS, FULL, LAYER_TYPES, REMAT_POLICIES, SLIDING, ConfigError, closest)
 
-SLIDING = "sliding_attention"
-FULL = "full_attention"
-LAYER_TYPES = (SLIDING, FULL)
-
-class ConfigError(UserError, ValueError):
-  """A model configuration is invalid; the message names the field at fault."""
-
-
-def _closest(key: str, valid: Sequence[str]) -> str:
-  close = difflib.get_close_matches(key, list(valid), n=3)
-  return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+__all__ = ["ACTIVATIONS", "FULL", "LAYER_TYPES", "REMAT_POLICIES", "SLIDING", "ConfigError", "closest",
+           "NUMERICS_FIELDS", "FAMILY_FIELDS", "ModelConfig", "DrafterConfig",
+           "model_config_from_dict", "drafter_config_from_dict", "model_config_to_dict",
+           "drafter_config_to_dict", "layer_types_from_pattern"]
 
 
 # Fields that change how a model computes, not what it is (never part of an HF config).
 NUMERICS_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_chunk_size", "moe_impl")
+# Fields whose values a transformers family fixes (`checkpoint.hf_config.FAMILIES`; the defaults
+# are gemma4's): set when a config is built from an HF config or a preset, read by the model code.
+FAMILY_FIELDS = ("image_block_layers", "image_block_in_window", "vision_front_end")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyper-parameters of a Gemma 4 text decoder (base model or the assistant's inner decoder).
 
-  Field names follow the short MaxText/gm style; `from_hf_config`/`to_hf_config` map them to the HF
+  Field names follow the short MaxText/gm style; `checkpoint.hf_config` maps them to the HF
   `Gemma4TextConfig` names.
   """
 
@@ -79,12 +75,22 @@ class ModelConfig:
   pad_token_id: int = 0
   bos_token_id: int = 2
   eos_token_id: int | tuple[int, ...] = 1
-  # The transformers family (`families`): "gemma4" or "gemma4_unified" (12B). Same computation;
-  # it decides the model_type / classes an export writes.
-  hf_family: str = families.GEMMA4
+  # The transformers family (`checkpoint.hf_config.FAMILIES`; the 12B's is "gemma4_unified"): the
+  # model_type and classes an export writes. Model code never reads it; what the family changes in
+  # the computation is in the FAMILY_FIELDS below, which the family table sets.
+  hf_family: str = "gemma4"
   # Images (`model.vision`; the 12B: `model.unified_vision`): None is text only; the top-level HF
   # config's placeholder ids (video/audio embed as pad, as in HF); `use_bidirectional_attention`.
   vision: vision_lib.VisionConfig | vision_lib.UnifiedVisionConfig | None = None
+  # The image front end `vision` configures (`vision_config.FRONT_ENDS`): "tower" (gemma4's
+  # encoder, `VisionConfig`) or "patch_embedder" (the 12B's, `UnifiedVisionConfig`).
+  vision_front_end: str = "tower"
+  # How image tokens attend each other (`transformer.image_overlay`, with
+  # use_bidirectional_attention "vision"): the layer types whose mask gets the bidirectional
+  # image-block overlay, and whether the sliding window bounds it there (gemma4: sliding layers,
+  # inside the window; the 12B: both types, the whole image even past the window).
+  image_block_layers: tuple[str, ...] = (SLIDING,)
+  image_block_in_window: bool = True
   image_token_id: int | None = None
   boi_token_id: int | None = None
   eoi_token_id: int | None = None
@@ -102,9 +108,12 @@ class ModelConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "layer_types", tuple(self.layer_types))
+    if isinstance(self.image_block_layers, list):
+      object.__setattr__(self, "image_block_layers", tuple(self.image_block_layers))
     if isinstance(self.eos_token_id, list):
       object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-    object.__setattr__(self, "vision", vision_lib.as_vision_config(self.vision, self.hf_family))
+    object.__setattr__(self, "vision",
+                       vision_lib.as_vision_config(self.vision, self.vision_front_end))
     self.validate()
 
   # ------------------------------------------------------------------ validation
@@ -144,16 +153,19 @@ class ModelConfig:
     for key in ("global_rope_type", "local_rope_type"):
       need(getattr(self, key) in ("proportional", "default"), key,
            f"unknown rope type {getattr(self, key)!r}")
-    need(self.remat_policy in ("none", "full", "dots", "dots_with_no_batch_dims"), "remat_policy",
-         f"unknown remat policy {self.remat_policy!r}")
+    need(self.remat_policy in REMAT_POLICIES, "remat_policy",
+         f"unknown remat policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}")
     need(isinstance(self.attention_chunk_size, int) and self.attention_chunk_size >= 0,
          "attention_chunk_size", f"must be an integer >= 0, got {self.attention_chunk_size!r}")
-    need(self.hidden_activation in ("gelu_pytorch_tanh", "gelu", "silu"), "hidden_activation",
-         f"unsupported activation {self.hidden_activation!r}")
-    need(self.hf_family in families.FAMILIES, "hf_family",
-         f"unknown family {self.hf_family!r}; expected one of {sorted(families.FAMILIES)}")
-    need(self.hf_family != families.UNIFIED or not (self.ple_dim or self.enable_moe), "hf_family",
-         "gemma4_unified models have no per-layer embeddings and no MoE block")
+    need(self.hidden_activation in ACTIVATIONS, "hidden_activation",
+         f"unsupported activation {self.hidden_activation!r}; expected one of {ACTIVATIONS}")
+    need(isinstance(self.hf_family, str) and self.hf_family, "hf_family",
+         f"must be a family name (a string), got {self.hf_family!r}")
+    blocks = self.image_block_layers
+    need(isinstance(blocks, tuple) and set(blocks) <= set(LAYER_TYPES), "image_block_layers",
+         f"must be a tuple of layer types {LAYER_TYPES}, got {blocks!r}")
+    need(isinstance(self.image_block_in_window, bool), "image_block_in_window",
+         f"must be True or False, got {self.image_block_in_window!r}")
     need(self.use_bidirectional_attention in (None, "vision"), "use_bidirectional_attention",
          f"must be None or 'vision' (causal text decoders), got {self.use_bidirectional_attention!r}")
     need(self.vision is None or self.image_token_id is not None, "image_token_id",
@@ -221,135 +233,10 @@ class ModelConfig:
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 
-  # ------------------------------------------------------------------ HF mapping
-  @classmethod
-  def from_hf_config(cls, hf: Mapping[str, Any], **overrides) -> "ModelConfig":
-    """Builds from an HF text config dict (gemma4_text, gemma4_unified_text) or a multimodal /
-    assistant one holding it as `text_config` (gemma4, gemma4_unified, their assistants)."""
-    outer = hf
-    hf, family, model_type = families.split_text_config(hf)
-    if family is None:
-      raise ConfigError(f"config model_type is {model_type!r}; expected a Gemma 4 model "
-                        f"({', '.join(families.TEXT_TYPES + families.MULTIMODAL_TYPES)})")
-    n = hf.get("num_hidden_layers", 30)
-    layer_types = hf.get("layer_types") or [
-        SLIDING if (i + 1) % 6 else FULL for i in range(n)]
-    layer_types = list(layer_types)
-    if layer_types and layer_types[-1] != FULL:
-      layer_types[-1] = FULL  # HF forces the last layer global
-    rope = hf.get("rope_parameters") or {}
-    rs, rf = rope.get(SLIDING, {}) or {}, rope.get(FULL, {}) or {}
-    global_head_dim = hf.get("global_head_dim")
-    num_global_kv = hf.get("num_global_key_value_heads")
-    per_layer = hf.get("per_layer_config")
-    if per_layer is not None:  # {} (global layers == sliding ones) too: global_head_dim = head_dim
-      global_head_dim, num_global_kv = families.per_layer_geometry(hf, per_layer, layer_types)
-    # "vision": image tokens attend each other both ways (text stays causal); "all": an encoder.
-    if hf.get("use_bidirectional_attention") == "all":
-      raise ConfigError("config 'use_bidirectional_attention' = 'all' is not supported "
-                        "(causal text decoders only)")
-    kw = dict(
-        hf_family=family.name,
-        vocab_size=hf.get("vocab_size", 262_144),
-        embed_dim=hf.get("hidden_size", 2304),
-        num_layers=n,
-        num_heads=hf.get("num_attention_heads", 8),
-        num_kv_heads=hf.get("num_key_value_heads", 4),
-        head_dim=hf.get("head_dim", 256),
-        hidden_dim=hf.get("intermediate_size", 9216),
-        layer_types=tuple(layer_types),
-        global_head_dim=global_head_dim or 512,
-        num_global_kv_heads=num_global_kv,
-        sliding_window=hf.get("sliding_window", 512),
-        rope_local_theta=float(rs.get("rope_theta", 10_000.0)),
-        local_rope_type=rs.get("rope_type", "default"),
-        local_partial_rotary_factor=float(rs.get("partial_rotary_factor", 1.0)),
-        rope_global_theta=float(rf.get("rope_theta", 1_000_000.0)),
-        global_rope_type=rf.get("rope_type", "proportional"),
-        global_partial_rotary_factor=float(rf.get("partial_rotary_factor", 0.25 if rf.get(
-            "rope_type", "proportional") == "proportional" else 1.0)),
-        final_logit_softcap=hf.get("final_logit_softcapping"),
-        attn_logit_softcap=hf.get("attn_logit_softcapping"),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        ple_dim=hf.get("hidden_size_per_layer_input", 256) or 0,
-        ple_vocab_size=hf.get("vocab_size_per_layer_input", 262_144) or 0,
-        num_kv_shared_layers=hf.get("num_kv_shared_layers", 0) or 0,
-        use_double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
-        attention_k_eq_v=bool(hf.get("attention_k_eq_v", False)),
-        enable_moe=bool(hf.get("enable_moe_block", False)),
-        num_experts=hf.get("num_experts") or 0,
-        top_k_experts=hf.get("top_k_experts") or 0,
-        moe_hidden_dim=hf.get("moe_intermediate_size") or 0,
-        hidden_activation=hf.get("hidden_activation", "gelu_pytorch_tanh"),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        max_position_embeddings=hf.get("max_position_embeddings", 131_072),
-        pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id", 0) is not None else 0,
-        bos_token_id=hf.get("bos_token_id", 2) if hf.get("bos_token_id", 2) is not None else 2,
-        eos_token_id=hf.get("eos_token_id", 1) if hf.get("eos_token_id", 1) is not None else 1,
-        use_bidirectional_attention=hf.get("use_bidirectional_attention"),
-        **vision_lib.fields_from_hf(outer, family.name),
-    )
-    if not kw["ple_dim"]:
-      kw["ple_vocab_size"] = 0
-    kw.update(overrides)
-    return cls(**kw)
-
-  def to_hf_config(self) -> dict[str, Any]:
-    """The keyword dict of the family's HF text config class (`Gemma4TextConfig`, model_type
-    gemma4_text; or `Gemma4UnifiedTextConfig`, gemma4_unified_text, without PLE/MoE keys); with a
-    vision tower, that of `Gemma4Config` holding it as text_config (`vision.hf_config_out`)."""
-    rope = {
-        SLIDING: {"rope_type": self.local_rope_type, "rope_theta": self.rope_local_theta},
-        FULL: {"rope_type": self.global_rope_type, "rope_theta": self.rope_global_theta},
-    }
-    if self.global_rope_type == "proportional" or self.global_partial_rotary_factor != 1.0:
-      rope[FULL]["partial_rotary_factor"] = self.global_partial_rotary_factor
-    if self.local_partial_rotary_factor != 1.0:
-      rope[SLIDING]["partial_rotary_factor"] = self.local_partial_rotary_factor
-    out = dict(
-        model_type="gemma4_text",
-        vocab_size=self.vocab_size,
-        hidden_size=self.embed_dim,
-        intermediate_size=self.hidden_dim,
-        num_hidden_layers=self.num_layers,
-        num_attention_heads=self.num_heads,
-        num_key_value_heads=self.num_kv_heads,
-        head_dim=self.head_dim,
-        global_head_dim=self.global_head_dim,
-        hidden_activation=self.hidden_activation,
-        max_position_embeddings=self.max_position_embeddings,
-        rms_norm_eps=self.rms_norm_eps,
-        pad_token_id=self.pad_token_id,
-        eos_token_id=list(self.eos_token_id) if isinstance(self.eos_token_id, tuple)
-        else self.eos_token_id,
-        bos_token_id=self.bos_token_id,
-        tie_word_embeddings=self.tie_word_embeddings,
-        rope_parameters=rope,
-        attention_bias=False,
-        sliding_window=self.sliding_window,
-        layer_types=list(self.layer_types),
-        final_logit_softcapping=self.final_logit_softcap,
-        vocab_size_per_layer_input=self.ple_vocab_size,
-        hidden_size_per_layer_input=self.ple_dim,
-        attention_k_eq_v=self.attention_k_eq_v,
-        num_kv_shared_layers=self.num_kv_shared_layers,
-        enable_moe_block=self.enable_moe,
-        use_double_wide_mlp=self.use_double_wide_mlp,
-        num_experts=self.num_experts or None,
-        top_k_experts=self.top_k_experts or None,
-        moe_intermediate_size=self.moe_hidden_dim or None,
-    )
-    if self.num_global_kv_heads is not None:
-      out["num_global_key_value_heads"] = self.num_global_kv_heads
-    if self.attn_logit_softcap is not None:
-      out["attn_logit_softcapping"] = self.attn_logit_softcap
-    out["use_bidirectional_attention"] = self.use_bidirectional_attention  # 12B default: "vision"
-    return vision_lib.hf_config_out(self, families.text_config_out(self.hf_family, out))
-
 
 @dataclasses.dataclass(frozen=True)
 class DrafterConfig:
-  """The Gemma 4 assistant (HF `gemma4_assistant` / `gemma4_unified_assistant`, after
+  """The Gemma 4 assistant (HF `Gemma4AssistantForCausalLM` and its family's counterparts, after
   `text.hf_family`): a small decoder whose layers own no K/V."""
 
   text: ModelConfig
@@ -403,45 +290,6 @@ class DrafterConfig:
       raise ConfigError(f"drafter global kv heads={t.global_kv_heads} != base global kv heads="
                         f"{base.global_kv_heads}")
 
-  @classmethod
-  def from_hf_config(cls, hf: Mapping[str, Any], **text_overrides) -> "DrafterConfig":
-    hf = dict(hf)
-    if hf.get("model_type") not in (None,) + families.ASSISTANT_TYPES:
-      raise ConfigError(f"config model_type is {hf.get('model_type')!r}; expected one of "
-                        f"{families.ASSISTANT_TYPES}")
-    if "text_config" not in hf:
-      raise ConfigError("assistant config has no 'text_config'")
-    family = families.of_model_type(hf.get("model_type"))
-    tc = dict(hf["text_config"])
-    tc.setdefault("model_type", family.text_type)
-    tc.setdefault("hidden_size_per_layer_input", 0)
-    tc.setdefault("vocab_size_per_layer_input", 0)
-    tc["use_bidirectional_attention"] = None  # the assistant's masks never read it
-    if not tc.get("num_kv_shared_layers"):
-      tc["num_kv_shared_layers"] = tc.get("num_hidden_layers", 4)
-    text = ModelConfig.from_hf_config(tc, **text_overrides)
-    return cls(
-        text=text,
-        backbone_hidden_size=hf.get("backbone_hidden_size", family.assistant_backbone),
-        use_ordered_embeddings=bool(hf.get("use_ordered_embeddings", False)),
-        num_centroids=hf.get("num_centroids", 2048),
-        centroid_intermediate_top_k=hf.get("centroid_intermediate_top_k", 32),
-    )
-
-  def to_hf_config(self) -> dict[str, Any]:
-    tc = self.text.to_hf_config()
-    family = families.FAMILIES[self.text.hf_family]
-    return dict(
-        model_type=family.assistant_type,
-        architectures=[family.assistant_lm],
-        text_config=tc,
-        backbone_hidden_size=self.backbone_hidden_size,
-        use_ordered_embeddings=self.use_ordered_embeddings,
-        num_centroids=self.num_centroids,
-        centroid_intermediate_top_k=self.centroid_intermediate_top_k,
-        tie_word_embeddings=True,
-    )
-
 
 # ---------------------------------------------------------------------- ml_collections boundary
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -459,7 +307,7 @@ def model_config_from_dict(d, where: str = "model") -> ModelConfig:
   d = _plain(d)
   for k in d:
     if k not in _MODEL_FIELDS:
-      raise ConfigError(f"unknown config key '{where}.{k}'{_closest(k, sorted(_MODEL_FIELDS))}")
+      raise ConfigError(f"unknown config key '{where}.{k}'{closest(k, sorted(_MODEL_FIELDS))}")
   missing = [f.name for f in dataclasses.fields(ModelConfig)
              if f.default is dataclasses.MISSING and f.name not in d]
   if missing:
@@ -474,7 +322,7 @@ def drafter_config_from_dict(d, where: str = "drafter") -> DrafterConfig:
   for k in d:
     if k != "text" and k not in _DRAFTER_FIELDS:
       raise ConfigError(f"unknown config key '{where}.{k}'"
-                        f"{_closest(k, sorted(_DRAFTER_FIELDS | {'text'}))}")
+                        f"{closest(k, sorted(_DRAFTER_FIELDS | {'text'}))}")
   text = model_config_from_dict(d.pop("text"), where=f"{where}.text")
   return DrafterConfig(text=text, **d)
 
@@ -482,6 +330,7 @@ def drafter_config_from_dict(d, where: str = "drafter") -> DrafterConfig:
 def model_config_to_dict(cfg: ModelConfig) -> dict:
   out = dataclasses.asdict(cfg)
   out["layer_types"] = list(cfg.layer_types)
+  out["image_block_layers"] = list(cfg.image_block_layers)
   if isinstance(cfg.eos_token_id, tuple):
     out["eos_token_id"] = list(cfg.eos_token_id)
   return out

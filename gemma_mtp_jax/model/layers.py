@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma_mtp_jax.model.common import ACTIVATIONS, REMAT_POLICIES, ConfigError
+
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -34,13 +36,12 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 def activation(name: str):
-  if name == "gelu_pytorch_tanh":
-    return functools.partial(jax.nn.gelu, approximate=True)
-  if name == "gelu":
-    return functools.partial(jax.nn.gelu, approximate=False)
+  """The MLP activation of an HF `hidden_activation` name (one of `common.ACTIVATIONS`)."""
+  if name not in ACTIVATIONS:
+    raise ConfigError(f"unsupported activation {name!r}; expected one of {ACTIVATIONS}")
   if name == "silu":
     return jax.nn.silu
-  raise ValueError(f"unsupported activation {name!r}")
+  return functools.partial(jax.nn.gelu, approximate=name == "gelu_pytorch_tanh")
 
 
 def embed_lookup(table_VD: Array, tokens: Array, dtype) -> Array:
@@ -139,7 +140,6 @@ def apply_rope(x_BTNH: Array, cos_BTH: Array, sin_BTH: Array) -> Array:
 
 
 # ---------------------------------------------------------------------------- remat
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")  # config key `remat_policy`
 # What `jax.checkpoint` keeps for the backward pass ("full": nothing, everything is recomputed).
 _SAVED = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots,
           "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims}
@@ -151,7 +151,7 @@ def remat(cls: type[nn.Module], policy: str) -> type[nn.Module]:
   if policy == "none":
     return cls
   if policy not in _SAVED:
-    raise ValueError(f"unknown remat policy {policy!r}; expected one of {REMAT_POLICIES}")
+    raise ConfigError(f"unknown remat policy {policy!r}; expected one of {REMAT_POLICIES}")
   return nn.remat(cls, policy=_SAVED[policy])
 
 

@@ -25,7 +25,6 @@ from gemma_mtp_jax.model import config as config_lib
 from gemma_mtp_jax.model import kv_cache as kv_cache_lib
 from gemma_mtp_jax.model import layers
 from gemma_mtp_jax.model import moe
-from gemma_mtp_jax.model import families
 from gemma_mtp_jax.model import unified_vision
 
 Array = jax.Array
@@ -391,7 +390,9 @@ class Transformer(nn.Module):
 
 def image_overlay(cfg: config_lib.ModelConfig) -> tuple[tuple[str, ...], bool]:
   """(layer types whose mask gets the bidirectional image-block overlay, whether the sliding
-  window also bounds it): what HF's `generate` runs with its default (dynamic) cache.
+  window also bounds it): `cfg.image_block_layers` and `cfg.image_block_in_window`, which the
+  family table (`checkpoint.hf_config`) sets to what HF's `generate` runs with its default
+  (dynamic) cache.
 
   gemma4 (`Gemma4Model.forward`, `create_masks_for_vision_model`): sliding layers only, as
   AND(window, OR(causal, block)). The 12B (`Gemma4UnifiedModel.forward`) passes the block ids to
@@ -401,9 +402,7 @@ def image_overlay(cfg: config_lib.ModelConfig) -> tuple[tuple[str, ...], bool]:
   with compileable caches, builds gemma4's masks instead: an HF inconsistency; we follow the
   dynamic-cache forward, which `generate` and a plain forward call run.)
   """
-  if cfg.hf_family == families.UNIFIED:
-    return (config_lib.SLIDING, config_lib.FULL), False
-  return (config_lib.SLIDING,), True
+  return cfg.image_block_layers, cfg.image_block_in_window
 
 
 def merge_image_soft(x_BTD: Array, image_BT: Array, soft_BisD: Array, valid_Bis: Array) -> Array:

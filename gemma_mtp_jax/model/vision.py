@@ -21,8 +21,8 @@ gradient is exactly zero, and being scalars / vectors they get no weight decay
 (`training.optimizer.decay_mask`), so AdamW leaves them unchanged even when the tower trains. A
 trainer that wants them out of the optimizer state altogether can mask them with `is_buffer`.
 
-`VisionConfig` and ModelConfig's vision fields (HF config mapping) live in the JAX-free
-`model.vision_config` and are re-exported here.
+`VisionConfig` lives in the JAX-free `model.vision_config` and is re-exported here (its HF config
+dict is `checkpoint.hf_config`'s).
 
 Logical axis names of the params (no rule names them by default, so they are replicated; add rules
 to shard the tower): vision_patch (c), vision_embed (d), vision_pos (position table rows),
@@ -42,11 +42,10 @@ import numpy as np
 
 from gemma_mtp_jax.model import layers
 from gemma_mtp_jax.model.vision_config import (  # re-exported: the vision API
-    BUFFER_NAMES, MULTIMODAL_TOKEN_FIELDS, VisionConfig, as_vision_config, fields_from_hf,
-    hf_config_out, is_buffer)
+    BUFFER_NAMES, MULTIMODAL_TOKEN_FIELDS, VisionConfig, as_vision_config, is_buffer)
 
 __all__ = ["BUFFER_NAMES", "MULTIMODAL_TOKEN_FIELDS", "VisionConfig", "as_vision_config",
-           "fields_from_hf", "hf_config_out", "is_buffer", "dummy_images", "VisionEncoder",
+           "is_buffer", "dummy_images", "VisionEncoder",
            "VisionLayer", "VisionAttention", "VisionMLP", "ClippableLinear", "pool", "rope_cos_sin",
            "apply_rope_2d"]
 Array = jax.Array

@@ -1,22 +1,19 @@
-"""The image front ends' configurations and the vision fields of `ModelConfig` in and out of HF
-configs: `VisionConfig` (gemma4's tower, `model.vision`) and `UnifiedVisionConfig` (the 12B's
-encoder-free patch embedder, `model.unified_vision`). Free of JAX, so `config` (and the light
-`checkpoint.hf_names`) can import it; `model.vision` re-exports these names.
+"""The image front ends' configurations: `VisionConfig` (gemma4's tower, `model.vision`) and
+`UnifiedVisionConfig` (the 12B's encoder-free patch embedder, `model.unified_vision`), and which
+one a `ModelConfig.vision_front_end` names (`FRONT_ENDS`). Free of JAX, so `config` (and the light
+`checkpoint.hf_names`) can import it; `model.vision` re-exports these names. Their HF config dicts
+are `checkpoint.hf_config`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
+
+from gemma_mtp_jax.model.common import ACTIVATIONS, ConfigError
 
 # HF buffers kept as params (never trained; see `model.vision`): clip bounds, standardisation.
 BUFFER_NAMES = ("input_min", "input_max", "output_min", "output_max", "std_bias", "std_scale")
-_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "silu")
-
-
-def _error(msg: str) -> Exception:
-  from gemma_mtp_jax.model.config import ConfigError  # config imports this module
-  return ConfigError(msg)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +38,7 @@ class VisionConfig:
   def __post_init__(self):
     def need(cond, field, msg):
       if not cond:
-        raise _error(f"vision config field '{field}': {msg}")
+        raise ConfigError(f"vision config field '{field}': {msg}")
 
     for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "patch_size", "pooling_kernel_size",
@@ -55,8 +52,8 @@ class VisionConfig:
     # The 2-D RoPE rotates two halves of each head (x, y), each with rotate_half inside.
     need(self.head_dim % 4 == 0, "head_dim", f"must be divisible by 4, got {self.head_dim}")
     need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-    need(self.hidden_activation in _ACTIVATIONS, "hidden_activation",
-         f"unsupported activation {self.hidden_activation!r}; expected one of {_ACTIVATIONS}")
+    need(self.hidden_activation in ACTIVATIONS, "hidden_activation",
+         f"unsupported activation {self.hidden_activation!r}; expected one of {ACTIVATIONS}")
 
   @property
   def channels(self) -> int:
@@ -72,33 +69,8 @@ class VisionConfig:
     """Soft-token slots (s) of an image of `num_patches` patch slots (p): p / k**2."""
     k2 = self.pooling_kernel_size ** 2
     if num_patches % k2:
-      raise _error(f"{num_patches} patches are not divisible by pooling_kernel_size**2={k2}")
+      raise ConfigError(f"{num_patches} patches are not divisible by pooling_kernel_size**2={k2}")
     return num_patches // k2
-
-  @classmethod
-  def from_hf_config(cls, hf: Mapping[str, Any]) -> "VisionConfig":
-    """From an HF `vision_config` dict (model_type gemma4_vision); HF's defaults fill gaps."""
-    hf = dict(hf)
-    if hf.get("model_type") not in (None, "gemma4_vision"):
-      raise _error(f"vision_config model_type is {hf.get('model_type')!r}; expected 'gemma4_vision'")
-    rope = dict(hf.get("rope_parameters") or {})
-    if rope.get("rope_type", "axial") != "axial":
-      raise _error(f"vision_config 'rope_parameters.rope_type' is {rope['rope_type']!r}; the "
-                   "Gemma 4 tower supports only 'axial'")
-    if hf.get("attention_bias"):
-      raise _error("vision_config 'attention_bias' = true is not supported (Gemma 4 has none)")
-    kw = {f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf}
-    kw.pop("rope_theta", None)
-    if "rope_theta" in rope:
-      kw["rope_theta"] = float(rope["rope_theta"])
-    return cls(**kw)
-
-  def to_hf_config(self) -> dict[str, Any]:
-    """The keyword dict of HF `Gemma4VisionConfig`."""
-    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope_theta"}
-    out.update(model_type="gemma4_vision", attention_bias=False,
-               rope_parameters={"rope_type": "axial", "rope_theta": self.rope_theta})
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,11 +93,12 @@ class UnifiedVisionConfig:
               "output_proj_dims"):
       v = getattr(self, f)
       if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-        raise _error(f"vision config field '{f}': must be a positive integer, got {v!r}")
+        raise ConfigError(f"vision config field '{f}': must be a positive integer, got {v!r}")
     # HF feeds the pos_norm output (mm_embed_dim wide) to a projection of output_proj_dims inputs.
     if self.output_proj_dims != self.mm_embed_dim:
-      raise _error(f"vision config field 'output_proj_dims': {self.output_proj_dims} must equal "
-                   f"mm_embed_dim={self.mm_embed_dim} (the embedder projects the patch embedding)")
+      raise ConfigError(f"vision config field 'output_proj_dims': {self.output_proj_dims} must "
+                        f"equal mm_embed_dim={self.mm_embed_dim} (the embedder projects the patch "
+                        "embedding)")
 
   @property
   def model_patch_size(self) -> int:
@@ -146,92 +119,42 @@ class UnifiedVisionConfig:
     """Soft-token slots (s) of an image of `num_patches` model-patch slots: one each."""
     return num_patches
 
-  @classmethod
-  def from_hf_config(cls, hf: Mapping[str, Any]) -> "UnifiedVisionConfig":
-    """From an HF `vision_config` dict (model_type gemma4_unified_vision); HF's defaults fill gaps.
-    `model_patch_size` (written by some releases) must agree; `num_soft_tokens` and
-    `initializer_range` do not shape the model and are ignored."""
-    hf = dict(hf)
-    if hf.get("model_type") not in (None, "gemma4_unified_vision"):
-      raise _error(f"vision_config model_type is {hf.get('model_type')!r}; expected "
-                   "'gemma4_unified_vision'")
-    out = cls(**{f.name: hf[f.name] for f in dataclasses.fields(cls) if f.name in hf})
-    if hf.get("model_patch_size", out.model_patch_size) != out.model_patch_size:
-      raise _error(f"vision_config 'model_patch_size' is {hf['model_patch_size']}; patch_size * "
-                   f"pooling_kernel_size = {out.model_patch_size}")
-    return out
-
-  def to_hf_config(self) -> dict[str, Any]:
-    """The keyword dict of HF `Gemma4UnifiedVisionConfig`."""
-    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    out["model_type"] = "gemma4_unified_vision"
-    return out
-
 
 UNIFIED_LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm's default, which HF's embedder keeps
 
 
 # ------------------------------------------------------------------ ModelConfig's vision fields
+# ModelConfig's placeholder token ids (named as the HF multimodal configs name them).
 MULTIMODAL_TOKEN_FIELDS = ("image_token_id", "boi_token_id", "eoi_token_id", "video_token_id",
                            "audio_token_id")
-_UNIFIED = "gemma4_unified"  # families.UNIFIED (families imports config, which imports this)
-# `Gemma4UnifiedConfig`'s class defaults (a config.json written by transformers omits them).
-_UNIFIED_TOKEN_DEFAULTS = dict(image_token_id=258_880, boi_token_id=255_999,
-                               eoi_token_id=258_882, video_token_id=258_884, audio_token_id=258_881)
+# `ModelConfig.vision_front_end` -> the config class of that front end: gemma4's tower
+# (`model.vision.VisionEncoder`) or the 12B's patch embedder (`model.unified_vision`).
+FRONT_ENDS = {"tower": VisionConfig, "patch_embedder": UnifiedVisionConfig}
 
 
-def vision_class(family: str):
-  """The image front end's config class of a family: the unified embedder for the 12B."""
-  return UnifiedVisionConfig if family == _UNIFIED else VisionConfig
-
-
-def as_vision_config(v, family: str = "gemma4"):
-  """None, a config, or a dict of its fields (a preset / dumped config) -> the family's config
-  class (`vision_class`); a config of the other family's class is refused."""
-  cls = vision_class(family)
+def as_vision_config(v, front_end: str = "tower"):
+  """None, a config, or a dict of its fields (a preset / dumped config) -> the config class of
+  `front_end` (`FRONT_ENDS`); a config of another front end's class is refused."""
+  if front_end not in FRONT_ENDS:
+    raise ConfigError(f"model config field 'vision_front_end': unknown front end {front_end!r}; "
+                      f"expected one of {sorted(FRONT_ENDS)}")
+  cls = FRONT_ENDS[front_end]
   if v is None or isinstance(v, cls):
     return v
-  if isinstance(v, (VisionConfig, UnifiedVisionConfig)):
-    raise _error(f"model config field 'vision': a {type(v).__name__} does not fit hf_family "
-                 f"{family!r} (it takes a {cls.__name__})")
+  if isinstance(v, tuple(FRONT_ENDS.values())):
+    raise ConfigError(f"model config field 'vision': a {type(v).__name__} does not fit "
+                      f"vision_front_end {front_end!r} (it takes a {cls.__name__})")
   if hasattr(v, "to_dict"):
     v = v.to_dict()
   if not isinstance(v, Mapping):
-    raise _error(f"model config field 'vision': expected a dict of {cls.__name__} fields, got "
-                 f"{type(v).__name__}")
+    raise ConfigError(f"model config field 'vision': expected a dict of {cls.__name__} fields, "
+                      f"got {type(v).__name__}")
   names = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(v) - names)
   if unknown:
-    raise _error(f"unknown config key 'vision.{unknown[0]}' ({cls.__name__} fields: "
-                 f"{sorted(names)})")
+    raise ConfigError(f"unknown config key 'vision.{unknown[0]}' ({cls.__name__} fields: "
+                      f"{sorted(names)})")
   return cls(**v)
-
-
-def fields_from_hf(outer: Mapping[str, Any], family: str) -> dict[str, Any]:
-  """ModelConfig's vision fields from a top-level HF config: {} unless it is a multimodal config
-  of its family (gemma4 / gemma4_unified) with a `vision_config`; else the family's vision config
-  and the placeholder token ids (the unified config class's defaults fill gaps)."""
-  if outer.get("model_type") != family or not outer.get("vision_config"):
-    return {}
-  out = {"vision": vision_class(family).from_hf_config(outer["vision_config"])}
-  defaults = _UNIFIED_TOKEN_DEFAULTS if family == _UNIFIED else {}
-  for k in MULTIMODAL_TOKEN_FIELDS:
-    out[k] = outer.get(k, defaults.get(k))
-  if out["image_token_id"] is None:
-    raise _error("config has a 'vision_config' but no 'image_token_id'")
-  return out
-
-
-def hf_config_out(cfg, text: dict[str, Any]) -> dict[str, Any]:
-  """`ModelConfig.to_hf_config`: the text dict as is without a tower; with one, the keyword dict
-  of HF `Gemma4Config` / `Gemma4UnifiedConfig` (text_config, vision_config, the image token ids;
-  no audio tower)."""
-  if cfg.vision is None:
-    return text
-  out = dict(model_type=cfg.hf_family, text_config=text, vision_config=cfg.vision.to_hf_config(),
-             audio_config=None, tie_word_embeddings=cfg.tie_word_embeddings)
-  out.update({k: getattr(cfg, k) for k in MULTIMODAL_TOKEN_FIELDS})
-  return out
 
 
 def is_buffer(path) -> bool:

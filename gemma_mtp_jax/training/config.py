@@ -235,7 +235,7 @@ def check_keys(where: str, keys, valid: Sequence[str]) -> None:
   for k in keys:
     if k not in valid:
       full = f"{where}.{k}" if where else k
-      hint = config_lib._closest(k, valid) or f"; valid keys: {', '.join(sorted(valid))}"
+      hint = config_lib.closest(k, valid) or f"; valid keys: {', '.join(sorted(valid))}"
       raise ConfigError(f"unknown config key '{full}'{hint}")
 
 

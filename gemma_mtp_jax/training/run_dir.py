@@ -30,6 +30,7 @@ from typing import Iterator
 import jax
 import orbax.checkpoint as ocp
 
+from gemma_mtp_jax.checkpoint import hf_config
 from gemma_mtp_jax.checkpoint import hf_read
 from gemma_mtp_jax.checkpoint import pair as checkpoint
 from gemma_mtp_jax.checkpoint import layout
@@ -137,7 +138,10 @@ def _json(x):
 
 
 def _model_part(d: dict) -> dict:
-  return {k: v for k, v in d.items() if k not in FREE_MODEL_FIELDS}
+  """The fingerprinted fields of a ModelConfig dict; one recorded before a family field existed
+  gets its family's value (`hf_config.with_family_fields`), so adding one refuses no resume."""
+  d = hf_config.with_family_fields(d)
+  return _json({k: v for k, v in d.items() if k not in FREE_MODEL_FIELDS})
 
 
 def _drafter_part(d: dict | None) -> dict | None:
@@ -166,6 +170,10 @@ def _recorded(workdir: str) -> dict | None:
       j = json.load(f)
     if not isinstance(j, dict) or j.get("format") != FINGERPRINT_FORMAT:
       raise ConfigError(f"{p}: not a {FINGERPRINT_FORMAT} file")
+    if isinstance(j.get("model"), dict):
+      j["model"] = _model_part(j["model"])
+    if isinstance(j.get("drafter"), dict) and isinstance(j["drafter"].get("text"), dict):
+      j["drafter"] = _drafter_part(j["drafter"])
     return j
   if os.path.isfile(os.path.join(workdir, layout.PAIR_JSON)):
     pj = layout.read_pair_json(workdir)
